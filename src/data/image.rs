@@ -1,0 +1,370 @@
+//! Image decoding and the eval preprocessing of transformers' image processors, read from
+//! `preprocessor_config.json`: `CLIPImageProcessor` (resize the shortest edge, centre crop) and
+//! `BlipImageProcessor` (resize straight to a fixed size), then rescale and normalise.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::resample::{resize_rgb8, Filter};
+use crate::error::{Error, Result};
+
+/// OpenAI CLIP's normalisation constants (transformers' OPENAI_CLIP_MEAN / _STD).
+#[allow(clippy::excessive_precision)]
+pub const OPENAI_CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
+pub const OPENAI_CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// An 8-bit RGB image, interleaved rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+impl RgbImage {
+    pub fn new(width: usize, height: usize, data: Vec<u8>) -> Self {
+        assert_eq!(data.len(), width * height * 3, "RGB buffer size");
+        Self {
+            width,
+            height,
+            data,
+        }
+    }
+}
+
+/// Decodes PNG, JPEG or WebP bytes (format sniffed from the content) into RGB the way
+/// transformers' `convert_to_rgb` does: grayscale and palette are expanded, and an image with
+/// transparency is alpha-composited onto white (PIL's `alpha_composite`, integer arithmetic).
+pub fn decode_rgb(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
+    let err = |msg: String| Error::Image {
+        path: origin.to_path_buf(),
+        msg,
+    };
+    let reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| err(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(err(
+            "unknown format; PNG, JPEG and WebP are supported".into()
+        ));
+    }
+    let img = reader.decode().map_err(|e| err(e.to_string()))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return Err(err("image has no pixels".into()));
+    }
+    let data = if img.color().has_alpha() {
+        let rgba = img.to_rgba8();
+        let mut out = Vec::with_capacity(w * h * 3);
+        for px in rgba.pixels() {
+            let a = px[3] as u32;
+            for &c in &px.0[..3] {
+                out.push(composite_on_white(c as u32, a));
+            }
+        }
+        out
+    } else {
+        img.to_rgb8().into_raw()
+    };
+    Ok(RgbImage::new(w, h, data))
+}
+
+/// PIL's `alpha_composite` of (c, a) over opaque white: round((c·a + 255·(255 − a)) / 255) with
+/// its fixed-point division (AlphaComposite.c, PRECISION_BITS = 7).
+fn composite_on_white(c: u32, a: u32) -> u8 {
+    let s = c * a + 255 * (255 - a);
+    let t = 128 * (s + 128);
+    ((((t >> 8) + t) >> 8) >> 7).min(255) as u8
+}
+
+/// Reads and decodes an image file.
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_rgb(&bytes, path)
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeSpec {
+    Int(usize),
+    Dict {
+        shortest_edge: Option<usize>,
+        height: Option<usize>,
+        width: Option<usize>,
+    },
+}
+
+/// The keys of `preprocessor_config.json` we use (others are ignored, as transformers ignores
+/// unknown ones); absent keys take the defaults of the named `image_processor_type`.
+#[derive(Clone, Debug, Default, Deserialize)]
+struct RawConfig {
+    image_processor_type: Option<String>,
+    feature_extractor_type: Option<String>,
+    do_resize: Option<bool>,
+    size: Option<SizeSpec>,
+    resample: Option<u32>,
+    do_center_crop: Option<bool>,
+    crop_size: Option<SizeSpec>,
+    do_rescale: Option<bool>,
+    rescale_factor: Option<f64>,
+    do_normalize: Option<bool>,
+    image_mean: Option<Vec<f32>>,
+    image_std: Option<Vec<f32>>,
+}
+
+/// How the image is resized before cropping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resize {
+    /// Shortest edge to `n`, the other edge scaled and truncated (`int(n · long / short)`).
+    ShortestEdge(usize),
+    /// Straight to `(height, width)`.
+    Exact(usize, usize),
+}
+
+/// The deterministic eval preprocessing of one model directory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageProcessor {
+    pub resize: Option<Resize>,
+    pub filter: Filter,
+    /// `(height, width)` of the centre crop.
+    pub crop: Option<(usize, usize)>,
+    pub rescale_factor: Option<f32>,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub normalize: bool,
+}
+
+impl ImageProcessor {
+    /// `CLIPImageProcessor`'s defaults for a model whose vision tower takes `size`² pixels.
+    pub fn clip_default(size: usize) -> Self {
+        Self {
+            resize: Some(Resize::ShortestEdge(size)),
+            filter: Filter::Bicubic,
+            crop: Some((size, size)),
+            rescale_factor: Some(1.0 / 255.0),
+            mean: OPENAI_CLIP_MEAN,
+            std: OPENAI_CLIP_STD,
+            normalize: true,
+        }
+    }
+
+    /// Reads `preprocessor_config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let raw: RawConfig = crate::error::read_json(path)?;
+        Self::from_raw(raw).map_err(|m| Error::config(path, m))
+    }
+
+    fn from_raw(raw: RawConfig) -> std::result::Result<Self, String> {
+        let kind = raw
+            .image_processor_type
+            .or(raw.feature_extractor_type)
+            .unwrap_or_else(|| "CLIPImageProcessor".into());
+        let blip = kind.starts_with("Blip");
+        if !blip && !kind.starts_with("CLIP") {
+            return Err(format!(
+                "image_processor_type `{kind}` is not supported (CLIPImageProcessor, BlipImageProcessor)"
+            ));
+        }
+        let size = match (raw.size, blip) {
+            (Some(SizeSpec::Int(n)), false) => Resize::ShortestEdge(n),
+            (Some(SizeSpec::Int(n)), true) => Resize::Exact(n, n),
+            (
+                Some(SizeSpec::Dict {
+                    shortest_edge: Some(n),
+                    ..
+                }),
+                _,
+            ) => Resize::ShortestEdge(n),
+            (
+                Some(SizeSpec::Dict {
+                    height: Some(h),
+                    width: Some(w),
+                    ..
+                }),
+                _,
+            ) => Resize::Exact(h, w),
+            (Some(SizeSpec::Dict { .. }), _) => {
+                return Err("`size` needs `shortest_edge` or both `height` and `width`".into())
+            }
+            (None, false) => Resize::ShortestEdge(224),
+            (None, true) => Resize::Exact(384, 384),
+        };
+        let crop = match raw.crop_size {
+            Some(SizeSpec::Int(n)) => (n, n),
+            Some(SizeSpec::Dict {
+                height: Some(h),
+                width: Some(w),
+                ..
+            }) => (h, w),
+            Some(SizeSpec::Dict { .. }) => {
+                return Err("`crop_size` needs `height` and `width`".into())
+            }
+            None => (224, 224),
+        };
+        let resample = raw.resample.unwrap_or(3);
+        let filter = Filter::from_pil(resample).ok_or_else(|| {
+            format!("resample = {resample} is not supported (2 = bilinear, 3 = bicubic)")
+        })?;
+        let triple = |v: Option<Vec<f32>>, default: [f32; 3], key: &str| match v {
+            None => Ok(default),
+            Some(v) if v.len() == 3 => Ok([v[0], v[1], v[2]]),
+            Some(v) if v.len() == 1 => Ok([v[0]; 3]),
+            Some(v) => Err(format!("`{key}` has {} values, expected 3", v.len())),
+        };
+        let std = triple(raw.image_std, OPENAI_CLIP_STD, "image_std")?;
+        if std.iter().any(|&s| s <= 0.0) {
+            return Err("`image_std` values must be positive".into());
+        }
+        Ok(Self {
+            resize: raw.do_resize.unwrap_or(true).then_some(size),
+            filter,
+            crop: raw.do_center_crop.unwrap_or(!blip).then_some(crop),
+            rescale_factor: raw
+                .do_rescale
+                .unwrap_or(true)
+                .then_some(raw.rescale_factor.unwrap_or(1.0 / 255.0) as f32),
+            mean: triple(raw.image_mean, OPENAI_CLIP_MEAN, "image_mean")?,
+            std,
+            normalize: raw.do_normalize.unwrap_or(true),
+        })
+    }
+
+    /// Resize and centre crop in 8 bits, as the reference does before its float steps.
+    pub fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
+        let (w, h) = (img.width, img.height);
+        let img = match self.resize {
+            None => img.clone(),
+            Some(r) => {
+                let (oh, ow) = match r {
+                    Resize::Exact(oh, ow) => (oh, ow),
+                    Resize::ShortestEdge(n) => {
+                        let (short, long) = if w <= h { (w, h) } else { (h, w) };
+                        let new_long = (n as f64 * long as f64 / short as f64) as usize;
+                        if w <= h {
+                            (new_long, n)
+                        } else {
+                            (n, new_long)
+                        }
+                    }
+                };
+                if (ow, oh) == (w, h) {
+                    img.clone()
+                } else {
+                    RgbImage::new(ow, oh, resize_rgb8(&img.data, w, h, ow, oh, self.filter))
+                }
+            }
+        };
+        match self.crop {
+            Some((ch, cw)) => center_crop(&img, ch, cw),
+            None => img,
+        }
+    }
+
+    /// Full preprocessing into a CHW float tensor's data (`3 × H × W`) and its `(H, W)`.
+    pub fn preprocess(&self, img: &RgbImage) -> (Vec<f32>, (usize, usize)) {
+        let img = self.resize_and_crop(img);
+        let (w, h) = (img.width, img.height);
+        // transformers fuses rescale into normalise: (x − mean/r) / (std/r), in float32.
+        let (sub, div) = match (self.rescale_factor, self.normalize) {
+            (Some(r), true) => {
+                let inv = (1.0 / r as f64) as f32;
+                (self.mean.map(|m| m * inv), self.std.map(|s| s * inv))
+            }
+            (Some(r), false) => ([0.0; 3], [(1.0 / r as f64) as f32; 3]),
+            (None, true) => (self.mean, self.std),
+            (None, false) => ([0.0; 3], [1.0; 3]),
+        };
+        let mut out = vec![0f32; 3 * h * w];
+        for c in 0..3 {
+            for i in 0..h * w {
+                out[c * h * w + i] = (img.data[i * 3 + c] as f32 - sub[c]) / div[c];
+            }
+        }
+        (out, (h, w))
+    }
+
+    /// The `(height, width)` this processor produces, when it does not depend on the input.
+    pub fn output_size(&self) -> Option<(usize, usize)> {
+        match (self.crop, self.resize) {
+            (Some(c), _) => Some(c),
+            (None, Some(Resize::Exact(h, w))) => Some((h, w)),
+            _ => None,
+        }
+    }
+}
+
+/// transformers' torchvision-backend `center_crop`: zero-pad to at least the crop size (extra
+/// pixel on the right/bottom), then take the window at `int((size − crop) / 2)`.
+pub fn center_crop(img: &RgbImage, ch: usize, cw: usize) -> RgbImage {
+    let (w, h) = (img.width, img.height);
+    let (pl, pt) = (cw.saturating_sub(w) / 2, ch.saturating_sub(h) / 2);
+    let (pw, ph) = (w.max(cw), h.max(ch));
+    let top = (ph - ch) / 2;
+    let left = (pw - cw) / 2;
+    let mut out = vec![0u8; cw * ch * 3];
+    for y in 0..ch {
+        let sy = (y + top) as isize - pt as isize;
+        if sy < 0 || sy >= h as isize {
+            continue;
+        }
+        for x in 0..cw {
+            let sx = (x + left) as isize - pl as isize;
+            if sx < 0 || sx >= w as isize {
+                continue;
+            }
+            let s = (sy as usize * w + sx as usize) * 3;
+            out[(y * cw + x) * 3..(y * cw + x) * 3 + 3].copy_from_slice(&img.data[s..s + 3]);
+        }
+    }
+    RgbImage::new(cw, ch, out)
+}
+
+/// Where a model directory's image preprocessing comes from.
+pub fn processor_for_dir(
+    dir: &Path,
+    model_image_size: usize,
+) -> Result<(ImageProcessor, Option<PathBuf>)> {
+    let path = dir.join("preprocessor_config.json");
+    if path.is_file() {
+        Ok((ImageProcessor::from_file(&path)?, Some(path)))
+    } else {
+        Ok((ImageProcessor::clip_default(model_image_size), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn composite_matches_pil_on_the_extremes() {
+        assert_eq!(composite_on_white(10, 255), 10);
+        assert_eq!(composite_on_white(10, 0), 255);
+        // (100·128 + 255·127) / 255 = 177.2 → 177.
+        assert_eq!(composite_on_white(100, 128), 177);
+    }
+
+    #[test]
+    fn center_crop_pads_small_images() {
+        let img = RgbImage::new(1, 1, vec![9, 9, 9]);
+        let out = center_crop(&img, 3, 2);
+        // Pad left (2-1)/2 = 0, top (3-1)/2 = 1: the pixel lands at (x=0, y=1).
+        assert_eq!(out.data[(2) * 3], 9);
+        assert_eq!(out.data.iter().filter(|&&v| v == 9).count(), 3);
+    }
+
+    #[test]
+    fn shortest_edge_truncates_the_long_side() {
+        let p = ImageProcessor {
+            crop: None,
+            ..ImageProcessor::clip_default(224)
+        };
+        let img = RgbImage::new(451, 300, vec![0; 451 * 300 * 3]);
+        let out = p.resize_and_crop(&img);
+        // int(224 · 451 / 300) = 336.
+        assert_eq!((out.width, out.height), (336, 224));
+    }
+}

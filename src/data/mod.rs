@@ -1,0 +1,6 @@
+//! Data in: image decoding and preprocessing, tokenisation. Nothing here touches a model's
+//! tensors: it yields plain pixel buffers and token ids (DESIGN.md §1).
+
+pub mod image;
+pub mod resample;
+pub mod text;

@@ -1,0 +1,13 @@
+//! vlalign: train, evaluate and serve vision-language alignment models (CLIP, the BLIP-2
+//! Q-Former, ALBEF/BLIP distillation) in Rust, with HF-compatible model directories.
+//! See shared/DESIGN.md for the map; `models/` is pure nn, `data/` yields plain batches.
+
+pub mod data;
+pub mod error;
+pub mod model_dir;
+pub mod models;
+pub mod nn;
+pub mod npy;
+pub mod pipeline;
+
+pub use error::{Error, Result};

@@ -1,0 +1,112 @@
+//! The pre-LN transformer shared by both CLIP towers (`CLIPEncoder` / `CLIPEncoderLayer` in
+//! transformers' modeling_clip.py): x + attn(ln1(x)), then x + mlp(ln2(x)).
+
+use candle_core::{Result, Tensor};
+use candle_nn::{linear, Linear, Module, VarBuilder};
+
+use crate::nn::{attention, Activation, LayerNorm};
+
+/// Shape of one tower's transformer.
+#[derive(Clone, Copy, Debug)]
+pub struct EncoderShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub act: Activation,
+    pub eps: f64,
+}
+
+#[derive(Clone, Debug)]
+struct SelfAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+}
+
+impl SelfAttention {
+    fn new(vb: VarBuilder, s: &EncoderShape) -> Result<Self> {
+        let h = s.hidden;
+        Ok(Self {
+            q_proj: linear(h, h, vb.pp("q_proj"))?,
+            k_proj: linear(h, h, vb.pp("k_proj"))?,
+            v_proj: linear(h, h, vb.pp("v_proj"))?,
+            out_proj: linear(h, h, vb.pp("out_proj"))?,
+            heads: s.heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let y = attention::multi_head(&q, &k, &v, self.heads, mask)?;
+        self.out_proj.forward(&y)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct EncoderLayer {
+    self_attn: SelfAttention,
+    layer_norm1: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    layer_norm2: LayerNorm,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn new(vb: VarBuilder, s: &EncoderShape) -> Result<Self> {
+        Ok(Self {
+            self_attn: SelfAttention::new(vb.pp("self_attn"), s)?,
+            layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), s.hidden, s.eps)?,
+            fc1: linear(s.hidden, s.intermediate, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(s.intermediate, s.hidden, vb.pp("mlp").pp("fc2"))?,
+            layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), s.hidden, s.eps)?,
+            act: s.act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, mask)?;
+        let x = (x + h)?;
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
+        let h = self.fc2.forward(&self.act.forward(&h)?)?;
+        x + h
+    }
+}
+
+/// `{prefix}.layers.{i}.*`.
+#[derive(Clone, Debug)]
+pub struct Encoder {
+    layers: Vec<EncoderLayer>,
+}
+
+impl Encoder {
+    pub fn new(vb: VarBuilder, s: &EncoderShape) -> Result<Self> {
+        let layers = (0..s.layers)
+            .map(|i| EncoderLayer::new(vb.pp("layers").pp(i), s))
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    /// Runs every layer; `upto` stops after that many layers (the penultimate-layer features
+    /// that BLIP-2 takes from a frozen encoder).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        upto: Option<usize>,
+    ) -> Result<Tensor> {
+        let n = upto.unwrap_or(self.layers.len()).min(self.layers.len());
+        let mut x = x.clone();
+        for layer in &self.layers[..n] {
+            x = layer.forward(&x, mask)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,144 @@
+//! CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+//! Supervision"): an image tower and a text tower, each linearly projected into one joint space,
+//! with a learned temperature. Tensor names follow transformers' `CLIPModel`
+//! (models/clip/modeling_clip.py) so HF checkpoints load unchanged, and the standalone
+//! `CLIPVisionModelWithProjection` / `CLIPTextModelWithProjection` layouts load too.
+
+pub mod config;
+pub mod encoder;
+pub mod text;
+pub mod vision;
+
+use candle_core::{Result, Tensor};
+use candle_nn::{linear_no_bias, Linear, Module, VarBuilder};
+
+pub use config::{ClipConfig, ClipTextConfig, ClipVisionConfig};
+pub use text::ClipText;
+
+use crate::data::text::TokenBatch;
+pub use vision::ClipVision;
+
+/// Which towers a checkpoint holds (from `model_type` in its config.json).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClipLayout {
+    /// `CLIPModel`: both towers, both projections and `logit_scale`.
+    Full,
+    /// `CLIPVisionModelWithProjection`.
+    VisionOnly,
+    /// `CLIPTextModelWithProjection`.
+    TextOnly,
+}
+
+#[derive(Clone, Debug)]
+pub struct Clip {
+    pub vision: Option<ClipVision>,
+    pub text: Option<ClipText>,
+    visual_projection: Option<Linear>,
+    text_projection: Option<Linear>,
+    /// Learned log temperature; logits = exp(logit_scale) · cos (CLIP §2.5).
+    pub logit_scale: Option<Tensor>,
+    pub config: ClipConfig,
+}
+
+impl Clip {
+    /// Builds the model over `vb` (a checkpoint or a `VarMap` for training).
+    pub fn new(vb: VarBuilder, cfg: &ClipConfig, layout: ClipLayout) -> Result<Self> {
+        let (with_vision, with_text) = match layout {
+            ClipLayout::Full => (true, true),
+            ClipLayout::VisionOnly => (true, false),
+            ClipLayout::TextOnly => (false, true),
+        };
+        let (vproj_dim, tproj_dim) = match layout {
+            ClipLayout::Full => (cfg.projection_dim, cfg.projection_dim),
+            _ => (
+                cfg.vision_config.projection_dim,
+                cfg.text_config.projection_dim,
+            ),
+        };
+        let vision = with_vision
+            .then(|| ClipVision::new(vb.pp("vision_model"), &cfg.vision_config))
+            .transpose()?;
+        let text = with_text
+            .then(|| ClipText::new(vb.pp("text_model"), &cfg.text_config))
+            .transpose()?;
+        let visual_projection = with_vision
+            .then(|| {
+                linear_no_bias(
+                    cfg.vision_config.hidden_size,
+                    vproj_dim,
+                    vb.pp("visual_projection"),
+                )
+            })
+            .transpose()?;
+        let text_projection = with_text
+            .then(|| {
+                linear_no_bias(
+                    cfg.text_config.hidden_size,
+                    tproj_dim,
+                    vb.pp("text_projection"),
+                )
+            })
+            .transpose()?;
+        let logit_scale = (layout == ClipLayout::Full)
+            .then(|| {
+                vb.get_with_hints(
+                    (),
+                    "logit_scale",
+                    candle_nn::Init::Const(cfg.logit_scale_init_value),
+                )
+            })
+            .transpose()?;
+        Ok(Self {
+            vision,
+            text,
+            visual_projection,
+            text_projection,
+            logit_scale,
+            config: cfg.clone(),
+        })
+    }
+
+    /// `get_image_features`: projected pooled image features, not normalised. `[B, P]`.
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (vision, proj) = match (&self.vision, &self.visual_projection) {
+            (Some(v), Some(p)) => (v, p),
+            _ => candle_core::bail!("this checkpoint has no image tower"),
+        };
+        proj.forward(&vision.forward(pixels)?.1)
+    }
+
+    /// `get_text_features`: projected pooled text features, not normalised. `[B, P]`.
+    pub fn text_features(&self, batch: &TokenBatch) -> Result<Tensor> {
+        let (text, proj) = match (&self.text, &self.text_projection) {
+            (Some(t), Some(p)) => (t, p),
+            _ => candle_core::bail!("this checkpoint has no text tower"),
+        };
+        proj.forward(&text.forward(batch)?.1)
+    }
+
+    /// exp(logit_scale) as a float; 100 (CLIP's cap) for a single-tower checkpoint.
+    pub fn logit_scale_exp(&self) -> Result<f32> {
+        match &self.logit_scale {
+            Some(t) => Ok(t
+                .to_dtype(candle_core::DType::F32)?
+                .to_scalar::<f32>()?
+                .exp()),
+            None => Ok(100.0),
+        }
+    }
+
+    /// `logits_per_image`: exp(t) · normalised images · normalised textsᵀ. `[Bi, Bt]`.
+    pub fn logits_per_image(
+        &self,
+        image_features: &Tensor,
+        text_features: &Tensor,
+    ) -> Result<Tensor> {
+        let i = crate::nn::ops::l2_normalize(image_features)?;
+        let t = crate::nn::ops::l2_normalize(text_features)?;
+        let scale = match &self.logit_scale {
+            Some(s) => s.exp()?,
+            None => Tensor::new(100f32, i.device())?,
+        };
+        i.matmul(&t.t()?)?.broadcast_mul(&scale)
+    }
+}

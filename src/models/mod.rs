@@ -1,0 +1,4 @@
+//! The models, forward only; weights named as in transformers so HF checkpoints load unchanged.
+
+pub mod clip;
+pub mod weights;

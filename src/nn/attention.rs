@@ -1,0 +1,35 @@
+//! Multi-head scaled dot-product attention, the eager formula of transformers'
+//! `eager_attention_forward` (models/clip/modeling_clip.py): softmax(q kᵀ · d^-½ + mask) v.
+
+use candle_core::{Result, Tensor};
+
+use super::ops::softmax_last;
+
+/// Additive mask value for a blocked position (HF uses the dtype's minimum, not -inf, so that a
+/// fully blocked row gives a uniform rather than a NaN distribution).
+pub const MASKED: f32 = f32::MIN;
+
+/// `q`: `[B, Tq, H·d]`, `k` and `v`: `[B, Tk, H·d]`; `mask` is additive and broadcasts to
+/// `[B, H, Tq, Tk]`. Returns `[B, Tq, H·d]`.
+pub fn multi_head(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, tq, dim) = q.dims3()?;
+    let tk = k.dim(1)?;
+    let hd = dim / heads;
+    let split = |x: &Tensor, t: usize| x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (split(q, tq)?, split(k, tk)?, split(v, tk)?);
+    let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    softmax_last(&scores)?
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, tq, dim))
+}

@@ -1,0 +1,181 @@
+//! A loaded CLIP model directory ready for inference: model, tokenizer and image processor,
+//! turning files and strings into L2-normalised embeddings in batches.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::data::image::{load_rgb, processor_for_dir, ImageProcessor, RgbImage};
+use crate::data::text::TextTokenizer;
+use crate::error::{Error, Result};
+use crate::model_dir::{ModelDir, ModelKind};
+use crate::models::clip::Clip;
+use crate::models::weights::Weights;
+use crate::nn::ops::l2_normalize;
+
+/// Inputs per forward pass.
+pub const BATCH: usize = 32;
+
+pub struct ClipPipeline {
+    pub model: Clip,
+    pub tokenizer: Option<TextTokenizer>,
+    pub processor: Option<ImageProcessor>,
+    pub dir: PathBuf,
+    pub device: Device,
+}
+
+impl ClipPipeline {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let md = ModelDir::open(dir)?;
+        let ModelKind::Clip(cfg, layout) = md.kind;
+        let weights = Weights::open(dir)?;
+        // Older checkpoints carry the non-persistent `position_ids` buffers.
+        let model = weights.build(DType::F32, device, &["position_ids"], |vb| {
+            Clip::new(vb, &cfg, layout)
+        })?;
+        let tokenizer = match &model.text {
+            None => None,
+            Some(text) => {
+                let context = text.config().max_position_embeddings;
+                let path = dir.join("tokenizer.json");
+                Some(if path.is_file() {
+                    TextTokenizer::from_file(&path, context)?
+                } else {
+                    tracing::warn!(
+                        "{}: no tokenizer.json; using the bundled OpenAI CLIP BPE tokenizer",
+                        dir.display()
+                    );
+                    TextTokenizer::bundled_clip(context)?
+                })
+            }
+        };
+        let processor = match &model.vision {
+            None => None,
+            Some(v) => {
+                let size = v.config().image_size;
+                let (p, from) = processor_for_dir(dir, size)?;
+                if from.is_none() {
+                    tracing::warn!(
+                        "{}: no preprocessor_config.json; using CLIPImageProcessor defaults at {size} px",
+                        dir.display()
+                    );
+                }
+                if let Some((h, w)) = p.output_size() {
+                    if (h, w) != (size, size) {
+                        return Err(Error::config(
+                            dir.join("preprocessor_config.json"),
+                            format!(
+                                "produces {h}x{w} images but the vision tower takes {size}x{size} (vision_config.image_size)"
+                            ),
+                        ));
+                    }
+                }
+                Some(p)
+            }
+        };
+        Ok(Self {
+            model,
+            tokenizer,
+            processor,
+            dir: dir.to_path_buf(),
+            device: device.clone(),
+        })
+    }
+
+    fn processor(&self) -> Result<&ImageProcessor> {
+        self.processor
+            .as_ref()
+            .ok_or_else(|| Error::input(format!("{} has no image tower", self.dir.display())))
+    }
+
+    /// Preprocesses decoded images into a `[N, 3, H, W]` tensor.
+    pub fn pixels(&self, images: &[RgbImage]) -> Result<Tensor> {
+        let p = self.processor()?;
+        let mut data = Vec::new();
+        let mut hw = (0, 0);
+        for img in images {
+            let (v, size) = p.preprocess(img);
+            hw = size;
+            data.extend(v);
+        }
+        Ok(Tensor::from_vec(
+            data,
+            (images.len(), 3, hw.0, hw.1),
+            &self.device,
+        )?)
+    }
+
+    /// Normalised embeddings of decoded images, `[N, P]`.
+    pub fn embed_rgb(&self, images: &[RgbImage]) -> Result<Tensor> {
+        let mut out = Vec::new();
+        for chunk in images.chunks(BATCH) {
+            let f = self.model.image_features(&self.pixels(chunk)?)?;
+            out.push(l2_normalize(&f)?);
+        }
+        self.cat(out)
+    }
+
+    /// Normalised embeddings of image files, `[N, P]`; decoding errors name the file.
+    pub fn embed_image_files(&self, paths: &[PathBuf]) -> Result<Tensor> {
+        self.processor()?;
+        let mut out = Vec::new();
+        for chunk in paths.chunks(BATCH) {
+            let imgs = chunk
+                .iter()
+                .map(|p| load_rgb(p))
+                .collect::<Result<Vec<_>>>()?;
+            out.push(self.embed_rgb(&imgs)?);
+        }
+        self.cat(out)
+    }
+
+    /// Normalised embeddings of texts, `[N, P]`. Texts over the context are truncated (keeping
+    /// the end-of-text token) with a warning, as transformers does.
+    pub fn embed_texts<S: AsRef<str>>(&self, texts: &[S]) -> Result<Tensor> {
+        let tok = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::input(format!("{} has no text tower", self.dir.display())))?;
+        let mut out = Vec::new();
+        for chunk in texts.chunks(BATCH) {
+            let enc = tok.encode(chunk)?;
+            for (t, cut) in chunk.iter().zip(&enc.truncated) {
+                if *cut {
+                    tracing::warn!(
+                        "text {:?} is longer than the model's context of {} tokens; truncated",
+                        short(t.as_ref()),
+                        tok.context()
+                    );
+                }
+            }
+            let text = self
+                .model
+                .text
+                .as_ref()
+                .expect("tokenizer implies a text tower");
+            text.check_batch(&enc.batch).map_err(Error::Input)?;
+            let f = self.model.text_features(&enc.batch)?;
+            out.push(l2_normalize(&f)?);
+        }
+        self.cat(out)
+    }
+
+    fn cat(&self, parts: Vec<Tensor>) -> Result<Tensor> {
+        if parts.is_empty() {
+            return Ok(Tensor::zeros(
+                (0, self.model.config.projection_dim),
+                DType::F32,
+                &self.device,
+            )?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+fn short(s: &str) -> String {
+    let mut out: String = s.chars().take(40).collect();
+    if s.chars().count() > 40 {
+        out.push('…');
+    }
+    out
+}
