@@ -3,6 +3,8 @@
 
 mod cli;
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 
 #[global_allocator]
@@ -14,6 +16,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .without_time()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -87,3 +87,85 @@ impl ModelDir {
         })
     }
 }
+
+/// Writes a directory atomically: `fill` writes into a temporary sibling, every file is synced,
+/// then the sibling is renamed into place (replacing an older directory of that name), so a
+/// reader never sees a half-written model or checkpoint.
+pub fn write_dir_atomic(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let name = target
+        .file_name()
+        .ok_or_else(|| Error::input(format!("{} has no directory name", target.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
+        let path = entry.map_err(|e| Error::io(&tmp, e))?.path();
+        if path.is_file() {
+            let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            f.sync_all().map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if target.exists() {
+        std::fs::rename(target, &old).map_err(|e| Error::io(target, e))?;
+    }
+    std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    if let Ok(d) = std::fs::File::open(&parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Writes a JSON value, pretty-printed, naming the file on failure.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
+/// Everything a CLIP model directory holds besides the weights.
+pub struct ClipDirContents<'a> {
+    pub config: &'a crate::models::clip::ClipConfig,
+    pub processor: &'a crate::data::image::ImageProcessor,
+    /// `tokenizer.json` bytes (the bundled CLIP BPE when the model has no tokenizer of its own).
+    pub tokenizer_json: &'a [u8],
+}
+
+/// Saves a CLIP model directory in HF layout that vlalign and transformers both load.
+pub fn save_clip_dir(
+    target: &Path,
+    contents: &ClipDirContents,
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<()> {
+    write_dir_atomic(target, |tmp| {
+        write_json(&tmp.join("config.json"), &contents.config.to_hf_json())?;
+        write_json(
+            &tmp.join("preprocessor_config.json"),
+            &contents.processor.to_hf_json(),
+        )?;
+        let tok = tmp.join("tokenizer.json");
+        std::fs::write(&tok, contents.tokenizer_json).map_err(|e| Error::io(&tok, e))?;
+        let weights = tmp.join("model.safetensors");
+        let contiguous = tensors
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.contiguous()?)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        candle_core::safetensors::save(&contiguous, &weights)
+            .map_err(|e| Error::weights(&weights, e.to_string()))
+    })
+}

@@ -41,10 +41,6 @@ impl ClipPipeline {
                 Some(if path.is_file() {
                     TextTokenizer::from_file(&path, context)?
                 } else {
-                    tracing::warn!(
-                        "{}: no tokenizer.json; using the bundled OpenAI CLIP BPE tokenizer",
-                        dir.display()
-                    );
                     TextTokenizer::bundled_clip(context)?
                 })
             }
@@ -53,17 +49,17 @@ impl ClipPipeline {
             None => None,
             Some(v) => {
                 let size = v.config().image_size;
-                let (p, from) = processor_for_dir(dir, size)?;
-                if from.is_none() {
+                let (p, from) = processor_for_dir(dir)?.unwrap_or_else(|| {
                     tracing::warn!(
                         "{}: no preprocessor_config.json; using CLIPImageProcessor defaults at {size} px",
                         dir.display()
                     );
-                }
+                    (ImageProcessor::clip_default(size), dir.join("preprocessor_config.json"))
+                });
                 if let Some((h, w)) = p.output_size() {
                     if (h, w) != (size, size) {
                         return Err(Error::config(
-                            dir.join("preprocessor_config.json"),
+                            from,
                             format!(
                                 "produces {h}x{w} images but the vision tower takes {size}x{size} (vision_config.image_size)"
                             ),
@@ -136,6 +132,12 @@ impl ClipPipeline {
             .tokenizer
             .as_ref()
             .ok_or_else(|| Error::input(format!("{} has no text tower", self.dir.display())))?;
+        if !texts.is_empty() && !self.dir.join("tokenizer.json").is_file() {
+            tracing::warn!(
+                "{}: no tokenizer.json; using the bundled OpenAI CLIP BPE tokenizer",
+                self.dir.display()
+            );
+        }
         let mut out = Vec::new();
         for chunk in texts.chunks(BATCH) {
             let enc = tok.encode(chunk)?;

@@ -43,6 +43,10 @@ pub fn decode_rgb(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
         path: origin.to_path_buf(),
         msg,
     };
+    if super::jpeg::is_jpeg(bytes) {
+        let (w, h, data) = super::jpeg::decode(bytes).map_err(err)?;
+        return Ok(RgbImage::new(w, h, data));
+    }
     let reader = image::ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| err(e.to_string()))?;
@@ -286,6 +290,39 @@ impl ImageProcessor {
         (out, (h, w))
     }
 
+    /// The `preprocessor_config.json` transformers reads back as the same processor.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let (kind, size) = match self.resize {
+            Some(Resize::Exact(h, w)) => (
+                "BlipImageProcessor",
+                serde_json::json!({"height": h, "width": w}),
+            ),
+            Some(Resize::ShortestEdge(n)) => (
+                "CLIPImageProcessor",
+                serde_json::json!({"shortest_edge": n}),
+            ),
+            None => (
+                "CLIPImageProcessor",
+                serde_json::json!({"shortest_edge": 224}),
+            ),
+        };
+        let (ch, cw) = self.crop.unwrap_or((224, 224));
+        serde_json::json!({
+            "image_processor_type": kind,
+            "do_resize": self.resize.is_some(),
+            "size": size,
+            "resample": match self.filter { Filter::Bilinear => 2, Filter::Bicubic => 3 },
+            "do_center_crop": self.crop.is_some(),
+            "crop_size": {"height": ch, "width": cw},
+            "do_rescale": self.rescale_factor.is_some(),
+            "rescale_factor": self.rescale_factor.map_or(1.0 / 255.0, f64::from),
+            "do_normalize": self.normalize,
+            "image_mean": self.mean,
+            "image_std": self.std,
+            "do_convert_rgb": true,
+        })
+    }
+
     /// The `(height, width)` this processor produces, when it does not depend on the input.
     pub fn output_size(&self) -> Option<(usize, usize)> {
         match (self.crop, self.resize) {
@@ -322,17 +359,25 @@ pub fn center_crop(img: &RgbImage, ch: usize, cw: usize) -> RgbImage {
     RgbImage::new(cw, ch, out)
 }
 
-/// Where a model directory's image preprocessing comes from.
-pub fn processor_for_dir(
-    dir: &Path,
-    model_image_size: usize,
-) -> Result<(ImageProcessor, Option<PathBuf>)> {
+/// A model directory's image preprocessing: `preprocessor_config.json`, else the
+/// `image_processor` section of the `processor_config.json` that transformers 5 writes from
+/// `CLIPProcessor.save_pretrained`, else `None`.
+pub fn processor_for_dir(dir: &Path) -> Result<Option<(ImageProcessor, PathBuf)>> {
     let path = dir.join("preprocessor_config.json");
     if path.is_file() {
-        Ok((ImageProcessor::from_file(&path)?, Some(path)))
-    } else {
-        Ok((ImageProcessor::clip_default(model_image_size), None))
+        return Ok(Some((ImageProcessor::from_file(&path)?, path)));
     }
+    let path = dir.join("processor_config.json");
+    if path.is_file() {
+        let value: serde_json::Value = crate::error::read_json(&path)?;
+        if let Some(section) = value.get("image_processor") {
+            let raw: RawConfig = serde_json::from_value(section.clone())
+                .map_err(|e| Error::config(&path, format!("image_processor: {e}")))?;
+            let p = ImageProcessor::from_raw(raw).map_err(|m| Error::config(&path, m))?;
+            return Ok(Some((p, path)));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

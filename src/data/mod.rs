@@ -2,5 +2,6 @@
 //! tensors: it yields plain pixel buffers and token ids (DESIGN.md §1).
 
 pub mod image;
+pub mod jpeg;
 pub mod resample;
 pub mod text;

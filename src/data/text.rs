@@ -39,6 +39,8 @@ pub struct TextTokenizer {
     context: usize,
     pad_id: u32,
     origin: PathBuf,
+    /// The `tokenizer.json` this was read from, to copy into model directories we write.
+    json: Vec<u8>,
 }
 
 /// A tokenised batch plus which inputs were cut to fit the context.
@@ -101,7 +103,13 @@ impl TextTokenizer {
             context,
             pad_id,
             origin: origin.to_path_buf(),
+            json: bytes.to_vec(),
         })
+    }
+
+    /// The `tokenizer.json` bytes this tokenizer was read from.
+    pub fn json_bytes(&self) -> &[u8] {
+        &self.json
     }
 
     pub fn context(&self) -> usize {

@@ -1,0 +1,171 @@
+//! Model directories: strict loading errors (missing, extra, wrong-shaped tensors; no weights;
+//! pickle), and the round trip — a directory written by vlalign from trainable candle variables
+//! loads back with identical outputs. tools/reference/check_model_dir.py then checks the written
+//! directory (target/tmp/roundtrip-clip-a) in transformers.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use common::{fixture, max_abs_diff, reference, scratch};
+use vlalign::data::image::ImageProcessor;
+use vlalign::data::text::CLIP_TOKENIZER_JSON;
+use vlalign::model_dir::{save_clip_dir, ClipDirContents, ModelDir, ModelKind};
+use vlalign::models::clip::Clip;
+use vlalign::pipeline::ClipPipeline;
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+fn load_err(dir: &std::path::Path) -> String {
+    match ClipPipeline::load(dir, &Device::Cpu) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Rewrites clip-a's weights through `edit` into a scratch directory.
+fn edited(name: &str, edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> std::path::PathBuf {
+    let dir = scratch(name);
+    copy_dir(&fixture("clip-a"), &dir);
+    let mut t =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    edit(&mut t);
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = edited("missing-tensor", |t| {
+        t.remove("text_model.encoder.layers.1.mlp.fc2.bias");
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("missing tensor `text_model.encoder.layers.1.mlp.fc2.bias`"),
+        "{e}"
+    );
+    assert!(e.contains("[32]"), "expected shape in {e}");
+}
+
+#[test]
+fn wrong_shape_names_both_shapes() {
+    let dir = edited("wrong-shape", |t| {
+        t.insert(
+            "visual_projection.weight".into(),
+            Tensor::zeros((25, 48), DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("`visual_projection.weight` has shape [25, 48], the config expects [24, 48]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn extra_tensor_is_named() {
+    let dir = edited("extra-tensor", |t| {
+        t.insert(
+            "vision_model.extra.weight".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("unexpected tensor `vision_model.extra.weight` [3]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn directory_problems_are_clear() {
+    let e = load_err(&scratch("x").join("does-not-exist"));
+    assert!(e.contains("does not exist"), "{e}");
+    let dir = scratch("no-weights");
+    std::fs::copy(fixture("clip-a/config.json"), dir.join("config.json")).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("no model.safetensors"), "{e}");
+    std::fs::write(dir.join("pytorch_model.bin"), b"pickle").unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("never pickle"), "{e}");
+    let e = load_err(&scratch("empty"));
+    assert!(e.contains("config.json") && e.contains("missing"), "{e}");
+    let dir = scratch("bad-config");
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "clip", "text_config": {"hidden_size": "wide"}}"#,
+    )
+    .unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("config.json") && e.contains("invalid type"),
+        "{e}"
+    );
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "clip", "vision_config": {"hidden_act": "swishy"}}"#,
+    )
+    .unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("swishy"), "{e}");
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "clip", "text_config": {"hidden_size": 30, "num_attention_heads": 4}}"#,
+    )
+    .unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("text_config.hidden_size (30)"), "{e}");
+}
+
+#[test]
+fn written_directory_round_trips() {
+    let src = fixture("clip-a");
+    let ModelKind::Clip(cfg, layout) = ModelDir::open(&src).unwrap().kind;
+    // Trainable variables, randomly initialised, then overwritten with the fixture's values.
+    let mut varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    Clip::new(vb, &cfg, layout).unwrap();
+    varmap.load(src.join("model.safetensors")).unwrap();
+    let tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("roundtrip-clip-a");
+    let processor = ImageProcessor::from_file(&src.join("preprocessor_config.json")).unwrap();
+    let contents = ClipDirContents {
+        config: &cfg,
+        processor: &processor,
+        tokenizer_json: CLIP_TOKENIZER_JSON,
+    };
+    save_clip_dir(&out, &contents, &tensors).unwrap();
+    // Written twice: the second write replaces the first atomically.
+    save_clip_dir(&out, &contents, &tensors).unwrap();
+    let p = ClipPipeline::load(&out, &Device::Cpu).unwrap();
+    assert_eq!(p.processor.as_ref().unwrap(), &processor);
+    let r = reference("clip-a.reference.safetensors");
+    let img = p.model.image_features(&r["pixel_values"]).unwrap();
+    let d = max_abs_diff(&img, &r["image_features"]);
+    assert!(d <= 1e-4, "{d}");
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".roundtrip-clip-a")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "temporary directories left behind");
+    println!("wrote {}", out.display());
+}
