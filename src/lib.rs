@@ -8,6 +8,8 @@ pub mod model_dir;
 pub mod models;
 pub mod nn;
 pub mod npy;
+pub mod objectives;
 pub mod pipeline;
+pub mod train;
 
 pub use error::{Error, Result};

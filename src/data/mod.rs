@@ -3,5 +3,9 @@
 
 pub mod image;
 pub mod jpeg;
+pub mod loader;
+pub mod manifest;
 pub mod resample;
+pub mod shapes;
 pub mod text;
+pub mod webdataset;

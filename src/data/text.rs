@@ -34,6 +34,7 @@ impl TokenBatch {
 }
 
 /// A tokenizer bound to a model's context length.
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
     context: usize,
@@ -163,5 +164,105 @@ impl TextTokenizer {
             path: self.origin.clone(),
             msg: e.to_string(),
         })
+    }
+}
+
+/// Special tokens of the word-level tokenizers vlalign builds, with their ids. The end-of-text
+/// id is not 2, so transformers pools CLIP text at the first end-of-text token (its legacy rule
+/// for `eos_token_id == 2` would take the argmax id instead).
+pub const WORD_LEVEL_SPECIALS: [&str; 4] =
+    ["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"];
+
+/// A `tokenizer.json` for a word-level vocabulary (lower-cased, split on whitespace and
+/// punctuation, wrapped in start/end-of-text): ids 0 pad, 1 unk, 2 start, 3 end, then `words`.
+/// Loads in the `tokenizers` crate and in transformers' `PreTrainedTokenizerFast`.
+pub fn word_level_tokenizer_json(words: &[String]) -> serde_json::Value {
+    use serde_json::json;
+    let mut vocab = serde_json::Map::new();
+    for (i, t) in WORD_LEVEL_SPECIALS.iter().enumerate() {
+        vocab.insert((*t).into(), i.into());
+    }
+    for w in words {
+        if !vocab.contains_key(w.as_str()) {
+            let id = vocab.len();
+            vocab.insert(w.clone(), id.into());
+        }
+    }
+    let added: Vec<_> = WORD_LEVEL_SPECIALS
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": true})
+        })
+        .collect();
+    let special = |t: &str| json!({"SpecialToken": {"id": t, "type_id": 0}});
+    let seq = |s: &str| json!({"Sequence": {"id": s, "type_id": 0}});
+    let (bos, eos) = (WORD_LEVEL_SPECIALS[2], WORD_LEVEL_SPECIALS[3]);
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [special(bos), seq("A"), special(eos)],
+            "pair": [special(bos), seq("A"), special(eos), seq("B"), special(eos)],
+            "special_tokens": {
+                bos: {"id": bos, "ids": [2], "tokens": [bos]},
+                eos: {"id": eos, "ids": [3], "tokens": [eos]},
+            },
+        },
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": WORD_LEVEL_SPECIALS[1]},
+    })
+}
+
+/// The `tokenizer_config.json` transformers needs to load a word-level tokenizer.json.
+pub fn word_level_tokenizer_config(context: usize) -> serde_json::Value {
+    serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": WORD_LEVEL_SPECIALS[0],
+        "unk_token": WORD_LEVEL_SPECIALS[1],
+        "bos_token": WORD_LEVEL_SPECIALS[2],
+        "eos_token": WORD_LEVEL_SPECIALS[3],
+        "model_max_length": context,
+    })
+}
+
+impl TextTokenizer {
+    /// A word-level tokenizer over `words` (see [`word_level_tokenizer_json`]).
+    pub fn word_level(words: &[String], context: usize) -> Result<Self> {
+        let json = word_level_tokenizer_json(words).to_string();
+        Self::from_bytes(
+            json.as_bytes(),
+            Path::new("<word-level tokenizer>"),
+            context,
+            Some(WORD_LEVEL_SPECIALS[0]),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_level_ids_and_specials() {
+        let words: Vec<String> = ["a", "red", "circle", ":"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let tok = TextTokenizer::word_level(&words, 8).unwrap();
+        let enc = tok.encode(&["A Red circle: zebra", "red"]).unwrap();
+        // 2 = start, 4.. = words in order, 1 = unknown, 3 = end, 0 = pad.
+        assert_eq!(enc.batch.ids[0], [2, 4, 5, 6, 7, 1, 3]);
+        assert_eq!(enc.batch.ids[1], [2, 5, 3, 0, 0, 0, 0]);
+        let long = "red ".repeat(20);
+        let enc = tok.encode(&[long.as_str()]).unwrap();
+        assert_eq!(enc.batch.ids[0], [2, 5, 5, 5, 5, 5, 5, 3]);
+        assert!(enc.truncated[0]);
     }
 }

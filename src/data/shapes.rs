@@ -1,0 +1,525 @@
+//! The built-in synthetic image–caption set (DESIGN.md §5): anti-aliased coloured shapes on
+//! noisy backgrounds, captioned from several templates and paraphrases, deterministic from a
+//! seed and an index. A fixed list of colour–shape pairs never appears in training data, so
+//! zero-shot accuracy on them measures compositional generalisation.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::image::RgbImage;
+
+/// Colour names and their base RGB (jittered per object).
+pub const COLORS: [(&str, [u8; 3]); 8] = [
+    ("red", [215, 35, 35]),
+    ("green", [35, 160, 55]),
+    ("blue", [35, 75, 215]),
+    ("yellow", [235, 210, 30]),
+    ("purple", [130, 50, 175]),
+    ("orange", [245, 135, 20]),
+    ("pink", [245, 125, 195]),
+    ("cyan", [30, 200, 215]),
+];
+
+pub const SHAPES: [&str; 6] = ["circle", "square", "triangle", "star", "hexagon", "diamond"];
+pub const SIZES: [&str; 2] = ["small", "large"];
+pub const POSITIONS: [&str; 5] = ["left", "right", "top", "bottom", "center"];
+
+/// Colour–shape pairs that never appear in training data (each colour and each shape at most
+/// once, so every word is still seen with other partners).
+pub const HELD_OUT: [(&str, &str); 6] = [
+    ("red", "star"),
+    ("green", "hexagon"),
+    ("blue", "triangle"),
+    ("yellow", "circle"),
+    ("purple", "square"),
+    ("orange", "diamond"),
+];
+
+/// Anchor of each position, as a fraction of the canvas (x, y).
+const ANCHORS: [(f32, f32); 5] = [
+    (0.24, 0.5),
+    (0.76, 0.5),
+    (0.5, 0.24),
+    (0.5, 0.76),
+    (0.5, 0.5),
+];
+
+/// One object as the manifest records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectSpec {
+    pub color: String,
+    pub shape: String,
+    pub size: String,
+    pub position: String,
+}
+
+impl ObjectSpec {
+    /// The zero-shot class name, "COLOR SHAPE".
+    pub fn class_name(&self) -> String {
+        format!("{} {}", self.color, self.shape)
+    }
+}
+
+/// Which images a generator makes.
+#[derive(Clone, Debug)]
+pub struct ShapesConfig {
+    /// Side of the square canvas in pixels.
+    pub image_size: usize,
+    pub min_objects: usize,
+    pub max_objects: usize,
+    /// Which colour–shape pairs may appear.
+    pub pairs: PairSet,
+}
+
+/// A subset of the colour × shape classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairSet {
+    /// Every pair except [`HELD_OUT`] (training data).
+    Seen,
+    /// Only [`HELD_OUT`] pairs.
+    HeldOut,
+    /// All pairs.
+    All,
+}
+
+impl PairSet {
+    fn allows(self, color: usize, shape: usize) -> bool {
+        let held = is_held_out(COLORS[color].0, SHAPES[shape]);
+        match self {
+            PairSet::Seen => !held,
+            PairSet::HeldOut => held,
+            PairSet::All => true,
+        }
+    }
+}
+
+impl Default for ShapesConfig {
+    fn default() -> Self {
+        Self {
+            image_size: 64,
+            min_objects: 1,
+            max_objects: 3,
+            pairs: PairSet::Seen,
+        }
+    }
+}
+
+pub fn is_held_out(color: &str, shape: &str) -> bool {
+    HELD_OUT.iter().any(|&(c, s)| c == color && s == shape)
+}
+
+/// All "COLOR SHAPE" classes of a pair set, in colour-major order.
+pub fn classes(pairs: PairSet) -> Vec<String> {
+    let mut out = Vec::new();
+    for (ci, (c, _)) in COLORS.iter().enumerate() {
+        for (si, s) in SHAPES.iter().enumerate() {
+            if pairs.allows(ci, si) {
+                out.push(format!("{c} {s}"));
+            }
+        }
+    }
+    out
+}
+
+/// One generated image with its caption and objects.
+#[derive(Clone, Debug)]
+pub struct ShapesSample {
+    pub image: RgbImage,
+    pub caption: String,
+    pub objects: Vec<ObjectSpec>,
+}
+
+/// The RNG of sample `index` under `seed`: samples are independent of generation order.
+fn sample_rng(seed: u64, index: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(index);
+    rng
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Placed {
+    color: usize,
+    shape: usize,
+    size: usize,
+    position: usize,
+}
+
+/// Generates sample `index` of the stream `seed` (deterministic).
+pub fn generate(cfg: &ShapesConfig, seed: u64, index: u64) -> ShapesSample {
+    let mut rng = sample_rng(seed, index);
+    let n = rng.random_range(cfg.min_objects..=cfg.max_objects.max(cfg.min_objects));
+    let mut positions: Vec<usize> = (0..POSITIONS.len()).collect();
+    // Partial Fisher–Yates: distinct positions for the objects.
+    for i in 0..n.min(positions.len()) {
+        let j = rng.random_range(i..positions.len());
+        positions.swap(i, j);
+    }
+    let mut objects = Vec::with_capacity(n);
+    for &position in positions.iter().take(n) {
+        let (color, shape) = loop {
+            let c = rng.random_range(0..COLORS.len());
+            let s = rng.random_range(0..SHAPES.len());
+            if cfg.pairs.allows(c, s) {
+                break (c, s);
+            }
+        };
+        let size = rng.random_range(0..SIZES.len());
+        objects.push(Placed {
+            color,
+            shape,
+            size,
+            position,
+        });
+    }
+    let image = render(cfg.image_size, &objects, &mut rng);
+    let caption = caption(&objects, &mut rng);
+    let objects = objects
+        .iter()
+        .map(|o| ObjectSpec {
+            color: COLORS[o.color].0.into(),
+            shape: SHAPES[o.shape].into(),
+            size: SIZES[o.size].into(),
+            position: POSITIONS[o.position].into(),
+        })
+        .collect();
+    ShapesSample {
+        image,
+        caption,
+        objects,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering
+
+/// Outline of a shape as a polygon in unit coordinates (radius 1), or `None` for the circle.
+fn outline(shape: usize) -> Option<Vec<(f32, f32)>> {
+    use std::f32::consts::PI;
+    let regular = |n: usize, r: f32, phase: f32| -> Vec<(f32, f32)> {
+        (0..n)
+            .map(|k| {
+                let a = phase + 2.0 * PI * k as f32 / n as f32;
+                (r * a.cos(), r * a.sin())
+            })
+            .collect()
+    };
+    match SHAPES[shape] {
+        "circle" => None,
+        "square" => Some(regular(4, 1.2, PI / 4.0)),
+        // Pointing up (image y grows downwards).
+        "triangle" => Some(regular(3, 1.25, -PI / 2.0)),
+        "star" => Some(
+            (0..10)
+                .map(|k| {
+                    let r = if k % 2 == 0 { 1.3 } else { 0.55 };
+                    let a = -PI / 2.0 + PI * k as f32 / 5.0;
+                    (r * a.cos(), r * a.sin())
+                })
+                .collect(),
+        ),
+        "hexagon" => Some(regular(6, 1.1, 0.0)),
+        "diamond" => Some(vec![(0.0, -1.3), (0.85, 0.0), (0.0, 1.3), (-0.85, 0.0)]),
+        other => unreachable!("unknown shape {other}"),
+    }
+}
+
+/// Even–odd point-in-polygon test.
+fn inside(poly: &[(f32, f32)], x: f32, y: f32) -> bool {
+    let mut c = false;
+    let mut j = poly.len() - 1;
+    for i in 0..poly.len() {
+        let (xi, yi) = poly[i];
+        let (xj, yj) = poly[j];
+        if (yi > y) != (yj > y) && x < (xj - xi) * (y - yi) / (yj - yi) + xi {
+            c = !c;
+        }
+        j = i;
+    }
+    c
+}
+
+/// Supersampling per pixel edge: 4×4 samples give 17 coverage levels of anti-aliasing.
+const SS: usize = 4;
+
+fn render(size: usize, objects: &[Placed], rng: &mut ChaCha8Rng) -> RgbImage {
+    let s = size as f32;
+    // Background: a low-saturation tint, a linear gradient and per-pixel noise.
+    let base: f32 = rng.random_range(70.0..190.0);
+    let tint: [f32; 3] = std::array::from_fn(|_| rng.random_range(-18.0..18.0));
+    let grad: (f32, f32) = (rng.random_range(-30.0..30.0), rng.random_range(-30.0..30.0));
+    let noise: f32 = rng.random_range(4.0..14.0);
+    let mut img = vec![0f32; size * size * 3];
+    for y in 0..size {
+        for x in 0..size {
+            let g = grad.0 * (x as f32 / s - 0.5) + grad.1 * (y as f32 / s - 0.5);
+            for (c, t) in tint.iter().enumerate() {
+                img[(y * size + x) * 3 + c] = base + t + g + rng.random_range(-noise..noise);
+            }
+        }
+    }
+    for o in objects {
+        let (ax, ay) = ANCHORS[o.position];
+        let cx = (ax + rng.random_range(-0.04..0.04)) * s;
+        let cy = (ay + rng.random_range(-0.04..0.04)) * s;
+        let r = if o.size == 0 {
+            rng.random_range(0.075..0.095)
+        } else {
+            rng.random_range(0.135..0.16)
+        } * s;
+        let rot: f32 = rng.random_range(-0.2..0.2);
+        let (sin, cos) = rot.sin_cos();
+        let rgb: [f32; 3] = std::array::from_fn(|c| {
+            (COLORS[o.color].1[c] as f32 + rng.random_range(-14.0..14.0)).clamp(0.0, 255.0)
+        });
+        let poly = outline(o.shape);
+        let reach = 1.35 * r;
+        let x0 = ((cx - reach).floor().max(0.0)) as usize;
+        let x1 = ((cx + reach).ceil() as usize).min(size);
+        let y0 = ((cy - reach).floor().max(0.0)) as usize;
+        let y1 = ((cy + reach).ceil() as usize).min(size);
+        for py in y0..y1 {
+            for px in x0..x1 {
+                let mut hits = 0;
+                for sy in 0..SS {
+                    for sx in 0..SS {
+                        // Sample point relative to the centre, rotated into shape coordinates.
+                        let dx = (px as f32 + (sx as f32 + 0.5) / SS as f32 - cx) / r;
+                        let dy = (py as f32 + (sy as f32 + 0.5) / SS as f32 - cy) / r;
+                        let (ux, uy) = (cos * dx + sin * dy, -sin * dx + cos * dy);
+                        let hit = match &poly {
+                            None => ux * ux + uy * uy <= 1.0,
+                            Some(p) => inside(p, ux, uy),
+                        };
+                        hits += usize::from(hit);
+                    }
+                }
+                if hits > 0 {
+                    let a = hits as f32 / (SS * SS) as f32;
+                    for (c, v) in rgb.iter().enumerate() {
+                        let p = &mut img[(py * size + px) * 3 + c];
+                        *p = *p * (1.0 - a) + v * a;
+                    }
+                }
+            }
+        }
+    }
+    let data = img
+        .iter()
+        .map(|v| v.round().clamp(0.0, 255.0) as u8)
+        .collect();
+    RgbImage::new(size, size, data)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Captions
+
+fn pick<'a>(rng: &mut ChaCha8Rng, options: &[&'a str]) -> &'a str {
+    options[rng.random_range(0..options.len())]
+}
+
+fn article(next: &str) -> &'static str {
+    if next.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
+/// "a big red circle" / "an orange square" (the size word is sometimes left out).
+fn noun_phrase(o: &Placed, rng: &mut ChaCha8Rng) -> String {
+    let size = match o.size {
+        0 => pick(rng, &["small", "little", "tiny", ""]),
+        _ => pick(rng, &["large", "big", "large", ""]),
+    };
+    let words: Vec<&str> = [size, COLORS[o.color].0, SHAPES[o.shape]]
+        .into_iter()
+        .filter(|w| !w.is_empty())
+        .collect();
+    format!("{} {}", article(words[0]), words.join(" "))
+}
+
+fn where_phrase(position: usize, rng: &mut ChaCha8Rng) -> &'static str {
+    match POSITIONS[position] {
+        "left" => pick(rng, &["on the left", "at the left", "to the left"]),
+        "right" => pick(rng, &["on the right", "at the right", "to the right"]),
+        "top" => pick(rng, &["at the top", "on top", "near the top"]),
+        "bottom" => pick(rng, &["at the bottom", "near the bottom"]),
+        _ => pick(rng, &["in the center", "in the middle"]),
+    }
+}
+
+/// Where `b` lies relative to `a`, from their anchors.
+fn relation(a: usize, b: usize) -> &'static str {
+    let (ax, ay) = ANCHORS[a];
+    let (bx, by) = ANCHORS[b];
+    let (dx, dy) = (bx - ax, by - ay);
+    if dy.abs() >= dx.abs() {
+        if dy < 0.0 {
+            "above it"
+        } else {
+            "below it"
+        }
+    } else if dx < 0.0 {
+        "to its left"
+    } else {
+        "to its right"
+    }
+}
+
+fn caption(objects: &[Placed], rng: &mut ChaCha8Rng) -> String {
+    let np: Vec<String> = objects.iter().map(|o| noun_phrase(o, rng)).collect();
+    let wp: Vec<&str> = objects
+        .iter()
+        .map(|o| where_phrase(o.position, rng))
+        .collect();
+    let label = |o: &Placed| POSITIONS[o.position];
+    match objects.len() {
+        1 => match rng.random_range(0..5) {
+            0 => format!("{} {}", np[0], wp[0]),
+            1 => format!("{}: {}", label(&objects[0]), np[0]),
+            2 => format!("there is {} {}", np[0], wp[0]),
+            3 => format!("a photo of {} {}", np[0], wp[0]),
+            _ => np[0].clone(),
+        },
+        2 => match rng.random_range(0..3) {
+            0 => format!("{} {} and {} {}", np[0], wp[0], np[1], wp[1]),
+            1 => format!(
+                "{}: {}, {}: {}",
+                label(&objects[0]),
+                np[0],
+                label(&objects[1]),
+                np[1]
+            ),
+            _ => format!(
+                "{} and {} {}",
+                np[0],
+                np[1],
+                relation(objects[0].position, objects[1].position)
+            ),
+        },
+        _ => {
+            let parts: Vec<String> = np
+                .iter()
+                .zip(&wp)
+                .map(|(n, w)| format!("{n} {w}"))
+                .collect();
+            let (last, init) = parts.split_last().expect("at least one object");
+            format!("{} and {last}", init.join(", "))
+        }
+    }
+}
+
+/// Every word the captions and the standard prompt templates use, for a word-level tokenizer.
+pub fn vocabulary() -> Vec<String> {
+    let mut words: Vec<&str> = vec![
+        "a", "an", "the", "and", "there", "is", "photo", "of", "on", "at", "to", "near", "in",
+        "center", "middle", "above", "below", "it", "its", "left", "right", "top", "bottom",
+        "small", "little", "tiny", "large", "big", "image", "picture", "shape", "with", "colored",
+        ":", ",", ".",
+    ];
+    words.extend(COLORS.iter().map(|c| c.0));
+    words.extend(SHAPES);
+    let mut out: Vec<String> = Vec::new();
+    for w in words {
+        if !out.iter().any(|o| o == w) {
+            out.push(w.to_string());
+        }
+    }
+    out
+}
+
+/// Prompt templates for zero-shot classification on shapes (class = "COLOR SHAPE").
+pub const TEMPLATES: [&str; 4] = [
+    "a {}.",
+    "a photo of a {}.",
+    "an image of a {}.",
+    "a picture of a {}.",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_and_index_independent() {
+        let cfg = ShapesConfig::default();
+        let a = generate(&cfg, 7, 3);
+        let b = generate(&cfg, 7, 3);
+        assert_eq!(a.image, b.image);
+        assert_eq!(a.caption, b.caption);
+        assert_ne!(generate(&cfg, 7, 4).image, a.image);
+        assert_ne!(generate(&cfg, 8, 3).image, a.image);
+    }
+
+    #[test]
+    fn training_pairs_exclude_the_held_out_list() {
+        let cfg = ShapesConfig::default();
+        for i in 0..500 {
+            for o in generate(&cfg, 1, i).objects {
+                assert!(!is_held_out(&o.color, &o.shape), "{o:?} at {i}");
+            }
+        }
+        let held = ShapesConfig {
+            pairs: PairSet::HeldOut,
+            max_objects: 1,
+            ..cfg
+        };
+        for i in 0..50 {
+            let o = &generate(&held, 1, i).objects[0];
+            assert!(is_held_out(&o.color, &o.shape));
+        }
+        assert_eq!(
+            classes(PairSet::Seen).len() + classes(PairSet::HeldOut).len(),
+            48
+        );
+    }
+
+    #[test]
+    fn captions_name_every_object_and_use_known_words() {
+        let cfg = ShapesConfig::default();
+        let vocab = vocabulary();
+        for i in 0..300 {
+            let s = generate(&cfg, 2, i);
+            for o in &s.objects {
+                assert!(
+                    s.caption.contains(&o.color) && s.caption.contains(&o.shape),
+                    "{}",
+                    s.caption
+                );
+            }
+            for w in s.caption.replace([':', ','], " ").split_whitespace() {
+                assert!(vocab.iter().any(|v| v == w), "{w:?} in {:?}", s.caption);
+            }
+        }
+    }
+
+    #[test]
+    fn objects_are_drawn_in_their_colour() {
+        // A single large object at the centre: the centre pixel has the object's hue.
+        let cfg = ShapesConfig {
+            max_objects: 1,
+            pairs: PairSet::All,
+            ..ShapesConfig::default()
+        };
+        let mut checked = 0;
+        for i in 0..200 {
+            let s = generate(&cfg, 3, i);
+            let o = &s.objects[0];
+            if o.position != "center" || o.size != "large" {
+                continue;
+            }
+            let c = (32 * 64 + 32) * 3;
+            let px = &s.image.data[c..c + 3];
+            let want = COLORS.iter().find(|k| k.0 == o.color).unwrap().1;
+            let dist: i32 = px
+                .iter()
+                .zip(want)
+                .map(|(&a, b)| (a as i32 - b as i32).abs())
+                .sum();
+            assert!(dist < 60, "{o:?}: {px:?} vs {want:?}");
+            checked += 1;
+        }
+        assert!(checked > 3);
+    }
+}

@@ -1,0 +1,136 @@
+//! Image–text contrastive losses over a batch of matching pairs (pair i is image i, text i).
+//!
+//! - [`clip_loss`]: CLIP's symmetric InfoNCE (Radford et al. 2021, §2.5 and Fig. 3; open_clip
+//!   `loss.py` `ClipLoss`): logits = exp(t) · I Tᵀ over L2-normalised features, cross-entropy of
+//!   each image over the texts and each text over the images, averaged.
+//! - [`siglip_loss`]: SigLIP's pairwise sigmoid loss (Zhai et al. 2023, Alg. 1; open_clip
+//!   `SigLipLoss`): −Σᵢⱼ log σ(zᵢⱼ (exp(t) xᵢ·yⱼ + b)) / n with zᵢⱼ = 1 on the diagonal, −1 off it.
+//!
+//! Both take features that are already L2-normalised and the raw learned log scale `t` (a
+//! scalar tensor, so that its gradient flows); the caller clamps `t` to [0, ln 100] after each
+//! optimiser step, as CLIP and open_clip do.
+
+use candle_core::{Result, Tensor};
+
+use super::ops::{cross_entropy_diagonal, log_sigmoid};
+
+/// Initial log temperature of CLIP, ln(1/0.07).
+pub const CLIP_LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778;
+/// CLIP caps the temperature at 100: t ≤ ln 100.
+pub const CLIP_LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_092;
+/// SigLIP's initial log temperature, ln 10, and bias, −10.
+pub const SIGLIP_LOGIT_SCALE_INIT: f64 = std::f64::consts::LN_10;
+pub const SIGLIP_LOGIT_BIAS_INIT: f64 = -10.0;
+
+/// `exp(t) · I Tᵀ`: `[B_img, B_txt]`.
+pub fn logits(image: &Tensor, text: &Tensor, logit_scale: &Tensor) -> Result<Tensor> {
+    image.matmul(&text.t()?)?.broadcast_mul(&logit_scale.exp()?)
+}
+
+/// Symmetric InfoNCE; `image` and `text` are `[B, D]` and L2-normalised.
+pub fn clip_loss(image: &Tensor, text: &Tensor, logit_scale: &Tensor) -> Result<Tensor> {
+    let per_image = logits(image, text, logit_scale)?;
+    let per_text = per_image.t()?;
+    (cross_entropy_diagonal(&per_image)? + cross_entropy_diagonal(&per_text)?)? / 2.0
+}
+
+/// Sigmoid loss with learned bias `logit_bias` (scalar).
+pub fn siglip_loss(
+    image: &Tensor,
+    text: &Tensor,
+    logit_scale: &Tensor,
+    logit_bias: &Tensor,
+) -> Result<Tensor> {
+    let n = image.dim(0)?;
+    let l = logits(image, text, logit_scale)?.broadcast_add(logit_bias)?;
+    // z = 2·I − 1: +1 for the matching pairs, −1 for every other pair.
+    let z = ((Tensor::eye(n, l.dtype(), l.device())? * 2.0)? - 1.0)?;
+    log_sigmoid(&l.mul(&z)?)?.sum_all()? / -(n as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// Loss at perfect, confident alignment is ~0; at chance it is ln B.
+    #[test]
+    fn clip_loss_limits() {
+        let dev = Device::Cpu;
+        let eye = Tensor::eye(4, DType::F64, &dev).unwrap();
+        let big = Tensor::new(10f64, &dev).unwrap();
+        let l = clip_loss(&eye, &eye, &big)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(l < 1e-3, "{l}");
+        let same = Tensor::ones((4, 4), DType::F64, &dev).unwrap();
+        let zero = Tensor::new(0f64, &dev).unwrap();
+        let l = clip_loss(&same, &same, &zero)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!((l - 4f64.ln()).abs() < 1e-12, "{l}");
+    }
+
+    /// Gradients by central finite differences in float64.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let dev = Device::Cpu;
+        let img = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 5), &dev).unwrap()).unwrap();
+        let txt = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 5), &dev).unwrap()).unwrap();
+        let t = Var::new(1.3f64, &dev).unwrap();
+        let b = Var::new(-2.0f64, &dev).unwrap();
+        type LossFn = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+        let losses: [LossFn; 2] = [
+            |i, x, t, _| clip_loss(i, x, t),
+            |i, x, t, b| siglip_loss(i, x, t, b),
+        ];
+        for f in losses {
+            let loss = f(&img, &txt, &t, &b).unwrap();
+            let grads = loss.backward().unwrap();
+            let eval = |i: &Tensor, x: &Tensor, t: &Tensor, b: &Tensor| {
+                f(i, x, t, b).unwrap().to_scalar::<f64>().unwrap()
+            };
+            let h = 1e-6;
+            // Every element of both feature matrices, and the scalars.
+            for (v, which) in [(&img, 0), (&txt, 1)] {
+                let g = grads
+                    .get(v)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                let base = v
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                for k in 0..base.len() {
+                    let shifted = |d: f64| {
+                        let mut x = base.clone();
+                        x[k] += d;
+                        Tensor::from_vec(x, (3, 5), &dev).unwrap()
+                    };
+                    let (p, m) = (shifted(h), shifted(-h));
+                    let num = if which == 0 {
+                        (eval(&p, &txt, &t, &b) - eval(&m, &txt, &t, &b)) / (2.0 * h)
+                    } else {
+                        (eval(&img, &p, &t, &b) - eval(&img, &m, &t, &b)) / (2.0 * h)
+                    };
+                    assert!(
+                        (num - g[k]).abs() < 1e-6,
+                        "feature grad {k}: {num} vs {}",
+                        g[k]
+                    );
+                }
+            }
+            let gt = grads.get(&t).unwrap().to_scalar::<f64>().unwrap();
+            let s = |d: f64| Tensor::new(1.3 + d, &dev).unwrap();
+            let num = (eval(&img, &txt, &s(h), &b) - eval(&img, &txt, &s(-h), &b)) / (2.0 * h);
+            assert!((num - gt).abs() < 1e-6, "scale grad {num} vs {gt}");
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Losses, each a pure function of features (DESIGN.md §1): testable without a model.
+
+pub mod contrastive;
+pub mod ops;
