@@ -2,8 +2,12 @@
 //! Q-Former, ALBEF/BLIP distillation) in Rust, with HF-compatible model directories.
 //! See shared/DESIGN.md for the map; `models/` is pure nn, `data/` yields plain batches.
 
+pub mod bench;
+pub mod config;
 pub mod data;
+pub mod demo;
 pub mod error;
+pub mod eval;
 pub mod model_dir;
 pub mod models;
 pub mod nn;

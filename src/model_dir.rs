@@ -152,20 +152,27 @@ pub fn save_clip_dir(
     contents: &ClipDirContents,
     tensors: &std::collections::HashMap<String, candle_core::Tensor>,
 ) -> Result<()> {
-    write_dir_atomic(target, |tmp| {
-        write_json(&tmp.join("config.json"), &contents.config.to_hf_json())?;
-        write_json(
-            &tmp.join("preprocessor_config.json"),
-            &contents.processor.to_hf_json(),
-        )?;
-        let tok = tmp.join("tokenizer.json");
-        std::fs::write(&tok, contents.tokenizer_json).map_err(|e| Error::io(&tok, e))?;
-        let weights = tmp.join("model.safetensors");
-        let contiguous = tensors
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), v.contiguous()?)))
-            .collect::<Result<std::collections::HashMap<_, _>>>()?;
-        candle_core::safetensors::save(&contiguous, &weights)
-            .map_err(|e| Error::weights(&weights, e.to_string()))
-    })
+    write_dir_atomic(target, |tmp| write_clip_files(tmp, contents, tensors))
+}
+
+/// Writes the files of a CLIP model directory into the existing directory `dir`.
+pub fn write_clip_files(
+    dir: &Path,
+    contents: &ClipDirContents,
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<()> {
+    write_json(&dir.join("config.json"), &contents.config.to_hf_json())?;
+    write_json(
+        &dir.join("preprocessor_config.json"),
+        &contents.processor.to_hf_json(),
+    )?;
+    let tok = dir.join("tokenizer.json");
+    std::fs::write(&tok, contents.tokenizer_json).map_err(|e| Error::io(&tok, e))?;
+    let weights = dir.join("model.safetensors");
+    let contiguous = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.contiguous()?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    candle_core::safetensors::save(&contiguous, &weights)
+        .map_err(|e| Error::weights(&weights, e.to_string()))
 }

@@ -78,6 +78,22 @@ impl ClipPipeline {
         })
     }
 
+    /// A pipeline over an in-memory model (e.g. the one being trained, detached).
+    pub fn from_parts(
+        model: Clip,
+        tokenizer: Option<TextTokenizer>,
+        processor: Option<ImageProcessor>,
+        device: &Device,
+    ) -> Self {
+        Self {
+            model,
+            tokenizer,
+            processor,
+            dir: PathBuf::from("<in-memory model>"),
+            device: device.clone(),
+        }
+    }
+
     fn processor(&self) -> Result<&ImageProcessor> {
         self.processor
             .as_ref()
@@ -132,7 +148,7 @@ impl ClipPipeline {
             .tokenizer
             .as_ref()
             .ok_or_else(|| Error::input(format!("{} has no text tower", self.dir.display())))?;
-        if !texts.is_empty() && !self.dir.join("tokenizer.json").is_file() {
+        if !texts.is_empty() && self.dir.is_dir() && !self.dir.join("tokenizer.json").is_file() {
             tracing::warn!(
                 "{}: no tokenizer.json; using the bundled OpenAI CLIP BPE tokenizer",
                 self.dir.display()
@@ -180,4 +196,14 @@ fn short(s: &str) -> String {
         out.push('…');
     }
     out
+}
+
+impl crate::eval::Embedder for ClipPipeline {
+    fn embed_images(&self, images: &[RgbImage]) -> Result<Tensor> {
+        self.embed_rgb(images)
+    }
+
+    fn embed_texts(&self, texts: &[String]) -> Result<Tensor> {
+        ClipPipeline::embed_texts(self, texts)
+    }
 }

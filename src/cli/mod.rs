@@ -1,6 +1,11 @@
 //! Command-line verbs (DESIGN.md §3), one file each.
 
+mod bench;
+mod data;
+mod demo;
 mod embed;
+mod eval;
+mod train;
 mod zeroshot;
 
 use clap::{Parser, Subcommand};
@@ -21,15 +26,31 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job: generate shapes, train a tiny CLIP, evaluate, write plots and a model.
+    Demo(demo::Args),
+    /// Generate data sets.
+    #[command(subcommand)]
+    Data(data::Command),
+    /// Train from a config (TOML).
+    Train(train::Args),
+    /// Zero-shot and retrieval metrics of a model on a manifest.
+    Eval(eval::Args),
     /// L2-normalised image and/or text embeddings from a CLIP model directory.
     Embed(embed::Args),
     /// Zero-shot classification of images over a list of labels.
     Zeroshot(zeroshot::Args),
+    /// Speed of the reference workloads.
+    Bench(bench::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let device = candle_core::Device::Cpu;
     match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Data(c) => data::run(c),
+        Command::Train(a) => train::run(a, &device),
+        Command::Eval(a) => eval::run(a, &device),
+        Command::Bench(a) => bench::run(a, &device),
         Command::Embed(a) => embed::run(a, &device),
         Command::Zeroshot(a) => zeroshot::run(a, &device),
     }

@@ -70,6 +70,10 @@ pub struct ShapesConfig {
     pub max_objects: usize,
     /// Which colour–shape pairs may appear.
     pub pairs: PairSet,
+    /// Pair up consecutive samples (2k, 2k+1) that differ only in their shapes: in-batch hard
+    /// negatives, without which contrastive training learns colour, size and position long
+    /// before shape (colour alone already separates most captions of a batch).
+    pub twins: bool,
 }
 
 /// A subset of the colour × shape classes.
@@ -101,12 +105,22 @@ impl Default for ShapesConfig {
             min_objects: 1,
             max_objects: 3,
             pairs: PairSet::Seen,
+            twins: false,
         }
     }
 }
 
 pub fn is_held_out(color: &str, shape: &str) -> bool {
     HELD_OUT.iter().any(|&(c, s)| c == color && s == shape)
+}
+
+/// The indices into [`COLORS`] and [`SHAPES`] of a "COLOR SHAPE" class name.
+pub fn class_indices(class: &str) -> Option<(usize, usize)> {
+    let (c, s) = class.split_once(' ')?;
+    Some((
+        COLORS.iter().position(|k| k.0 == c)?,
+        SHAPES.iter().position(|&k| k == s)?,
+    ))
 }
 
 /// All "COLOR SHAPE" classes of a pair set, in colour-major order.
@@ -147,7 +161,54 @@ struct Placed {
 
 /// Generates sample `index` of the stream `seed` (deterministic).
 pub fn generate(cfg: &ShapesConfig, seed: u64, index: u64) -> ShapesSample {
-    let mut rng = sample_rng(seed, index);
+    generate_inner(cfg, seed, index, None)
+}
+
+/// A single-object image of the class "COLOR SHAPE" (by index into [`COLORS`] and [`SHAPES`]),
+/// with random size, position and background: the zero-shot evaluation images.
+pub fn generate_class(
+    size: usize,
+    seed: u64,
+    index: u64,
+    color: usize,
+    shape: usize,
+) -> ShapesSample {
+    let cfg = ShapesConfig {
+        image_size: size,
+        min_objects: 1,
+        max_objects: 1,
+        pairs: PairSet::All,
+        twins: false,
+    };
+    generate_inner(&cfg, seed, index, Some((color, shape)))
+}
+
+/// Stream of the shape choices, separate from the layout's so that twins can share a layout.
+const SHAPE_STREAM_SALT: u64 = 0x5a4e_5e5a_11ce_d00d;
+
+/// Draws a shape for `color` allowed by `pairs`, different from `avoid` when given.
+fn draw_shape(
+    rng: &mut ChaCha8Rng,
+    pairs: PairSet,
+    color: usize,
+    avoid: Option<usize>,
+) -> Option<usize> {
+    let options: Vec<usize> = (0..SHAPES.len())
+        .filter(|&s| pairs.allows(color, s) && Some(s) != avoid)
+        .collect();
+    (!options.is_empty()).then(|| options[rng.random_range(0..options.len())])
+}
+
+fn generate_inner(
+    cfg: &ShapesConfig,
+    seed: u64,
+    index: u64,
+    forced: Option<(usize, usize)>,
+) -> ShapesSample {
+    // With twins, samples 2k and 2k+1 share layout, colours, sizes, background and caption
+    // template, and differ only in their shapes.
+    let layout_index = if cfg.twins { index / 2 } else { index };
+    let mut rng = sample_rng(seed, layout_index);
     let n = rng.random_range(cfg.min_objects..=cfg.max_objects.max(cfg.min_objects));
     let mut positions: Vec<usize> = (0..POSITIONS.len()).collect();
     // Partial Fisher–Yates: distinct positions for the objects.
@@ -157,20 +218,49 @@ pub fn generate(cfg: &ShapesConfig, seed: u64, index: u64) -> ShapesSample {
     }
     let mut objects = Vec::with_capacity(n);
     for &position in positions.iter().take(n) {
-        let (color, shape) = loop {
-            let c = rng.random_range(0..COLORS.len());
-            let s = rng.random_range(0..SHAPES.len());
-            if cfg.pairs.allows(c, s) {
-                break (c, s);
+        let (color, size) = match forced {
+            Some((c, _)) => (c, rng.random_range(0..SIZES.len())),
+            None => {
+                // A colour with at least one allowed shape.
+                let c = loop {
+                    let c = rng.random_range(0..COLORS.len());
+                    if (0..SHAPES.len()).any(|s| cfg.pairs.allows(c, s)) {
+                        break c;
+                    }
+                };
+                (c, rng.random_range(0..SIZES.len()))
             }
         };
-        let size = rng.random_range(0..SIZES.len());
         objects.push(Placed {
             color,
-            shape,
+            shape: forced.map_or(0, |f| f.1),
             size,
             position,
         });
+    }
+    if forced.is_none() {
+        let shapes_of = |i: u64, avoid: Option<&[usize]>| -> Vec<usize> {
+            let mut r = sample_rng(seed ^ SHAPE_STREAM_SALT, i);
+            objects
+                .iter()
+                .enumerate()
+                .map(|(k, o)| {
+                    let a = avoid.map(|v| v[k]);
+                    draw_shape(&mut r, cfg.pairs, o.color, a)
+                        .or_else(|| draw_shape(&mut r, cfg.pairs, o.color, None))
+                        .expect("every colour drawn has an allowed shape")
+                })
+                .collect()
+        };
+        let shapes = if cfg.twins && index % 2 == 1 {
+            let first = shapes_of(index - 1, None);
+            shapes_of(index, Some(&first))
+        } else {
+            shapes_of(index, None)
+        };
+        for (o, s) in objects.iter_mut().zip(shapes) {
+            o.shape = s;
+        }
     }
     let image = render(cfg.image_size, &objects, &mut rng);
     let caption = caption(&objects, &mut rng);
@@ -450,6 +540,26 @@ mod tests {
         assert_eq!(a.caption, b.caption);
         assert_ne!(generate(&cfg, 7, 4).image, a.image);
         assert_ne!(generate(&cfg, 8, 3).image, a.image);
+    }
+
+    #[test]
+    fn twins_differ_only_in_shape() {
+        let cfg = ShapesConfig {
+            twins: true,
+            ..ShapesConfig::default()
+        };
+        for k in 0..50 {
+            let (a, b) = (generate(&cfg, 4, 2 * k), generate(&cfg, 4, 2 * k + 1));
+            assert_eq!(a.objects.len(), b.objects.len());
+            for (x, y) in a.objects.iter().zip(&b.objects) {
+                assert_eq!(
+                    (&x.color, &x.size, &x.position),
+                    (&y.color, &y.size, &y.position)
+                );
+                assert_ne!(x.shape, y.shape, "twin {k}");
+                assert!(!is_held_out(&y.color, &y.shape));
+            }
+        }
     }
 
     #[test]

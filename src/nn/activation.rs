@@ -24,7 +24,10 @@ pub enum Activation {
 
 impl Activation {
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        use super::fused::{activation, supported, Act};
         match self {
+            Activation::QuickGelu if supported(x) => activation(x, Act::QuickGelu),
+            Activation::Gelu if supported(x) => activation(x, Act::GeluErf),
             Activation::QuickGelu => x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
             Activation::Gelu => x.gelu_erf(),
             Activation::GeluTanh => x.gelu(),

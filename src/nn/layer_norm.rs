@@ -24,6 +24,9 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if super::fused::supported(x) {
+            return super::fused::layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
         if !needs_grad(&[x, &self.weight, &self.bias]) && x.dtype() == DType::F32 {
             return candle_nn::ops::layer_norm(
                 &x.contiguous()?,

@@ -6,8 +6,12 @@
 
 pub mod activation;
 pub mod attention;
+pub mod fused;
+pub mod init;
 pub mod layer_norm;
+pub mod linear;
 pub mod ops;
 
 pub use activation::Activation;
 pub use layer_norm::LayerNorm;
+pub use linear::{linear, linear_no_bias, Linear};

@@ -9,6 +9,9 @@ pub fn needs_grad(ts: &[&Tensor]) -> bool {
 
 /// Softmax over the last dimension.
 pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
+    if super::fused::supported(xs) {
+        return super::fused::softmax_last(xs);
+    }
     if needs_grad(&[xs]) {
         candle_nn::ops::softmax(xs, D::Minus1)
     } else {

@@ -2,5 +2,11 @@
 //! AdamW with weight-decay groups, warm-up + cosine schedule, clipping, accumulation,
 //! checkpoints that resume bit-exactly.
 
+pub mod checkpoint;
+pub mod clip_task;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
+pub mod setup;
+pub mod task;
+pub mod trainer;

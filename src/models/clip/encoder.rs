@@ -2,9 +2,9 @@
 //! transformers' modeling_clip.py): x + attn(ln1(x)), then x + mlp(ln2(x)).
 
 use candle_core::{Result, Tensor};
-use candle_nn::{linear, Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
-use crate::nn::{attention, Activation, LayerNorm};
+use crate::nn::{attention, linear, Activation, LayerNorm, Linear};
 
 /// Shape of one tower's transformer.
 #[derive(Clone, Copy, Debug)]

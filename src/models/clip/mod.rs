@@ -10,7 +10,9 @@ pub mod text;
 pub mod vision;
 
 use candle_core::{Result, Tensor};
-use candle_nn::{linear_no_bias, Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
+
+use crate::nn::{linear_no_bias, Linear};
 
 pub use config::{ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use text::ClipText;
@@ -37,6 +39,9 @@ pub struct Clip {
     text_projection: Option<Linear>,
     /// Learned log temperature; logits = exp(logit_scale) · cos (CLIP §2.5).
     pub logit_scale: Option<Tensor>,
+    /// SigLIP's learned logit bias, present in models trained with the sigmoid loss (stored
+    /// beside the HF tensors; transformers' CLIPModel ignores it).
+    pub logit_bias: Option<Tensor>,
     pub config: ClipConfig,
 }
 
@@ -88,12 +93,16 @@ impl Clip {
                 )
             })
             .transpose()?;
+        let logit_bias = (layout == ClipLayout::Full && vb.contains_tensor("logit_bias"))
+            .then(|| vb.get((), "logit_bias"))
+            .transpose()?;
         Ok(Self {
             vision,
             text,
             visual_projection,
             text_projection,
             logit_scale,
+            logit_bias,
             config: cfg.clone(),
         })
     }

@@ -127,7 +127,7 @@ impl ClipText {
             .token_embedding
             .forward(&ids)?
             .broadcast_add(&self.position_embedding.narrow(0, 0, t)?.unsqueeze(0)?)?;
-        let mask = self.mask(batch, dev)?;
+        let mask = self.mask(batch, dev)?.to_dtype(x.dtype())?;
         let last =
             self.final_layer_norm
                 .forward(&self.encoder.forward(&x, Some(&mask), None)?)?;

@@ -45,10 +45,11 @@ impl ClipVision {
                 "patch_embedding.weight",
                 normal(0.02),
             )?,
+            // open_clip's VisionTransformer scales positions like the class token (width^-½).
             position_embedding: emb.get_with_hints(
                 (positions, h),
                 "position_embedding.weight",
-                normal(0.02),
+                normal(std),
             )?,
             pre_layrnorm: LayerNorm::new(vb.pp("pre_layrnorm"), h, cfg.layer_norm_eps)?,
             encoder: Encoder::new(vb.pp("encoder"), &shape)?,

@@ -1,0 +1,329 @@
+//! Training configuration (TOML). Every key is documented in the presets under `configs/`;
+//! unknown keys are errors naming the key and line.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::models::clip::{ClipConfig, ClipTextConfig, ClipVisionConfig};
+use crate::nn::Activation;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+}
+
+/// A CLIP architecture (converted to HF's `CLIPConfig` once the tokenizer is known).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub vision_width: usize,
+    pub vision_layers: usize,
+    pub vision_heads: usize,
+    pub vision_mlp: usize,
+    pub text_width: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+    pub text_mlp: usize,
+    pub context_length: usize,
+    pub projection_dim: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    /// `"shapes"` (word-level over the shapes vocabulary), `"clip"` (the bundled OpenAI BPE),
+    /// or a path to a tokenizer.json.
+    pub tokenizer: String,
+}
+
+fn default_act() -> Activation {
+    Activation::QuickGelu
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// `"shapes"`, a manifest (`.jsonl`, `.csv`, `.tsv`) or WebDataset shards (`x-{000..009}.tar`).
+    pub source: String,
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+    /// `"none"` or `"random_resized_crop"`.
+    #[serde(default = "default_augment")]
+    pub augment: String,
+    #[serde(default = "default_crop_scale")]
+    pub crop_scale: [f32; 2],
+    #[serde(default = "default_buffer")]
+    pub shuffle_buffer: usize,
+    #[serde(default = "one")]
+    pub shapes_min_objects: usize,
+    #[serde(default = "three")]
+    pub shapes_max_objects: usize,
+    /// Shapes samples come in pairs differing only in shape (in-batch hard negatives).
+    #[serde(default)]
+    pub shapes_twins: bool,
+}
+
+fn default_workers() -> usize {
+    2
+}
+fn default_prefetch() -> usize {
+    2
+}
+fn default_augment() -> String {
+    "none".into()
+}
+fn default_crop_scale() -> [f32; 2] {
+    [0.9, 1.0]
+}
+fn default_buffer() -> usize {
+    1000
+}
+fn one() -> usize {
+    1
+}
+fn three() -> usize {
+    3
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    pub steps: u64,
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub accum_steps: usize,
+    pub lr: f64,
+    #[serde(default)]
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    #[serde(default = "beta1")]
+    pub beta1: f64,
+    #[serde(default = "beta2")]
+    pub beta2: f64,
+    #[serde(default = "eps")]
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables it.
+    #[serde(default)]
+    pub grad_clip: f64,
+    #[serde(default)]
+    pub seed: u64,
+    /// `"infonce"` (CLIP) or `"siglip"`.
+    #[serde(default = "infonce")]
+    pub loss: String,
+    pub checkpoint_every: u64,
+    #[serde(default = "two")]
+    pub keep_checkpoints: usize,
+    #[serde(default = "ten")]
+    pub log_every: u64,
+    /// Variables whose names start with one of these prefixes are not updated during the
+    /// first `freeze_steps` steps (e.g. `["text_model", "text_projection"]`: LiT-style locked
+    /// text tower while the image tower learns to match its random but distinct embeddings).
+    #[serde(default)]
+    pub freeze_prefixes: Vec<String>,
+    #[serde(default)]
+    pub freeze_steps: u64,
+}
+
+fn beta1() -> f64 {
+    0.9
+}
+fn beta2() -> f64 {
+    0.98
+}
+fn eps() -> f64 {
+    1e-6
+}
+fn infonce() -> String {
+    "infonce".into()
+}
+fn two() -> usize {
+    2
+}
+fn ten() -> u64 {
+    10
+}
+
+impl TrainConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = crate::error::read_to_string(path)?;
+        Self::from_toml(&text).map_err(|m| Error::config(path, m))
+    }
+
+    pub fn from_toml(text: &str) -> std::result::Result<Self, String> {
+        let cfg: TrainConfig =
+            toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let (m, d, t) = (&self.model, &self.data, &self.train);
+        if m.patch_size == 0 || m.image_size % m.patch_size != 0 {
+            return Err(format!(
+                "model.image_size ({}) must be a multiple of model.patch_size ({})",
+                m.image_size, m.patch_size
+            ));
+        }
+        for (k, w, h) in [
+            ("vision", m.vision_width, m.vision_heads),
+            ("text", m.text_width, m.text_heads),
+        ] {
+            if h == 0 || w % h != 0 {
+                return Err(format!(
+                    "model.{k}_width ({w}) must be a multiple of model.{k}_heads ({h})"
+                ));
+            }
+        }
+        if !["none", "random_resized_crop"].contains(&d.augment.as_str()) {
+            return Err(format!(
+                "data.augment = {:?}: use \"none\" or \"random_resized_crop\"",
+                d.augment
+            ));
+        }
+        if !(0.0 < d.crop_scale[0] && d.crop_scale[0] <= d.crop_scale[1] && d.crop_scale[1] <= 1.0)
+        {
+            return Err(format!(
+                "data.crop_scale {:?} must satisfy 0 < lo <= hi <= 1",
+                d.crop_scale
+            ));
+        }
+        if d.shapes_min_objects == 0
+            || d.shapes_min_objects > d.shapes_max_objects
+            || d.shapes_max_objects > 5
+        {
+            return Err(
+                "data.shapes_min_objects/shapes_max_objects must satisfy 1 <= min <= max <= 5"
+                    .into(),
+            );
+        }
+        if !["infonce", "siglip"].contains(&t.loss.as_str()) {
+            return Err(format!(
+                "train.loss = {:?}: use \"infonce\" or \"siglip\"",
+                t.loss
+            ));
+        }
+        if t.batch_size < 2 {
+            return Err(
+                "train.batch_size must be at least 2 (contrastive losses need negatives)".into(),
+            );
+        }
+        if t.steps == 0 || t.accum_steps == 0 || t.checkpoint_every == 0 || t.log_every == 0 {
+            return Err(
+                "train.steps, accum_steps, checkpoint_every and log_every must be positive".into(),
+            );
+        }
+        if t.lr <= 0.0 || t.min_lr < 0.0 || t.min_lr > t.lr {
+            return Err(format!(
+                "train.lr ({}) must be positive and at least train.min_lr ({})",
+                t.lr, t.min_lr
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ModelSpec {
+    /// HF `CLIPConfig` for a tokenizer of `vocab_size` with the given special ids.
+    pub fn clip_config(&self, vocab_size: usize, bos: u32, eos: u32, pad: u32) -> ClipConfig {
+        ClipConfig {
+            text_config: ClipTextConfig {
+                vocab_size,
+                hidden_size: self.text_width,
+                intermediate_size: self.text_mlp,
+                projection_dim: self.projection_dim,
+                num_hidden_layers: self.text_layers,
+                num_attention_heads: self.text_heads,
+                max_position_embeddings: self.context_length,
+                hidden_act: self.hidden_act,
+                layer_norm_eps: 1e-5,
+                pad_token_id: pad,
+                bos_token_id: bos,
+                eos_token_id: eos,
+            },
+            vision_config: ClipVisionConfig {
+                hidden_size: self.vision_width,
+                intermediate_size: self.vision_mlp,
+                projection_dim: self.projection_dim,
+                num_hidden_layers: self.vision_layers,
+                num_attention_heads: self.vision_heads,
+                num_channels: 3,
+                image_size: self.image_size,
+                patch_size: self.patch_size,
+                hidden_act: self.hidden_act,
+                layer_norm_eps: 1e-5,
+            },
+            projection_dim: self.projection_dim,
+            logit_scale_init_value: crate::objectives::contrastive::CLIP_LOGIT_SCALE_INIT,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY: &str = r#"
+[model]
+image_size = 32
+patch_size = 8
+vision_width = 64
+vision_layers = 2
+vision_heads = 4
+vision_mlp = 128
+text_width = 64
+text_layers = 2
+text_heads = 4
+text_mlp = 128
+context_length = 24
+projection_dim = 32
+tokenizer = "shapes"
+[data]
+source = "shapes"
+[train]
+steps = 10
+batch_size = 8
+lr = 1e-3
+warmup_steps = 2
+weight_decay = 0.1
+checkpoint_every = 5
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = TrainConfig::from_toml(TINY).unwrap();
+        assert_eq!(c.data.workers, 2);
+        assert_eq!(c.train.loss, "infonce");
+        let again = TrainConfig::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn unknown_and_bad_keys_are_named() {
+        let e = TrainConfig::from_toml(&TINY.replace("lr = 1e-3", "lr = 1e-3\nlearning_rate = 2"))
+            .unwrap_err();
+        assert!(e.contains("learning_rate"), "{e}");
+        let e =
+            TrainConfig::from_toml(&TINY.replace("patch_size = 8", "patch_size = 7")).unwrap_err();
+        assert!(
+            e.contains("model.image_size (32) must be a multiple of model.patch_size (7)"),
+            "{e}"
+        );
+        let e = TrainConfig::from_toml(&TINY.replace("batch_size = 8", "batch_size = \"big\""))
+            .unwrap_err();
+        assert!(e.contains("batch_size"), "{e}");
+        let e = TrainConfig::from_toml(&TINY.replace("[data]\nsource = \"shapes\"", "[data]"))
+            .unwrap_err();
+        assert!(e.contains("source"), "{e}");
+    }
+}

@@ -1,0 +1,525 @@
+//! Fused CPU kernels with their own backward passes for the ops that dominate a small
+//! transformer's train step when composed from candle primitives (DESIGN.md §2: candle's fast
+//! ops have no backward; their compositions allocate a tensor per primitive and reduce over
+//! leading dimensions on a slow strided path). Each forward is one pass over rows; each backward
+//! is another fused kernel. float32, contiguous inputs, CPU; callers fall back to compositions
+//! elsewhere (see [`supported`]).
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+/// Rows per parallel task: enough work to amortise scheduling.
+const ROW_CHUNK: usize = 64;
+
+/// Whether the fused kernels apply to `x`.
+pub fn supported(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{op}: float32 only");
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+fn last_dim(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+/// Mean and 1/std of a row (biased variance, as torch.nn.LayerNorm).
+fn row_stats(r: &[f32], eps: f32) -> (f32, f32) {
+    let n = r.len() as f32;
+    let mean = r.iter().sum::<f32>() / n;
+    let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "vlalign-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            f32s(s1, l1, "layer_norm")?,
+            f32s(s2, l2, "layer_norm")?,
+            f32s(s3, l3, "layer_norm")?,
+        );
+        let n = last_dim(l1);
+        if w.len() != n || b.len() != n {
+            bail!(
+                "layer_norm: weight {} / bias {} for rows of {n}",
+                w.len(),
+                b.len()
+            );
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n * ROW_CHUNK)
+            .zip(x.par_chunks(n * ROW_CHUNK))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    for i in 0..n {
+                        yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = w.dim(0)?;
+        let m = x.elem_count() / n;
+        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, m * n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, m * n, n)?;
+        let db = packed.narrow(0, m * n + n, n)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Backward of LayerNorm: with x̂ the normalised row and g = dy·w,
+/// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), dw = Σ dy·x̂, db = Σ dy, packed as [dx, dw, db].
+struct LayerNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "vlalign-layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, dy) = (
+            f32s(s1, l1, "layer_norm_bwd")?,
+            f32s(s2, l2, "layer_norm_bwd")?,
+            f32s(s3, l3, "layer_norm_bwd")?,
+        );
+        let n = w.len();
+        let mut out = vec![0f32; x.len() + 2 * n];
+        let (dx, _) = out.split_at_mut(x.len());
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(n * ROW_CHUNK)
+            .zip(x.par_chunks(n * ROW_CHUNK))
+            .zip(dy.par_chunks(n * ROW_CHUNK))
+            .map(|((dxc, xc), dyc)| {
+                let (mut dw, mut db) = (vec![0f32; n], vec![0f32; n]);
+                let mut xhat = vec![0f32; n];
+                for ((dxr, xr), dyr) in dxc.chunks_mut(n).zip(xc.chunks(n)).zip(dyc.chunks(n)) {
+                    let (mean, rstd) = row_stats(xr, self.eps);
+                    let (mut mg, mut mgx) = (0f32, 0f32);
+                    for i in 0..n {
+                        xhat[i] = (xr[i] - mean) * rstd;
+                        let g = dyr[i] * w[i];
+                        mg += g;
+                        mgx += g * xhat[i];
+                        dw[i] += dyr[i] * xhat[i];
+                        db[i] += dyr[i];
+                    }
+                    let (mg, mgx) = (mg / n as f32, mgx / n as f32);
+                    for i in 0..n {
+                        dxr[i] = rstd * (dyr[i] * w[i] - mg - xhat[i] * mgx);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let tail = &mut out[x.len()..];
+        for (dw, db) in partials {
+            for i in 0..n {
+                tail[i] += dw[i];
+                tail[n + i] += db[i];
+            }
+        }
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+/// LayerNorm over the last dimension, differentiable in all three inputs.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(w, b, LayerNormOp { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dimension
+
+struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "vlalign-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, "softmax")?;
+        let n = last_dim(l);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n * ROW_CHUNK)
+            .zip(x.par_chunks(n * ROW_CHUNK))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
+                    let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for (o, &v) in yr.iter_mut().zip(xr) {
+                        *o = (v - max).exp();
+                        sum += *o;
+                    }
+                    let inv = 1.0 / sum;
+                    yr.iter_mut().for_each(|o| *o *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+/// dx = y ⊙ (dy − Σ dy ⊙ y), row-wise.
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "vlalign-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, dy) = (f32s(s1, l1, "softmax_bwd")?, f32s(s2, l2, "softmax_bwd")?);
+        let n = last_dim(l1);
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(n * ROW_CHUNK)
+            .zip(y.par_chunks(n * ROW_CHUNK))
+            .zip(dy.par_chunks(n * ROW_CHUNK))
+            .for_each(|((dc, yc), gc)| {
+                for ((dr, yr), gr) in dc.chunks_mut(n).zip(yc.chunks(n)).zip(gc.chunks(n)) {
+                    let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                    for i in 0..n {
+                        dr[i] = yr[i] * (gr[i] - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension, differentiable.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SoftmaxOp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations
+
+/// Elementwise activations with closed-form derivatives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// x·σ(1.702x).
+    QuickGelu,
+    /// 0.5·x·(1 + erf(x/√2)).
+    GeluErf,
+}
+
+impl Act {
+    fn f(self, x: f32) -> f32 {
+        match self {
+            Act::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
+            Act::GeluErf => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
+        }
+    }
+
+    fn df(self, x: f32) -> f32 {
+        match self {
+            Act::QuickGelu => {
+                let s = 1.0 / (1.0 + (-1.702 * x).exp());
+                s + 1.702 * x * s * (1.0 - s)
+            }
+            Act::GeluErf => {
+                let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
+                cdf + x * pdf
+            }
+        }
+    }
+}
+
+const ELEM_CHUNK: usize = 16 * 1024;
+
+struct ActOp(Act);
+
+impl CustomOp1 for ActOp {
+    fn name(&self) -> &'static str {
+        "vlalign-activation"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, "activation")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(ELEM_CHUNK)
+            .zip(x.par_chunks(ELEM_CHUNK))
+            .for_each(|(yc, xc)| {
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    *o = self.0.f(v);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            x.apply_op2_no_bwd(&dy.contiguous()?, &ActBwd(self.0))?,
+        ))
+    }
+}
+
+struct ActBwd(Act);
+
+impl CustomOp2 for ActBwd {
+    fn name(&self) -> &'static str {
+        "vlalign-activation-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, dy) = (
+            f32s(s1, l1, "activation_bwd")?,
+            f32s(s2, l2, "activation_bwd")?,
+        );
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(ELEM_CHUNK)
+            .zip(x.par_chunks(ELEM_CHUNK))
+            .zip(dy.par_chunks(ELEM_CHUNK))
+            .for_each(|((dc, xc), gc)| {
+                for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                    *d = g * self.0.df(v);
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+pub fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(ActOp(act))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row-broadcast bias add
+
+struct AddBias;
+
+impl CustomOp2 for AddBias {
+    fn name(&self) -> &'static str {
+        "vlalign-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, b) = (f32s(s1, l1, "add_bias")?, f32s(s2, l2, "add_bias")?);
+        let n = b.len();
+        if last_dim(l1) != n {
+            bail!("add_bias: bias of {n} for rows of {}", last_dim(l1));
+        }
+        let mut y = x.to_vec();
+        y.par_chunks_mut(n * ROW_CHUNK).for_each(|c| {
+            for r in c.chunks_mut(n) {
+                r.iter_mut().zip(b).for_each(|(o, bv)| *o += bv);
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = dy
+            .contiguous()?
+            .apply_op1_no_bwd(&ColumnSum { n: b.dim(0)? })?;
+        Ok((Some(dy.clone()), Some(db)))
+    }
+}
+
+/// Σ over rows of a `[.., n]` tensor → `[n]`.
+struct ColumnSum {
+    n: usize,
+}
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "vlalign-column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s, l, "column_sum")?;
+        let n = self.n;
+        let total = x
+            .par_chunks(n * ROW_CHUNK)
+            .map(|c| {
+                let mut acc = vec![0f32; n];
+                for r in c.chunks(n) {
+                    acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+                }
+                acc
+            })
+            .reduce(
+                || vec![0f32; n],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        Ok((CpuStorage::F32(total), Shape::from(n)))
+    }
+}
+
+/// `x + b` with `b` broadcast over all leading dimensions; the bias gradient is one fused
+/// column sum instead of candle's strided leading-dimension reduction.
+pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(b, AddBias)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= tol, "max diff {d}");
+    }
+
+    /// Each fused op against the same function composed from candle primitives: values and
+    /// the gradients of a random linear functional of the output.
+    #[test]
+    fn fused_ops_match_compositions() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.5, (3, 70, 24), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 24, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 24, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (3, 70, 24), &dev).unwrap();
+        let composed_ln = |x: &Tensor| {
+            let mean = x.mean_keepdim(D::Minus1)?;
+            let c = x.broadcast_sub(&mean)?;
+            let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+            c.broadcast_div(&(var + 1e-5)?.sqrt()?)?
+                .broadcast_mul(&w)?
+                .broadcast_add(&b)
+        };
+        type Pair<'a> = (
+            Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>,
+            Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>,
+        );
+        let cases: Vec<Pair> = vec![
+            (
+                Box::new(|x| layer_norm(x, &w, &b, 1e-5)),
+                Box::new(composed_ln),
+            ),
+            (
+                Box::new(softmax_last),
+                Box::new(|x| candle_nn::ops::softmax(x, D::Minus1)),
+            ),
+            (
+                Box::new(|x| activation(x, Act::QuickGelu)),
+                Box::new(|x| x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?)),
+            ),
+            (
+                Box::new(|x| activation(x, Act::GeluErf)),
+                Box::new(|x| x.gelu_erf()),
+            ),
+            (
+                Box::new(|x| add_bias(x, &b)),
+                Box::new(|x| x.broadcast_add(&b)),
+            ),
+        ];
+        for (fused, composed) in cases {
+            let yf = fused(&x).unwrap();
+            let yc = composed(&x).unwrap();
+            close(&yf, &yc, 2e-5);
+            let gf = (yf * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (yc * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &w, &b] {
+                match (gf.get(v), gc.get(v)) {
+                    (Some(a), Some(c)) => close(a, c, 2e-4),
+                    (None, None) => {}
+                    _ => panic!("gradient present in one path only"),
+                }
+            }
+        }
+    }
+}

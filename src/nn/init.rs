@@ -1,0 +1,137 @@
+//! Seeded weight initialisation. candle cannot seed its CPU generator, so trainable variables
+//! are created through this `VarBuilder` backend: each tensor's values come from a ChaCha stream
+//! keyed by the run seed and the tensor's name, so initial weights do not depend on creation
+//! order and the same seed gives the same model.
+
+use candle_core::{DType, Device, Result, Shape, Tensor, Var};
+use candle_nn::init::{Init, NormalOrUniform};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// FNV-1a of the name: a stable per-tensor stream id.
+fn name_stream(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Values of `init` for `shape` from the stream (`seed`, `name`), as float32 on the CPU.
+pub fn seeded_values(init: &Init, shape: &Shape, seed: u64, name: &str) -> Vec<f32> {
+    let n = shape.elem_count();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(name_stream(name));
+    let normal = |rng: &mut ChaCha8Rng, mean: f64, std: f64| -> f32 {
+        // Box–Muller; u1 in (0, 1] keeps the log finite.
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random();
+        (mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    };
+    match *init {
+        Init::Const(c) => vec![c as f32; n],
+        Init::Randn { mean, stdev } => (0..n).map(|_| normal(&mut rng, mean, stdev)).collect(),
+        Init::Uniform { lo, up } => (0..n).map(|_| rng.random_range(lo..up) as f32).collect(),
+        Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
+            let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+            match dist {
+                NormalOrUniform::Normal => (0..n).map(|_| normal(&mut rng, 0.0, std)).collect(),
+                NormalOrUniform::Uniform => {
+                    let b = 3f64.sqrt() * std;
+                    (0..n).map(|_| rng.random_range(-b..b) as f32).collect()
+                }
+            }
+        }
+    }
+}
+
+/// A `VarMap`-backed builder whose new variables are seeded (see the module doc).
+struct Seeded {
+    varmap: VarMap,
+    seed: u64,
+}
+
+impl SimpleBackend for Seeded {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let mut data = self.varmap.data().lock().expect("varmap lock");
+        if let Some(v) = data.get(name) {
+            if v.shape() != &s {
+                candle_core::bail!(
+                    "variable `{name}` exists with shape {:?}, asked for {:?}",
+                    v.dims(),
+                    s.dims()
+                );
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let values = seeded_values(&h, &s, self.seed, name);
+        let t = Tensor::from_vec(values, s, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)?;
+        let var = Var::from_tensor(&t)?;
+        data.insert(name.to_string(), var.clone());
+        Ok(var.as_tensor().clone())
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        data.get(name)
+            .map(|v| v.as_tensor().clone())
+            .ok_or_else(|| candle_core::Error::Msg(format!("no variable `{name}`")))
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .contains_key(name)
+    }
+}
+
+/// A builder that creates seeded variables in `varmap`.
+pub fn seeded_var_builder(
+    varmap: &VarMap,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    VarBuilder::from_backend(
+        Box::new(Seeded {
+            varmap: varmap.clone(),
+            seed,
+        }),
+        dtype,
+        device.clone(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_values_any_order() {
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 2.0,
+        };
+        let s = Shape::from((50, 40));
+        let a = seeded_values(&init, &s, 5, "w");
+        assert_eq!(a, seeded_values(&init, &s, 5, "w"));
+        assert_ne!(a, seeded_values(&init, &s, 6, "w"));
+        assert_ne!(a, seeded_values(&init, &s, 5, "v"));
+        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
+        let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!(
+            mean.abs() < 0.15 && (var.sqrt() - 2.0).abs() < 0.1,
+            "{mean} {var}"
+        );
+        let u = seeded_values(&Init::Uniform { lo: -1.0, up: 3.0 }, &s, 1, "b");
+        assert!(u.iter().all(|&x| (-1.0..3.0).contains(&x)));
+    }
+}

@@ -1,0 +1,77 @@
+//! `y = x Wᵀ + b` with HF tensor names (`weight` `[out, in]`, `bias` `[out]`): the input is
+//! flattened to 2-D for one matmul, and the bias added by the fused kernel so that its gradient
+//! is a single column sum.
+
+use candle_core::{Result, Tensor};
+use candle_nn::{Module, VarBuilder};
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+/// A linear layer with bias; initialisation as torch.nn.Linear (uniform ±1/√in).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let weight = vb.get_with_hints(
+        (out_dim, in_dim),
+        "weight",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    let bias = vb.get_with_hints(
+        out_dim,
+        "bias",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    Ok(Linear {
+        weight,
+        bias: Some(bias),
+    })
+}
+
+/// A linear layer without bias.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let weight = vb.get_with_hints(
+        (out_dim, in_dim),
+        "weight",
+        candle_nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    Ok(Linear { weight, bias: None })
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().expect("linear input has a last dimension");
+        let rows = x.elem_count() / k.max(1);
+        let y = x
+            .contiguous()?
+            .reshape((rows, k))?
+            .matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) if super::fused::supported(&y) => super::fused::add_bias(&y, b)?,
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}

@@ -1,0 +1,360 @@
+//! The training loop, shared by every [`Task`]: the whole step is visible in [`run`] (as in
+//! big_vision's trainers) — batches, gradients, the finite-loss check, clipping, AdamW at the
+//! scheduled rate, the task's post-step hook, logging, checkpoints, periodic evaluation.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::checkpoint::{self, TrainerState};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::schedule::Schedule;
+use super::task::Task;
+use crate::config::TrainConfig;
+use crate::data::loader::{Batch, Loader};
+use crate::error::{Error, Result};
+
+pub struct RunOptions {
+    pub run_dir: PathBuf,
+    /// Continue from `RUN/last` (a fresh start when there is none).
+    pub resume: bool,
+    /// Draw a progress bar (when stderr is a terminal) or print progress lines.
+    pub progress: bool,
+}
+
+/// Named metric values, for metrics.jsonl and the plots.
+pub type Metrics = Vec<(String, f64)>;
+/// A periodic evaluation of the task being trained.
+pub type EvalFn<'a, T> = Box<dyn FnMut(&T) -> Result<Metrics> + 'a>;
+
+/// Evaluation every `every` steps.
+pub struct EvalHook<'a, T> {
+    pub every: u64,
+    pub run: EvalFn<'a, T>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub steps: u64,
+    pub resumed_from: Option<u64>,
+    pub last_loss: f32,
+    pub wall_seconds: f64,
+    pub samples_per_second: f64,
+    pub skipped_samples: u64,
+    /// `RUN/model`, the final model directory.
+    pub model_dir: PathBuf,
+}
+
+/// Keys whose change does not break a resumed run.
+fn comparable(cfg: &TrainConfig) -> TrainConfig {
+    let mut c = cfg.clone();
+    c.train.steps = 0;
+    c.train.log_every = 0;
+    c.train.checkpoint_every = 0;
+    c.train.keep_checkpoints = 0;
+    c.data.workers = 0;
+    c.data.prefetch = 0;
+    c
+}
+
+fn prepare_run_dir(cfg: &TrainConfig, opts: &RunOptions) -> Result<Option<PathBuf>> {
+    let run = &opts.run_dir;
+    std::fs::create_dir_all(run).map_err(|e| Error::io(run, e))?;
+    let cfg_path = run.join("config.toml");
+    let last = checkpoint::latest(run)?;
+    if !opts.resume && (last.is_some() || run.join("last").exists()) {
+        return Err(Error::input(format!(
+            "{} already holds a run; pass --resume to continue it, or choose another --out",
+            run.display()
+        )));
+    }
+    if opts.resume && cfg_path.is_file() {
+        let before = TrainConfig::from_file(&cfg_path)?;
+        if comparable(&before) != comparable(cfg) {
+            return Err(Error::config(
+                &cfg_path,
+                "the run was started with a different config; resume with the same one (only \
+                 train.steps, log_every, checkpoint_every, keep_checkpoints and data.workers/prefetch may change)",
+            ));
+        }
+    }
+    std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
+    Ok(if opts.resume { last } else { None })
+}
+
+/// Keeps the metrics of steps up to `step` (a resumed run rewrites what came after).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    if !path.is_file() {
+        return Ok(());
+    }
+    let text = crate::error::read_to_string(path)?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, kept).map_err(|e| Error::io(path, e))
+}
+
+pub fn run<T: Task>(
+    task: &mut T,
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    make_loader: impl FnOnce(u64) -> Result<Loader>,
+    mut eval: Option<EvalHook<T>>,
+) -> Result<RunReport> {
+    let t = &cfg.train;
+    let resume_from = prepare_run_dir(cfg, opts)?;
+    let mut opt = AdamW::new(
+        task.vars(),
+        AdamWConfig {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        },
+    )?;
+    let mut step = 0u64;
+    let mut position = 0u64;
+    let (mut samples, mut skipped, mut wall_before) = (0u64, 0u64, 0f64);
+    let metrics_path = opts.run_dir.join("metrics.jsonl");
+    let mut resumed_from = None;
+    if let Some(ck) = &resume_from {
+        let state = checkpoint::load_state(ck)?;
+        task.load_weights(ck)?;
+        let p = ck.join("optimizer.safetensors");
+        let st = candle_core::safetensors::load(&p, &candle_core::Device::Cpu)
+            .map_err(|e| Error::weights(&p, e.to_string()))?;
+        opt.load_state(&st)
+            .map_err(|e| Error::weights(&p, e.to_string()))?;
+        (step, position, samples, skipped, wall_before) = (
+            state.step,
+            state.data_position,
+            state.samples_seen,
+            state.skipped_samples,
+            state.wall_seconds,
+        );
+        resumed_from = Some(step);
+        truncate_metrics(&metrics_path, step)?;
+        eprintln!(
+            "resuming {} at step {step} from {}",
+            opts.run_dir.display(),
+            ck.display()
+        );
+    } else if !opts.resume || !metrics_path.exists() {
+        let _ = std::fs::remove_file(&metrics_path);
+    } else {
+        truncate_metrics(&metrics_path, 0)?;
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    let schedule = Schedule {
+        base_lr: t.lr,
+        min_lr: t.min_lr,
+        warmup_steps: t.warmup_steps,
+        total_steps: t.steps,
+    };
+    let mut loader = make_loader(position)?;
+    let bar = (opts.progress && std::io::stderr().is_terminal()).then(|| {
+        let pb = indicatif::ProgressBar::new(t.steps);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        pb.set_position(step);
+        pb
+    });
+    let started = Instant::now();
+    let start_samples = samples;
+    let mut last_loss = f32::NAN;
+    let mut last_metrics = json!({});
+    let mut warned = 0usize;
+    while step < t.steps {
+        // Gather the accumulation micro-batches, skipping what the loader could not read.
+        let mut micro: Vec<Batch> = Vec::with_capacity(t.accum_steps);
+        while micro.len() < t.accum_steps {
+            let b = loader.next_batch()?;
+            position = b.position;
+            for why in &b.skipped {
+                skipped += 1;
+                if warned < 10 {
+                    tracing::warn!("skipped sample: {why}");
+                    warned += 1;
+                }
+            }
+            if b.len() >= 2 {
+                micro.push(b);
+            } else if !b.is_empty() {
+                skipped += b.len() as u64;
+            }
+        }
+        let (mut grads, terms) = task.grads(&micro, step)?;
+        if !terms.total.is_finite() {
+            return Err(Error::input(format!(
+                "non-finite loss ({}) at step {}; stopping: nothing from this step is saved \
+                 (the last checkpoint is intact). Lower train.lr or raise warmup_steps.",
+                terms.total,
+                step + 1
+            )));
+        }
+        if step < t.freeze_steps {
+            grads.retain(|name, _| {
+                !t.freeze_prefixes
+                    .iter()
+                    .any(|p| name.starts_with(p.as_str()))
+            });
+        }
+        let grad_norm = if t.grad_clip > 0.0 {
+            clip_grad_norm(&mut grads, t.grad_clip)?
+        } else {
+            f64::NAN
+        };
+        let lr = schedule.lr(step);
+        opt.step(&grads, lr)?;
+        task.after_step()?;
+        step += 1;
+        samples += micro.iter().map(|b| b.len() as u64).sum::<u64>();
+        last_loss = terms.total;
+        let elapsed = started.elapsed().as_secs_f64();
+        let rate = (samples - start_samples) as f64 / elapsed.max(1e-9);
+        let scalars = task.scalars();
+        if let Some(pb) = &bar {
+            let extra: String = scalars
+                .iter()
+                .map(|(k, v)| format!(" {k} {v:.2}"))
+                .collect();
+            pb.set_position(step);
+            pb.set_message(format!(
+                "loss {last_loss:.4} lr {lr:.2e}{extra} {rate:.0} samples/s"
+            ));
+        }
+        if step.is_multiple_of(t.log_every) || step == t.steps {
+            let mut m = json!({
+                "step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                "samples_per_s": rate, "samples": samples, "skipped": skipped,
+            });
+            for (k, v) in terms.parts.iter().chain(&scalars) {
+                m[k] = json!(v);
+            }
+            writeln!(metrics, "{m}").map_err(|e| Error::io(&metrics_path, e))?;
+            if opts.progress && bar.is_none() {
+                eprintln!(
+                    "step {step}/{} loss {last_loss:.4} lr {lr:.2e} {rate:.0} samples/s",
+                    t.steps
+                );
+            }
+            last_metrics = m;
+        }
+        if let Some(hook) = eval.as_mut() {
+            if step.is_multiple_of(hook.every) || step == t.steps {
+                let results = (hook.run)(&*task)?;
+                let mut m = json!({"step": step});
+                for (k, v) in &results {
+                    m[format!("eval/{k}")] = json!(v);
+                }
+                writeln!(metrics, "{m}").map_err(|e| Error::io(&metrics_path, e))?;
+                if let Some(pb) = &bar {
+                    let txt: Vec<String> =
+                        results.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+                    pb.println(format!("step {step}: {}", txt.join(", ")));
+                }
+            }
+        }
+        if step.is_multiple_of(t.checkpoint_every) || step == t.steps {
+            let state = TrainerState {
+                step,
+                seed: t.seed,
+                data_position: position,
+                samples_seen: samples,
+                skipped_samples: skipped,
+                wall_seconds: wall_before + elapsed,
+                config: cfg.to_toml(),
+                metrics: last_metrics.clone(),
+            };
+            checkpoint::save(&opts.run_dir, &*task, &opt, &state, t.keep_checkpoints)?;
+        }
+    }
+    if let Some(pb) = &bar {
+        pb.finish_and_clear();
+    }
+    let model_dir = opts.run_dir.join("model");
+    crate::model_dir::write_dir_atomic(&model_dir, |tmp| task.write_model(tmp))?;
+    plot_metrics(&opts.run_dir)?;
+    if skipped > 0 {
+        eprintln!("{skipped} samples were skipped (unreadable or corrupt); see warnings above");
+    }
+    let wall = started.elapsed().as_secs_f64();
+    Ok(RunReport {
+        steps: step,
+        resumed_from,
+        last_loss,
+        wall_seconds: wall_before + wall,
+        samples_per_second: (samples - start_samples) as f64 / wall.max(1e-9),
+        skipped_samples: skipped,
+        model_dir,
+    })
+}
+
+/// `loss.png` (loss terms and learning rate) and `metrics.png` (evaluation and other scalars).
+pub fn plot_metrics(run: &Path) -> Result<()> {
+    let path = run.join("metrics.jsonl");
+    let text = crate::error::read_to_string(&path)?;
+    let mut series: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(step) = v["step"].as_f64() else {
+            continue;
+        };
+        if let Some(obj) = v.as_object() {
+            for (k, x) in obj {
+                if let Some(x) = x.as_f64() {
+                    series.entry(k.clone()).or_default().push((step, x));
+                }
+            }
+        }
+    }
+    let pick = |f: &dyn Fn(&str) -> bool| -> Vec<(String, Vec<(f64, f64)>)> {
+        series
+            .iter()
+            .filter(|(k, _)| f(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let loss = pick(&|k| {
+        k == "loss"
+            || k == "contrastive"
+            || k.starts_with("itc")
+            || k.starts_with("itm")
+            || k.starts_with("itg")
+    });
+    super::plot::line_chart(&run.join("loss.png"), "training loss", "step", &loss)?;
+    let evals = pick(&|k| k.starts_with("eval/"));
+    if !evals.is_empty() {
+        super::plot::line_chart(&run.join("metrics.png"), "evaluation", "step", &evals)?;
+    }
+    let other = pick(&|k| k == "logit_scale");
+    if !other.is_empty() {
+        super::plot::line_chart(
+            &run.join("logit_scale.png"),
+            "exp(logit scale)",
+            "step",
+            &other,
+        )?;
+    }
+    Ok(())
+}
