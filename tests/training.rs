@@ -1,0 +1,453 @@
+//! Training machinery on a tiny CLIP: gradients reach every tensor, accumulation is exact,
+//! checkpoints resume bit-exactly, loaders skip and report corrupt samples, `train` survives
+//! `kill -9`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use common::scratch;
+use vlalign::config::TrainConfig;
+use vlalign::data::image::ImageProcessor;
+use vlalign::data::loader::{Augment, Batch, Loader, LoaderConfig, Source};
+use vlalign::data::manifest::Entry;
+use vlalign::data::text::TextTokenizer;
+use vlalign::train::setup;
+use vlalign::train::task::Task;
+use vlalign::train::trainer::{self, RunOptions};
+
+const TINY: &str = r#"
+[model]
+image_size = 32
+patch_size = 8
+vision_width = 32
+vision_layers = 2
+vision_heads = 2
+vision_mlp = 64
+text_width = 32
+text_layers = 2
+text_heads = 2
+text_mlp = 64
+context_length = 32
+projection_dim = 16
+tokenizer = "shapes"
+[data]
+source = "shapes"
+workers = 2
+[train]
+steps = 6
+batch_size = 8
+lr = 1e-3
+warmup_steps = 2
+weight_decay = 0.1
+grad_clip = 1.0
+seed = 7
+checkpoint_every = 3
+log_every = 1
+"#;
+
+fn tiny() -> TrainConfig {
+    TrainConfig::from_toml(TINY).unwrap()
+}
+
+fn first_batch(cfg: &TrainConfig) -> Batch {
+    let task = setup::clip_task(cfg, &Device::Cpu).unwrap();
+    let mut loader = setup::clip_loader(cfg, &task, setup::source_for(cfg).unwrap())(0).unwrap();
+    loader.next_batch().unwrap()
+}
+
+#[test]
+fn every_trainable_tensor_gets_a_finite_nonzero_gradient() {
+    for loss in ["infonce", "siglip"] {
+        let mut cfg = tiny();
+        cfg.train.loss = loss.into();
+        let mut task = setup::clip_task(&cfg, &Device::Cpu).unwrap();
+        let batch = first_batch(&cfg);
+        let (grads, terms) = task.grads(&[batch], 0).unwrap();
+        assert!(terms.total.is_finite());
+        let vars = task.vars();
+        assert!(vars.len() > 50, "{} variables", vars.len());
+        let norm = |n: &str| -> f32 {
+            let g = grads
+                .get(n)
+                .unwrap_or_else(|| panic!("{loss}: no gradient for {n}"));
+            g.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        for (name, _) in &vars {
+            let n = norm(name);
+            assert!(n.is_finite(), "{loss}: non-finite gradient for {name}");
+            if name.ends_with("k_proj.bias") {
+                // Invariant: a key bias shifts every score of a query row equally, and softmax
+                // ignores such shifts, so its true gradient is zero (only rounding remains).
+                let q = norm(&name.replace("k_proj", "q_proj"));
+                assert!(
+                    n < 1e-4 * q.max(1e-3),
+                    "{loss}: {name} gradient {n} vs q_proj.bias {q}"
+                );
+            } else {
+                assert!(n > 0.0, "{loss}: zero gradient for {name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn accumulation_equals_the_large_batch_gradient() {
+    let cfg = tiny();
+    let big = first_batch(&cfg);
+    let half = |lo: usize| {
+        let (h, w) = big.hw;
+        let px = 3 * h * w;
+        Batch {
+            pixels: big.pixels[lo * px..(lo + 4) * px].to_vec(),
+            hw: big.hw,
+            tokens: vlalign::data::text::TokenBatch {
+                ids: big.tokens.ids[lo..lo + 4].to_vec(),
+                mask: big.tokens.mask[lo..lo + 4].to_vec(),
+            },
+            captions: big.captions[lo..lo + 4].to_vec(),
+            skipped: Vec::new(),
+            position: 0,
+        }
+    };
+    let mut task = setup::clip_task(&cfg, &Device::Cpu).unwrap();
+    let (g_big, l_big) = task.grads(std::slice::from_ref(&big), 0).unwrap();
+    let (g_acc, l_acc) = task.grads(&[half(0), half(4)], 0).unwrap();
+    assert!(
+        (l_big.total - l_acc.total).abs() < 1e-5,
+        "{} vs {}",
+        l_big.total,
+        l_acc.total
+    );
+    assert_eq!(g_big.len(), g_acc.len());
+    for (name, g) in &g_big {
+        let a = &g_acc[name];
+        let d = (g - a)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let s = g
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            d <= 1e-5 + 1e-4 * s,
+            "{name}: accumulated gradient off by {d} (scale {s})"
+        );
+    }
+}
+
+fn train(cfg: &TrainConfig, dir: &Path, resume: bool) -> trainer::RunReport {
+    let mut task = setup::clip_task(cfg, &Device::Cpu).unwrap();
+    let loader = setup::clip_loader(cfg, &task, setup::source_for(cfg).unwrap());
+    let opts = RunOptions {
+        run_dir: dir.to_path_buf(),
+        resume,
+        progress: false,
+    };
+    trainer::run(&mut task, cfg, &opts, loader, None).unwrap()
+}
+
+fn weights(dir: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("model/model.safetensors"), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn resumed_training_is_bit_exact() {
+    let cfg = tiny();
+    let straight = scratch("run-straight");
+    train(&cfg, &straight, false);
+    let split = scratch("run-split");
+    let mut first = cfg.clone();
+    first.train.steps = 3;
+    let r = train(&first, &split, false);
+    assert_eq!(r.steps, 3);
+    let r = train(&cfg, &split, true);
+    assert_eq!((r.resumed_from, r.steps), (Some(3), 6));
+    let (a, b) = (weights(&straight), weights(&split));
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = b[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(x == y, "{k} differs after resuming");
+    }
+    // The optimiser state travelled too: the last checkpoints are identical.
+    let opt =
+        |d: &Path| std::fs::read(d.join("checkpoints/step-0000006/optimizer.safetensors")).unwrap();
+    assert!(opt(&straight) == opt(&split));
+    // metrics.jsonl has one line per step, none duplicated by the resume.
+    let steps: Vec<u64> = std::fs::read_to_string(split.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    assert!(split.join("loss.png").is_file());
+    // A fresh run into a directory that holds one is refused.
+    let mut task = setup::clip_task(&cfg, &Device::Cpu).unwrap();
+    let loader = setup::clip_loader(&cfg, &task, setup::source_for(&cfg).unwrap());
+    let opts = RunOptions {
+        run_dir: split.clone(),
+        resume: false,
+        progress: false,
+    };
+    let e = trainer::run(&mut task, &cfg, &opts, loader, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--resume"), "{e}");
+}
+
+fn save_png(p: &Path, seed: u8) {
+    let data: Vec<u8> = (0..32 * 32 * 3)
+        .map(|i| (i as u8).wrapping_mul(seed))
+        .collect();
+    image::save_buffer(p, &data, 32, 32, image::ExtendedColorType::Rgb8).unwrap();
+}
+
+fn tiny_loader(source: Source, batch: usize) -> Loader {
+    let tok = TextTokenizer::word_level(&vlalign::data::shapes::vocabulary(), 16).unwrap();
+    let cfg = LoaderConfig {
+        batch_size: batch,
+        workers: 2,
+        prefetch: 2,
+        seed: 1,
+        augment: Augment::RandomResizedCrop { scale: (0.5, 1.0) },
+        shuffle_buffer: 3,
+    };
+    Loader::start(
+        source,
+        &cfg,
+        ImageProcessor::clip_default(32),
+        Arc::new(tok),
+        0,
+    )
+    .unwrap()
+}
+
+#[test]
+fn manifest_loader_skips_and_reports_bad_samples() {
+    let dir = scratch("loader-manifest");
+    let mut entries = Vec::new();
+    for i in 0..6 {
+        let p = dir.join(format!("{i}.png"));
+        save_png(&p, i as u8 + 1);
+        entries.push(Entry {
+            image: p,
+            caption: format!("a red circle {i}"),
+            objects: None,
+        });
+    }
+    std::fs::write(dir.join("bad.png"), b"not a png").unwrap();
+    entries.push(Entry {
+        image: dir.join("bad.png"),
+        caption: "bad".into(),
+        objects: None,
+    });
+    entries.push(Entry {
+        image: dir.join("missing.png"),
+        caption: "missing".into(),
+        objects: None,
+    });
+    let m = dir.join("m.jsonl");
+    vlalign::data::manifest::write_jsonl(&m, &dir, &entries).unwrap();
+    let read = vlalign::data::manifest::read(&m).unwrap();
+    assert_eq!(read.len(), 8);
+    let mut loader = tiny_loader(Source::Manifest(Arc::new(read)), 4);
+    // One epoch = 8 samples = 2 batches: 6 good, 2 skipped with their reasons.
+    let (a, b) = (loader.next_batch().unwrap(), loader.next_batch().unwrap());
+    assert_eq!(a.len() + b.len(), 6);
+    let skipped: Vec<String> = a.skipped.iter().chain(&b.skipped).cloned().collect();
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert!(
+        skipped.iter().any(|s| s.contains("bad.png"))
+            && skipped.iter().any(|s| s.contains("missing.png"))
+    );
+    assert_eq!(b.position, 8);
+    assert_eq!(a.pixels.len(), a.len() * 3 * 32 * 32);
+    // CSV with the same files.
+    let csv = dir.join("m.csv");
+    let mut text = String::from("filepath,title\n");
+    for i in 0..6 {
+        text.push_str(&format!("{i}.png,\"a blue square, {i}\"\n"));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let read = vlalign::data::manifest::read(&csv).unwrap();
+    let mut loader = tiny_loader(Source::Manifest(Arc::new(read)), 3);
+    let b = loader.next_batch().unwrap();
+    assert_eq!(b.len(), 3);
+    assert!(b.captions.iter().all(|c| c.starts_with("a blue square, ")));
+}
+
+fn add_file(t: &mut tar::Builder<std::fs::File>, name: &str, bytes: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bytes.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    t.append_data(&mut h, name, bytes).unwrap();
+}
+
+#[test]
+fn tar_shards_stream_and_skip_bad_samples() {
+    let dir = scratch("loader-tar");
+    let png = dir.join("x.png");
+    save_png(&png, 3);
+    let png = std::fs::read(&png).unwrap();
+    for s in 0..2 {
+        let f = std::fs::File::create(dir.join(format!("shard-{s:02}.tar"))).unwrap();
+        let mut t = tar::Builder::new(f);
+        for k in 0..4 {
+            let key = format!("s{s}k{k}");
+            add_file(&mut t, &format!("{key}.png"), &png);
+            if s == 1 && k == 2 {
+                continue; // no caption
+            }
+            if k == 3 {
+                add_file(
+                    &mut t,
+                    &format!("{key}.json"),
+                    br#"{"caption": "a green star"}"#,
+                );
+            } else {
+                add_file(&mut t, &format!("{key}.txt"), b"a red circle");
+            }
+        }
+        if s == 0 {
+            add_file(&mut t, "broken.webp", b"garbage");
+            add_file(&mut t, "broken.txt", b"a broken image");
+        }
+        t.finish().unwrap();
+    }
+    let pattern = format!("{}/shard-{{00..01}}.tar", dir.display());
+    let shards = vlalign::data::webdataset::shards(&pattern).unwrap();
+    assert_eq!(shards.len(), 2);
+    let mut loader = tiny_loader(Source::Tar(shards), 3);
+    // 9 samples per epoch: 7 good, one without caption, one undecodable.
+    let mut good = 0;
+    let mut skipped = Vec::new();
+    let mut position = 0;
+    while position < 9 {
+        let b = loader.next_batch().unwrap();
+        good += b.len();
+        skipped.extend(b.skipped.clone());
+        position = b.position;
+        assert!(b
+            .captions
+            .iter()
+            .all(|c| c == "a red circle" || c == "a green star"));
+    }
+    assert_eq!((good, skipped.len()), (7, 2), "{skipped:?}");
+    assert!(skipped.iter().any(|s| s.contains("no caption")));
+    assert!(skipped.iter().any(|s| s.contains("broken")));
+    let e = vlalign::data::webdataset::shards(&format!("{}/shard-{{00..02}}.tar", dir.display()))
+        .unwrap_err();
+    assert!(e.to_string().contains("shard-02.tar"), "{e}");
+}
+
+#[test]
+fn train_survives_kill_minus_9_and_resumes() {
+    let dir = scratch("kill9");
+    let cfg_path = dir.join("tiny.toml");
+    let mut cfg = tiny();
+    cfg.train.steps = 600;
+    cfg.train.checkpoint_every = 20;
+    std::fs::write(&cfg_path, cfg.to_toml()).unwrap();
+    let run = dir.join("run");
+    let bin = env!("CARGO_BIN_EXE_vlalign");
+    let mut child = std::process::Command::new(bin)
+        .args([
+            "train",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once a checkpoint exists (mid-run, possibly mid-write of the next one).
+    let t0 = std::time::Instant::now();
+    while !run.join("last").exists() {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let out = std::process::Command::new(bin)
+        .args([
+            "train",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--resume",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["steps"], 600);
+    let from = v["resumed_from"].as_u64().unwrap();
+    assert!(
+        (20..600).contains(&from),
+        "killed at step {from}: not mid-run"
+    );
+    assert!(run.join("model/model.safetensors").is_file());
+    // The finished model loads as a model directory.
+    vlalign::pipeline::ClipPipeline::load(&run.join("model"), &Device::Cpu).unwrap();
+}
+
+#[test]
+fn bad_config_is_a_one_line_error() {
+    let dir = scratch("bad-config");
+    let p = dir.join("c.toml");
+    std::fs::write(
+        &p,
+        TINY.replace("lr = 1e-3", "lr = 1e-3\nlearning_rate = 3"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlalign"))
+        .args([
+            "train",
+            "--config",
+            p.to_str().unwrap(),
+            "--out",
+            dir.join("r").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("c.toml") && e.contains("learning_rate"), "{e}");
+}
