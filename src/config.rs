@@ -67,6 +67,10 @@ pub struct DataSpec {
     /// Shapes samples come in pairs differing only in shape (in-batch hard negatives).
     #[serde(default)]
     pub shapes_twins: bool,
+    /// Relative frequency of each object count, shapes_min_objects..=shapes_max_objects
+    /// (empty: uniform).
+    #[serde(default)]
+    pub shapes_object_weights: Vec<f32>,
 }
 
 fn default_workers() -> usize {
@@ -206,6 +210,16 @@ impl TrainConfig {
                 "data.shapes_min_objects/shapes_max_objects must satisfy 1 <= min <= max <= 5"
                     .into(),
             );
+        }
+        let counts = d.shapes_max_objects - d.shapes_min_objects + 1;
+        if !d.shapes_object_weights.is_empty()
+            && (d.shapes_object_weights.len() != counts
+                || d.shapes_object_weights.iter().any(|&w| w.is_nan() || w < 0.0)
+                || d.shapes_object_weights.iter().sum::<f32>() <= 0.0)
+        {
+            return Err(format!(
+                "data.shapes_object_weights needs {counts} non-negative weights (one per object count), not all zero"
+            ));
         }
         if !["infonce", "siglip"].contains(&t.loss.as_str()) {
             return Err(format!(

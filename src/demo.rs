@@ -31,6 +31,8 @@ const RETRIEVAL_PAIRS: usize = 1000;
 
 pub struct DemoOptions {
     pub out: PathBuf,
+    /// A training config to use instead of configs/clip-tiny.toml (a shapes CLIP).
+    pub config: Option<PathBuf>,
     pub resume: bool,
     pub steps: Option<u64>,
     pub progress: bool,
@@ -124,8 +126,16 @@ pub fn save_png(path: &Path, img: &RgbImage) -> Result<()> {
 
 pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     let t0 = Instant::now();
-    let mut cfg = TrainConfig::from_toml(CLIP_TINY_TOML)
-        .map_err(|m| Error::config("configs/clip-tiny.toml", m))?;
+    let mut cfg = match &opts.config {
+        Some(p) => TrainConfig::from_file(p)?,
+        None => TrainConfig::from_toml(CLIP_TINY_TOML)
+            .map_err(|m| Error::config("configs/clip-tiny.toml", m))?,
+    };
+    if cfg.data.source != "shapes" {
+        return Err(Error::input(
+            "the demo trains on the built-in shapes data: data.source must be \"shapes\"",
+        ));
+    }
     if let Some(s) = opts.steps {
         cfg.train.steps = s;
         cfg.train.warmup_steps = cfg.train.warmup_steps.min(s / 5);

@@ -57,6 +57,7 @@ pub fn run(c: Command) -> Result<()> {
         max_objects: a.objects.unwrap_or(3),
         pairs,
         twins: false,
+        object_weights: Vec::new(),
     };
     let samples: Vec<_> = (0..a.n as u64)
         .map(|i| shapes::generate(&cfg, a.seed, i))

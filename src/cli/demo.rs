@@ -13,6 +13,10 @@ pub struct Args {
     /// Continue an interrupted demo from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Train with this config instead of the built-in configs/clip-tiny.toml (data.source must
+    /// be "shapes").
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Overrides the number of training steps (the default reaches the targets).
     #[arg(long)]
     steps: Option<u64>,
@@ -24,6 +28,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let r = demo::run(&DemoOptions {
         out: a.out.clone(),
+        config: a.config.clone(),
         resume: a.resume,
         steps: a.steps,
         progress: true,

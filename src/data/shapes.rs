@@ -21,7 +21,7 @@ pub const COLORS: [(&str, [u8; 3]); 8] = [
     ("cyan", [30, 200, 215]),
 ];
 
-pub const SHAPES: [&str; 6] = ["circle", "square", "triangle", "star", "hexagon", "diamond"];
+pub const SHAPES: [&str; 6] = ["circle", "square", "triangle", "star", "cross", "diamond"];
 pub const SIZES: [&str; 2] = ["small", "large"];
 pub const POSITIONS: [&str; 5] = ["left", "right", "top", "bottom", "center"];
 
@@ -29,7 +29,7 @@ pub const POSITIONS: [&str; 5] = ["left", "right", "top", "bottom", "center"];
 /// once, so every word is still seen with other partners).
 pub const HELD_OUT: [(&str, &str); 6] = [
     ("red", "star"),
-    ("green", "hexagon"),
+    ("green", "cross"),
     ("blue", "triangle"),
     ("yellow", "circle"),
     ("purple", "square"),
@@ -37,13 +37,7 @@ pub const HELD_OUT: [(&str, &str); 6] = [
 ];
 
 /// Anchor of each position, as a fraction of the canvas (x, y).
-const ANCHORS: [(f32, f32); 5] = [
-    (0.24, 0.5),
-    (0.76, 0.5),
-    (0.5, 0.24),
-    (0.5, 0.76),
-    (0.5, 0.5),
-];
+const ANCHORS: [(f32, f32); 5] = [(0.2, 0.5), (0.8, 0.5), (0.5, 0.2), (0.5, 0.8), (0.5, 0.5)];
 
 /// One object as the manifest records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +68,10 @@ pub struct ShapesConfig {
     /// negatives, without which contrastive training learns colour, size and position long
     /// before shape (colour alone already separates most captions of a batch).
     pub twins: bool,
+    /// Relative frequency of each object count from `min_objects` to `max_objects`; empty means
+    /// uniform. Zero-shot classification is judged on single-object images, and training on
+    /// more of them (e.g. weights 2:1:1 for 1–3 objects) teaches shape far sooner.
+    pub object_weights: Vec<f32>,
 }
 
 /// A subset of the colour × shape classes.
@@ -106,6 +104,7 @@ impl Default for ShapesConfig {
             max_objects: 3,
             pairs: PairSet::Seen,
             twins: false,
+            object_weights: Vec::new(),
         }
     }
 }
@@ -179,8 +178,26 @@ pub fn generate_class(
         max_objects: 1,
         pairs: PairSet::All,
         twins: false,
+        object_weights: Vec::new(),
     };
     generate_inner(&cfg, seed, index, Some((color, shape)))
+}
+
+/// The number of objects of a sample, drawn with `cfg.object_weights`.
+fn object_count(cfg: &ShapesConfig, rng: &mut ChaCha8Rng) -> usize {
+    let (lo, hi) = (cfg.min_objects, cfg.max_objects.max(cfg.min_objects));
+    let w = &cfg.object_weights;
+    if w.len() != hi - lo + 1 || w.iter().any(|&x| x < 0.0) || w.iter().sum::<f32>() <= 0.0 {
+        return rng.random_range(lo..=hi);
+    }
+    let mut u = rng.random_range(0.0..w.iter().sum::<f32>());
+    for (k, &x) in w.iter().enumerate() {
+        if u < x {
+            return lo + k;
+        }
+        u -= x;
+    }
+    hi
 }
 
 /// Stream of the shape choices, separate from the layout's so that twins can share a layout.
@@ -209,7 +226,7 @@ fn generate_inner(
     // template, and differ only in their shapes.
     let layout_index = if cfg.twins { index / 2 } else { index };
     let mut rng = sample_rng(seed, layout_index);
-    let n = rng.random_range(cfg.min_objects..=cfg.max_objects.max(cfg.min_objects));
+    let n = object_count(cfg, &mut rng);
     let mut positions: Vec<usize> = (0..POSITIONS.len()).collect();
     // Partial Fisher–Yates: distinct positions for the objects.
     for i in 0..n.min(positions.len()) {
@@ -308,7 +325,24 @@ fn outline(shape: usize) -> Option<Vec<(f32, f32)>> {
                 })
                 .collect(),
         ),
-        "hexagon" => Some(regular(6, 1.1, 0.0)),
+        // A plus sign: arms of half-width 0.4 reaching 1.15.
+        "cross" => {
+            let (a, w) = (1.15f32, 0.4f32);
+            Some(vec![
+                (-w, -a),
+                (w, -a),
+                (w, -w),
+                (a, -w),
+                (a, w),
+                (w, w),
+                (w, a),
+                (-w, a),
+                (-w, w),
+                (-a, w),
+                (-a, -w),
+                (-w, -w),
+            ])
+        }
         "diamond" => Some(vec![(0.0, -1.3), (0.85, 0.0), (0.0, 1.3), (-0.85, 0.0)]),
         other => unreachable!("unknown shape {other}"),
     }
@@ -350,12 +384,12 @@ fn render(size: usize, objects: &[Placed], rng: &mut ChaCha8Rng) -> RgbImage {
     }
     for o in objects {
         let (ax, ay) = ANCHORS[o.position];
-        let cx = (ax + rng.random_range(-0.04..0.04)) * s;
-        let cy = (ay + rng.random_range(-0.04..0.04)) * s;
+        let cx = (ax + rng.random_range(-0.03..0.03)) * s;
+        let cy = (ay + rng.random_range(-0.03..0.03)) * s;
         let r = if o.size == 0 {
-            rng.random_range(0.075..0.095)
+            rng.random_range(0.095..0.11)
         } else {
-            rng.random_range(0.135..0.16)
+            rng.random_range(0.15..0.17)
         } * s;
         let rot: f32 = rng.random_range(-0.2..0.2);
         let (sin, cos) = rot.sin_cos();

@@ -58,6 +58,7 @@ pub fn source_for(cfg: &TrainConfig) -> Result<Source> {
             max_objects: d.shapes_max_objects,
             pairs: PairSet::Seen,
             twins: d.shapes_twins,
+            object_weights: d.shapes_object_weights.clone(),
         }));
     }
     if webdataset::is_tar_pattern(s) {

@@ -1,0 +1,39 @@
+//! The shipped configs parse, and `configs/clip-vit-b32.toml` builds exactly the OpenAI
+//! ViT-B/32 CLIP: 151,277,313 parameters, the count transformers 5.23 gives for its default
+//! `CLIPConfig()` (which is ViT-B/32): `sum(p.numel() for p in CLIPModel(CLIPConfig()).parameters())`.
+
+use candle_core::Device;
+use vlalign::config::TrainConfig;
+use vlalign::train::setup;
+
+fn load(name: &str) -> TrainConfig {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs")
+        .join(name);
+    TrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn clip_tiny_is_the_demo_config() {
+    let c = load("clip-tiny.toml");
+    assert_eq!(
+        c,
+        TrainConfig::from_toml(vlalign::demo::CLIP_TINY_TOML).unwrap()
+    );
+    assert_eq!(c.data.source, "shapes");
+}
+
+#[test]
+fn clip_vit_b32_has_the_openai_parameter_count() {
+    let c = load("clip-vit-b32.toml");
+    let task = setup::clip_task(&c, &Device::Cpu).unwrap();
+    let n: usize = task
+        .varmap
+        .all_vars()
+        .iter()
+        .map(|v| v.as_tensor().elem_count())
+        .sum();
+    assert_eq!(n, 151_277_313);
+    assert_eq!(task.config.text_config.vocab_size, 49408);
+    assert_eq!(task.config.vision_config.image_size, 224);
+}
