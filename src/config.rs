@@ -214,7 +214,9 @@ impl TrainConfig {
         let counts = d.shapes_max_objects - d.shapes_min_objects + 1;
         if !d.shapes_object_weights.is_empty()
             && (d.shapes_object_weights.len() != counts
-                || d.shapes_object_weights.iter().any(|&w| w.is_nan() || w < 0.0)
+                || d.shapes_object_weights
+                    .iter()
+                    .any(|&w| w.is_nan() || w < 0.0)
                 || d.shapes_object_weights.iter().sum::<f32>() <= 0.0)
         {
             return Err(format!(

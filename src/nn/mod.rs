@@ -10,7 +10,9 @@ pub mod fused;
 pub mod init;
 pub mod layer_norm;
 pub mod linear;
+pub mod mask;
 pub mod ops;
+pub mod patch;
 
 pub use activation::Activation;
 pub use layer_norm::LayerNorm;

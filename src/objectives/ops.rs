@@ -21,3 +21,35 @@ pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     let neg_part = x.minimum(0.0)?;
     neg_part.sub(&(x.abs()?.neg()?.exp()? + 1.0)?.log()?)
 }
+
+/// PyTorch's `F.cross_entropy(logits, targets, label_smoothing=ε)` for `[N, C]` logits, mean
+/// over the rows whose target is `Some` (`None` is `ignore_index`): the target distribution is
+/// `(1 − ε)·onehot + ε/C`.
+pub fn cross_entropy_smoothed(
+    logits: &Tensor,
+    targets: &[Option<u32>],
+    eps: f64,
+) -> Result<Tensor> {
+    let (n, c) = logits.dims2()?;
+    if targets.len() != n {
+        candle_core::bail!("{} targets for {n} rows of logits", targets.len());
+    }
+    let mut w = vec![0f64; n * c];
+    let mut valid = 0usize;
+    for (i, t) in targets.iter().enumerate() {
+        let Some(t) = t else { continue };
+        if *t as usize >= c {
+            candle_core::bail!("target {t} of row {i} is not below the {c} classes");
+        }
+        valid += 1;
+        for k in 0..c {
+            w[i * c + k] = eps / c as f64;
+        }
+        w[i * c + *t as usize] += 1.0 - eps;
+    }
+    if valid == 0 {
+        candle_core::bail!("cross-entropy over no targets (every row is ignored)");
+    }
+    let w = Tensor::from_vec(w, (n, c), logits.device())?.to_dtype(logits.dtype())?;
+    log_softmax(logits)?.mul(&w)?.sum_all()? / -(valid as f64)
+}

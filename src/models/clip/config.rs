@@ -48,7 +48,7 @@ impl Default for ClipTextConfig {
 }
 
 /// `CLIPVisionConfig`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ClipVisionConfig {
     pub hidden_size: usize,

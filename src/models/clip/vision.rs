@@ -65,7 +65,7 @@ impl ClipVision {
     /// Token embeddings before the encoder: `[B, 1 + grid², hidden]`.
     fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
         let (b, c, hgt, wid) = pixels.dims4()?;
-        let (size, p, g) = (self.cfg.image_size, self.cfg.patch_size, self.cfg.grid());
+        let (size, p) = (self.cfg.image_size, self.cfg.patch_size);
         if c != self.cfg.num_channels || hgt != size || wid != size {
             candle_core::bail!(
                 "pixel tensor is [{b}, {c}, {hgt}, {wid}], the vision tower takes [B, {}, {size}, {size}]",
@@ -73,15 +73,7 @@ impl ClipVision {
             );
         }
         let h = self.cfg.hidden_size;
-        // Patchify: [B, C, g·p, g·p] → [B, g², C·p·p], ordered as the conv output flattened.
-        let patches = pixels
-            .narrow(2, 0, g * p)?
-            .narrow(3, 0, g * p)?
-            .reshape((b, c, g, p, g, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b, g * g, c * p * p))?;
-        let w = self.patch_embedding.reshape((h, c * p * p))?;
-        let patches = patches.broadcast_matmul(&w.t()?)?;
+        let patches = crate::nn::patch::embed_patches(pixels, &self.patch_embedding, p)?;
         let cls = self.class_embedding.reshape((1, 1, h))?.repeat((b, 1, 1))?;
         Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embedding.unsqueeze(0)?)
     }
@@ -90,6 +82,13 @@ impl ClipVision {
     pub fn hidden_states(&self, pixels: &Tensor, upto: Option<usize>) -> Result<Tensor> {
         let x = self.pre_layrnorm.forward(&self.embed(pixels)?)?;
         self.encoder.forward(&x, None, upto)
+    }
+
+    /// Every token after all layers and `post_layernorm` `[B, 1 + grid², hidden]`: the image
+    /// features a BLIP-2 Q-Former reads from a frozen CLIP tower (LAVIS's `ln_vision`).
+    pub fn normed_hidden_states(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.post_layernorm
+            .forward(&self.hidden_states(pixels, None)?)
     }
 
     /// `(last_hidden_state, pooled)`: pooled is `post_layernorm` of the class token.

@@ -1,0 +1,94 @@
+//! The post-LN blocks of BERT (Devlin et al. 2019; transformers' modeling_bert.py
+//! `BertAttention`, `BertIntermediate` + `BertOutput`), shared with the BLIP-2 Q-Former, which
+//! is a BERT whose layers add cross-attention and a second feed-forward for the query tokens.
+
+use candle_core::{Result, Tensor};
+use candle_nn::{Module, VarBuilder};
+
+use crate::nn::{attention, linear, Activation, LayerNorm, Linear};
+
+/// `LayerNorm(dense(attention(x, kv)) + x)`: multi-head attention (BERT's `*.self` or the
+/// Q-Former's `*.attention`) followed by `output.dense` and `output.LayerNorm`.
+#[derive(Clone, Debug)]
+pub struct PostLnAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    dense: Linear,
+    layer_norm: LayerNorm,
+    heads: usize,
+}
+
+impl PostLnAttention {
+    /// `qkv` holds `query`/`key`/`value`, `out` holds `dense`/`LayerNorm`; keys and values are
+    /// projected from `kv_dim` (the image features' width in cross-attention).
+    pub fn new(
+        qkv: VarBuilder,
+        out: VarBuilder,
+        hidden: usize,
+        kv_dim: usize,
+        heads: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            query: linear(hidden, hidden, qkv.pp("query"))?,
+            key: linear(kv_dim, hidden, qkv.pp("key"))?,
+            value: linear(kv_dim, hidden, qkv.pp("value"))?,
+            dense: linear(hidden, hidden, out.pp("dense"))?,
+            layer_norm: LayerNorm::new(out.pp("LayerNorm"), hidden, eps)?,
+            heads,
+        })
+    }
+
+    /// Self-attention when `kv` is `None`, else cross-attention to `kv`; `mask` is additive and
+    /// broadcasts to `[B, heads, Tq, Tk]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        kv: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let src = kv.unwrap_or(x);
+        let y = attention::multi_head(
+            &self.query.forward(x)?,
+            &self.key.forward(src)?,
+            &self.value.forward(src)?,
+            self.heads,
+            mask,
+        )?;
+        self.layer_norm.forward(&(self.dense.forward(&y)? + x)?)
+    }
+}
+
+/// `LayerNorm(output(act(intermediate(x))) + x)`.
+#[derive(Clone, Debug)]
+pub struct FeedForward {
+    intermediate: Linear,
+    output: Linear,
+    layer_norm: LayerNorm,
+    act: Activation,
+}
+
+impl FeedForward {
+    /// `inter` holds `dense` (hidden → inner), `out` holds `dense` (inner → hidden) and `LayerNorm`.
+    pub fn new(
+        inter: VarBuilder,
+        out: VarBuilder,
+        hidden: usize,
+        inner: usize,
+        act: Activation,
+        eps: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            intermediate: linear(hidden, inner, inter.pp("dense"))?,
+            output: linear(inner, hidden, out.pp("dense"))?,
+            layer_norm: LayerNorm::new(out.pp("LayerNorm"), hidden, eps)?,
+            act,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.act.forward(&self.intermediate.forward(x)?)?;
+        self.layer_norm.forward(&(self.output.forward(&h)? + x)?)
+    }
+}
