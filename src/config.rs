@@ -12,9 +12,50 @@ use crate::nn::Activation;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    pub model: ModelSpec,
+    /// A CLIP to train (the `[model]` section); exactly one of `model` and `qformer` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSpec>,
+    /// A BLIP-2 Q-Former to train in stage 1 on a frozen image encoder (the `[qformer]` section).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qformer: Option<QformerSpec>,
     pub data: DataSpec,
     pub train: TrainSpec,
+}
+
+/// BLIP-2 stage 1 (Li et al. 2023, §3.2): a Q-Former trained with ITC + ITM + ITG on the
+/// features of a frozen image encoder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QformerSpec {
+    /// A CLIP model directory whose vision tower is used frozen (e.g. the demo's `runs/demo/model`).
+    pub vision_model: String,
+    /// Final vision layers left out: 1 takes the penultimate layer's features, as BLIP-2 does
+    /// with EVA ViT-g.
+    #[serde(default = "one")]
+    pub vision_drop_layers: usize,
+    /// `"random"` or a BERT model directory (e.g. MiniLM-L6) to start the Q-Former from; with a
+    /// BERT, hidden_size/layers/heads/intermediate_size/vocabulary come from it.
+    #[serde(default = "random")]
+    pub init: String,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    /// Layers `i` with `i % cross_attention_frequency == 0` cross-attend to the image.
+    pub cross_attention_frequency: usize,
+    /// Learned queries (BLIP-2: 32).
+    pub num_query_tokens: usize,
+    /// Width of the ITC space (BLIP-2: 256).
+    pub embed_dim: usize,
+    /// Tokens per caption ([CLS]/[DEC] and [SEP] included).
+    pub max_text_len: usize,
+    /// `"shapes"` (word-level shapes vocabulary) or a BERT `tokenizer.json`; a [DEC] token is
+    /// appended to the vocabulary for ITG either way.
+    pub tokenizer: String,
+}
+
+fn random() -> String {
+    "random".into()
 }
 
 /// A CLIP architecture (converted to HF's `CLIPConfig` once the tokenizer is known).
@@ -171,9 +212,48 @@ impl TrainConfig {
         toml::to_string_pretty(self).expect("config serialises")
     }
 
+    /// The CLIP section, for CLIP tasks.
+    pub fn clip(&self) -> std::result::Result<&ModelSpec, String> {
+        self.model
+            .as_ref()
+            .ok_or_else(|| "this config trains a Q-Former ([qformer]), not a CLIP ([model])".into())
+    }
+
     fn validate(&self) -> std::result::Result<(), String> {
-        let (m, d, t) = (&self.model, &self.data, &self.train);
-        if m.patch_size == 0 || m.image_size % m.patch_size != 0 {
+        let (d, t) = (&self.data, &self.train);
+        match (&self.model, &self.qformer) {
+            (Some(m), None) => Self::validate_clip(m)?,
+            (None, Some(q)) => {
+                if q.num_attention_heads == 0
+                    || !q.hidden_size.is_multiple_of(q.num_attention_heads)
+                {
+                    return Err(format!(
+                        "qformer.hidden_size ({}) must be a multiple of qformer.num_attention_heads ({})",
+                        q.hidden_size, q.num_attention_heads
+                    ));
+                }
+                if q.num_query_tokens == 0 || q.cross_attention_frequency == 0 || q.max_text_len < 3
+                {
+                    return Err("qformer.num_query_tokens and cross_attention_frequency must be positive, max_text_len at least 3".into());
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err(
+                    "give either [model] (a CLIP) or [qformer] (a BLIP-2 Q-Former), not both"
+                        .into(),
+                )
+            }
+            (None, None) => {
+                return Err(
+                    "missing [model] (a CLIP to train) or [qformer] (a BLIP-2 Q-Former)".into(),
+                )
+            }
+        }
+        Self::validate_data_train(d, t)
+    }
+
+    fn validate_clip(m: &ModelSpec) -> std::result::Result<(), String> {
+        if m.patch_size == 0 || !m.image_size.is_multiple_of(m.patch_size) {
             return Err(format!(
                 "model.image_size ({}) must be a multiple of model.patch_size ({})",
                 m.image_size, m.patch_size
@@ -183,12 +263,16 @@ impl TrainConfig {
             ("vision", m.vision_width, m.vision_heads),
             ("text", m.text_width, m.text_heads),
         ] {
-            if h == 0 || w % h != 0 {
+            if h == 0 || !w.is_multiple_of(h) {
                 return Err(format!(
                     "model.{k}_width ({w}) must be a multiple of model.{k}_heads ({h})"
                 ));
             }
         }
+        Ok(())
+    }
+
+    fn validate_data_train(d: &DataSpec, t: &TrainSpec) -> std::result::Result<(), String> {
         if !["none", "random_resized_crop"].contains(&d.augment.as_str()) {
             return Err(format!(
                 "data.augment = {:?}: use \"none\" or \"random_resized_crop\"",

@@ -23,11 +23,11 @@ use crate::train::trainer::{self, EvalHook, RunOptions};
 pub const CLIP_TINY_TOML: &str = include_str!("../configs/clip-tiny.toml");
 
 /// Seed offset of the evaluation images (never the training stream's).
-const EVAL_SEED: u64 = 1_000_003;
+pub(crate) const EVAL_SEED: u64 = 1_000_003;
 /// Single-object evaluation images per class.
 const PER_CLASS: usize = 12;
 /// Held-out image–caption pairs for retrieval.
-const RETRIEVAL_PAIRS: usize = 1000;
+pub(crate) const RETRIEVAL_PAIRS: usize = 1000;
 
 pub struct DemoOptions {
     pub out: PathBuf,
@@ -62,7 +62,12 @@ pub struct DemoReport {
     pub eval_dir: PathBuf,
 }
 
-fn class_set(size: usize, pairs: PairSet, per_class: usize, seed: u64) -> Vec<ShapesSample> {
+pub(crate) fn class_set(
+    size: usize,
+    pairs: PairSet,
+    per_class: usize,
+    seed: u64,
+) -> Vec<ShapesSample> {
     let mut out = Vec::new();
     for (k, class) in shapes::classes(pairs).iter().enumerate() {
         let (c, s) = shapes::class_indices(class).expect("class names parse");
@@ -140,7 +145,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         cfg.train.steps = s;
         cfg.train.warmup_steps = cfg.train.warmup_steps.min(s / 5);
     }
-    let size = cfg.model.image_size;
+    let size = cfg.clip().map_err(Error::input)?.image_size;
     let seen = class_set(size, PairSet::Seen, PER_CLASS, EVAL_SEED);
     let unseen = class_set(size, PairSet::HeldOut, PER_CLASS * 3, EVAL_SEED + 1);
     let mixed_cfg = ShapesConfig {
@@ -165,7 +170,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
 
     let device = Device::Cpu;
     let mut task = setup::clip_task(&cfg, &device)?;
-    let source = setup::source_for(&cfg)?;
+    let source = setup::source_for(&cfg, size)?;
     // A quick check during training: seen zero-shot on 3 images per class, t2i R@1 on 200 pairs.
     let quick_zs = to_set(&class_set(size, PairSet::Seen, 3, EVAL_SEED + 3));
     let quick_rt = to_set(&pairs[..200]);

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod demo_qformer;
 pub mod error;
 pub mod eval;
 pub mod model_dir;
@@ -14,6 +15,7 @@ pub mod nn;
 pub mod npy;
 pub mod objectives;
 pub mod pipeline;
+pub mod qformer_pipeline;
 pub mod train;
 
 pub use error::{Error, Result};

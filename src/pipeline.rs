@@ -103,18 +103,7 @@ impl ClipPipeline {
     /// Preprocesses decoded images into a `[N, 3, H, W]` tensor.
     pub fn pixels(&self, images: &[RgbImage]) -> Result<Tensor> {
         let p = self.processor()?;
-        let mut data = Vec::new();
-        let mut hw = (0, 0);
-        for img in images {
-            let (v, size) = p.preprocess(img);
-            hw = size;
-            data.extend(v);
-        }
-        Ok(Tensor::from_vec(
-            data,
-            (images.len(), 3, hw.0, hw.1),
-            &self.device,
-        )?)
+        Ok(crate::data::image::pixel_tensor(p, images, &self.device)?)
     }
 
     /// Normalised embeddings of decoded images, `[N, P]`.

@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use common::scratch;
 use vlalign::config::TrainConfig;
 use vlalign::data::image::ImageProcessor;
@@ -55,7 +54,12 @@ fn tiny() -> TrainConfig {
 
 fn first_batch(cfg: &TrainConfig) -> Batch {
     let task = setup::clip_task(cfg, &Device::Cpu).unwrap();
-    let mut loader = setup::clip_loader(cfg, &task, setup::source_for(cfg).unwrap())(0).unwrap();
+    let mut loader = setup::clip_loader(
+        cfg,
+        &task,
+        setup::source_for(cfg, cfg.clip().unwrap().image_size).unwrap(),
+    )(0)
+    .unwrap();
     loader.next_batch().unwrap()
 }
 
@@ -160,17 +164,17 @@ fn accumulation_equals_the_large_batch_gradient() {
 
 fn train(cfg: &TrainConfig, dir: &Path, resume: bool) -> trainer::RunReport {
     let mut task = setup::clip_task(cfg, &Device::Cpu).unwrap();
-    let loader = setup::clip_loader(cfg, &task, setup::source_for(cfg).unwrap());
+    let loader = setup::clip_loader(
+        cfg,
+        &task,
+        setup::source_for(cfg, cfg.clip().unwrap().image_size).unwrap(),
+    );
     let opts = RunOptions {
         run_dir: dir.to_path_buf(),
         resume,
         progress: false,
     };
     trainer::run(&mut task, cfg, &opts, loader, None).unwrap()
-}
-
-fn weights(dir: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(dir.join("model/model.safetensors"), &Device::Cpu).unwrap()
 }
 
 #[test]
@@ -185,13 +189,7 @@ fn resumed_training_is_bit_exact() {
     assert_eq!(r.steps, 3);
     let r = train(&cfg, &split, true);
     assert_eq!((r.resumed_from, r.steps), (Some(3), 6));
-    let (a, b) = (weights(&straight), weights(&split));
-    assert_eq!(a.len(), b.len());
-    for (k, t) in &a {
-        let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let y = b[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(x == y, "{k} differs after resuming");
-    }
+    common::assert_same_weights(&straight, &split);
     // The optimiser state travelled too: the last checkpoints are identical.
     let opt =
         |d: &Path| std::fs::read(d.join("checkpoints/step-0000006/optimizer.safetensors")).unwrap();
@@ -210,7 +208,11 @@ fn resumed_training_is_bit_exact() {
     assert!(split.join("loss.png").is_file());
     // A fresh run into a directory that holds one is refused.
     let mut task = setup::clip_task(&cfg, &Device::Cpu).unwrap();
-    let loader = setup::clip_loader(&cfg, &task, setup::source_for(&cfg).unwrap());
+    let loader = setup::clip_loader(
+        &cfg,
+        &task,
+        setup::source_for(&cfg, cfg.clip().unwrap().image_size).unwrap(),
+    );
     let opts = RunOptions {
         run_dir: split.clone(),
         resume: false,

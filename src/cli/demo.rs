@@ -1,9 +1,10 @@
-//! `vlalign demo [--out DIR] [--json] [--resume]`
+//! `vlalign demo [--out DIR] [--json] [--resume] [--stage clip|qformer]`
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use vlalign::demo::{self, DemoOptions};
+use vlalign::demo_qformer::{self, QformerDemoOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,9 +24,79 @@ pub struct Args {
     /// End by printing one JSON object (model_dir, wall_seconds, zeroshot_top1_seen, ...).
     #[arg(long)]
     json: bool,
+    /// `clip` (the default: contrastive pretraining) or `qformer` (BLIP-2 stage 1 on the frozen
+    /// vision tower of the CLIP in --out, which it trains first when absent).
+    #[arg(long, default_value = "clip")]
+    stage: String,
+}
+
+fn run_qformer(a: &Args) -> Result<()> {
+    let r = demo_qformer::run(&QformerDemoOptions {
+        out: a.out.clone(),
+        resume: a.resume,
+        steps: a.steps,
+        progress: true,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let pct = |x: f64| format!("{:5.1}%", x * 100.0);
+    let (itc, itm) = (&r.retrieval.itc, &r.retrieval.itm_reranked);
+    println!();
+    println!(
+        "vlalign demo --stage qformer: BLIP-2 stage 1 on the frozen CLIP tower ({} steps, {:.0} s training, {:.0} s in all)",
+        r.steps, r.train_seconds, r.wall_seconds
+    );
+    println!(
+        "  retrieval over {} held-out pairs          R@1 text→image  image→text",
+        r.n_retrieval
+    );
+    println!(
+        "    ITC (max over queries)                        {}      {}",
+        pct(itc.t2i_r1),
+        pct(itc.i2t_r1)
+    );
+    println!(
+        "    ITC top-{} reranked by ITM + ITC                {}      {}",
+        r.retrieval.k,
+        pct(itm.t2i_r1),
+        pct(itm.i2t_r1)
+    );
+    println!("  captions: colour + shape words right            greedy   beam");
+    println!(
+        "    seen compositions (42 classes)                {}  {}",
+        pct(r.caption_seen_greedy),
+        pct(r.caption_seen_beam)
+    );
+    println!(
+        "    unseen compositions (6 classes)               {}  {}",
+        pct(r.caption_unseen_greedy),
+        pct(r.caption_unseen_beam)
+    );
+    for e in &r.examples {
+        println!("    {:45} → {}", e.truth, e.beam);
+    }
+    println!("model directory: {}", r.model_dir.display());
+    println!(
+        "try:   vlalign caption --model {} --image {}/eval/zeroshot-seen/images/000001.png",
+        r.model_dir.display(),
+        a.out.display()
+    );
+    println!(
+        "       vlalign retrieve --model {} --query \"a red circle\" --images {}/eval/zeroshot-seen/images --rerank itm",
+        r.model_dir.display(),
+        a.out.display()
+    );
+    Ok(())
 }
 
 pub fn run(a: Args) -> Result<()> {
+    match a.stage.as_str() {
+        "clip" => {}
+        "qformer" => return run_qformer(&a),
+        other => anyhow::bail!("--stage {other:?}: use \"clip\" or \"qformer\""),
+    }
     let r = demo::run(&DemoOptions {
         out: a.out.clone(),
         config: a.config.clone(),

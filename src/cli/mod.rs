@@ -1,10 +1,13 @@
 //! Command-line verbs (DESIGN.md §3), one file each.
 
 mod bench;
+mod caption;
 mod data;
 mod demo;
 mod embed;
 mod eval;
+mod itm;
+mod retrieve;
 mod train;
 mod zeroshot;
 
@@ -39,6 +42,12 @@ enum Command {
     Embed(embed::Args),
     /// Zero-shot classification of images over a list of labels.
     Zeroshot(zeroshot::Args),
+    /// ITM match probability and ITC score of an image against texts (a Q-Former directory).
+    Itm(itm::Args),
+    /// Captions from a Q-Former's ITG head (greedy or beam search).
+    Caption(caption::Args),
+    /// The images that best match a text (ITC, optionally reranked by ITM).
+    Retrieve(retrieve::Args),
     /// Speed of the reference workloads.
     Bench(bench::Args),
 }
@@ -53,5 +62,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a, &device),
         Command::Embed(a) => embed::run(a, &device),
         Command::Zeroshot(a) => zeroshot::run(a, &device),
+        Command::Itm(a) => itm::run(a, &device),
+        Command::Caption(a) => caption::run(a, &device),
+        Command::Retrieve(a) => retrieve::run(a, &device),
     }
 }

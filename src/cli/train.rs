@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::Device;
 use vlalign::config::TrainConfig;
+use vlalign::train::qformer_task::QformerTask;
 use vlalign::train::setup;
 use vlalign::train::trainer::{self, RunOptions};
 
@@ -46,15 +47,25 @@ pub fn run(a: Args, device: &Device) -> Result<()> {
             .unwrap_or("run".into());
         PathBuf::from("runs").join(stem)
     });
-    let source = setup::source_for(&cfg)?;
-    let mut task = setup::clip_task(&cfg, device)?;
-    let loader = setup::clip_loader(&cfg, &task, source);
     let opts = RunOptions {
         run_dir: out,
         resume: a.resume,
         progress: true,
     };
-    let r = trainer::run(&mut task, &cfg, &opts, loader, None)?;
+    let r = if cfg.qformer.is_some() {
+        let mut task = QformerTask::new(&cfg, device)?;
+        let size = task.config.vision.image_size();
+        let source = setup::source_for(&cfg, size)?;
+        let loader =
+            setup::loader_for(&cfg, task.processor.clone(), task.tokenizer.clone(), source);
+        trainer::run(&mut task, &cfg, &opts, loader, None)?
+    } else {
+        let size = cfg.clip().map_err(anyhow::Error::msg)?.image_size;
+        let source = setup::source_for(&cfg, size)?;
+        let mut task = setup::clip_task(&cfg, device)?;
+        let loader = setup::clip_loader(&cfg, &task, source);
+        trainer::run(&mut task, &cfg, &opts, loader, None)?
+    };
     if a.json {
         println!(
             "{}",

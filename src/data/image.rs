@@ -380,6 +380,22 @@ pub fn processor_for_dir(dir: &Path) -> Result<Option<(ImageProcessor, PathBuf)>
     Ok(None)
 }
 
+/// Preprocesses decoded images into one `[N, 3, H, W]` tensor.
+pub fn pixel_tensor(
+    processor: &ImageProcessor,
+    images: &[RgbImage],
+    device: &candle_core::Device,
+) -> candle_core::Result<candle_core::Tensor> {
+    let mut data = Vec::new();
+    let mut hw = (0, 0);
+    for img in images {
+        let (v, size) = processor.preprocess(img);
+        hw = size;
+        data.extend(v);
+    }
+    candle_core::Tensor::from_vec(data, (images.len(), 3, hw.0, hw.1), device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

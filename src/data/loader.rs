@@ -87,6 +87,15 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.captions.is_empty()
     }
+
+    /// The pixels as a `[B, 3, H, W]` tensor on `device`.
+    pub fn pixel_tensor(
+        &self,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let (h, w) = self.hw;
+        candle_core::Tensor::from_slice(&self.pixels, (self.len(), 3, h, w), device)
+    }
 }
 
 /// A sample at a stream position: the decoded image and caption, or why it was skipped.

@@ -1,6 +1,7 @@
 //! Evaluation on embeddings: zero-shot classification with prompt templates and image–text
 //! retrieval. Pure functions of L2-normalised embeddings, plus the shapes and manifest drivers.
 
+pub mod qformer;
 pub mod report;
 pub mod retrieval;
 pub mod zeroshot;

@@ -43,9 +43,23 @@ pub fn retrieval(images: &Tensor, texts: &Tensor) -> Result<RetrievalMetrics> {
         )));
     }
     let i2t = images.matmul(&texts.t()?)?.to_vec2::<f32>()?;
-    let t2i = texts.matmul(&images.t()?)?.to_vec2::<f32>()?;
-    let (ri, rt) = (ranks(&i2t), ranks(&t2i));
-    Ok(RetrievalMetrics {
+    Ok(from_similarity(&i2t))
+}
+
+/// Metrics from a square image × text score matrix (row i = image i; pair i on the diagonal).
+pub fn from_similarity(i2t: &[Vec<f32>]) -> RetrievalMetrics {
+    let n = i2t.len();
+    let t2i: Vec<Vec<f32>> = (0..n)
+        .map(|j| (0..n).map(|i| i2t[i][j]).collect())
+        .collect();
+    from_scores(i2t, &t2i)
+}
+
+/// Metrics from separate score matrices per direction: `i2t[i]` scores the texts for image i,
+/// `t2i[j]` the images for text j (they differ once each direction is reranked on its own).
+pub fn from_scores(i2t: &[Vec<f32>], t2i: &[Vec<f32>]) -> RetrievalMetrics {
+    let (ri, rt) = (ranks(i2t), ranks(t2i));
+    RetrievalMetrics {
         i2t_r1: recall(&ri, 1),
         i2t_r5: recall(&ri, 5),
         i2t_r10: recall(&ri, 10),
@@ -54,7 +68,7 @@ pub fn retrieval(images: &Tensor, texts: &Tensor) -> Result<RetrievalMetrics> {
         t2i_r10: recall(&rt, 10),
         i2t_mean_rank: mean(&ri),
         t2i_mean_rank: mean(&rt),
-    })
+    }
 }
 
 #[cfg(test)]

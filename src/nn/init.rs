@@ -53,10 +53,22 @@ pub fn seeded_values(init: &Init, shape: &Shape, seed: u64, name: &str) -> Vec<f
 struct Seeded {
     varmap: VarMap,
     seed: u64,
+    /// Tensors served as they are, never trainable (a frozen encoder).
+    frozen: std::collections::HashMap<String, Tensor>,
 }
 
 impl SimpleBackend for Seeded {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        if let Some(t) = self.frozen.get(name) {
+            if t.shape() != &s {
+                candle_core::bail!(
+                    "frozen tensor `{name}` has shape {:?}, the model expects {:?}",
+                    t.dims(),
+                    s.dims()
+                );
+            }
+            return t.to_dtype(dtype)?.to_device(dev);
+        }
         let mut data = self.varmap.data().lock().expect("varmap lock");
         if let Some(v) = data.get(name) {
             if v.shape() != &s {
@@ -78,6 +90,9 @@ impl SimpleBackend for Seeded {
     }
 
     fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        if let Some(t) = self.frozen.get(name) {
+            return Ok(t.clone());
+        }
         let data = self.varmap.data().lock().expect("varmap lock");
         data.get(name)
             .map(|v| v.as_tensor().clone())
@@ -85,11 +100,13 @@ impl SimpleBackend for Seeded {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .contains_key(name)
+        self.frozen.contains_key(name)
+            || self
+                .varmap
+                .data()
+                .lock()
+                .expect("varmap lock")
+                .contains_key(name)
     }
 }
 
@@ -100,10 +117,23 @@ pub fn seeded_var_builder(
     dtype: DType,
     device: &Device,
 ) -> VarBuilder<'static> {
+    seeded_with_frozen(varmap, seed, Default::default(), dtype, device)
+}
+
+/// Like [`seeded_var_builder`], except that names in `frozen` get those tensors, untracked by
+/// autograd and absent from `varmap` (BLIP-2's frozen image encoder).
+pub fn seeded_with_frozen(
+    varmap: &VarMap,
+    seed: u64,
+    frozen: std::collections::HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
     VarBuilder::from_backend(
         Box::new(Seeded {
             varmap: varmap.clone(),
             seed,
+            frozen,
         }),
         dtype,
         device.clone(),

@@ -99,18 +99,9 @@ impl ClipTask {
         ))
     }
 
-    fn pixels(&self, b: &Batch) -> Result<Tensor> {
-        let (h, w) = b.hw;
-        Ok(Tensor::from_slice(
-            &b.pixels,
-            (b.len(), 3, h, w),
-            &self.device,
-        )?)
-    }
-
     /// L2-normalised (image, text) features of a batch.
     pub fn features(&self, b: &Batch) -> Result<(Tensor, Tensor)> {
-        let img = l2_normalize(&self.model.image_features(&self.pixels(b)?)?)?;
+        let img = l2_normalize(&self.model.image_features(&b.pixel_tensor(&self.device)?)?)?;
         let txt = l2_normalize(&self.model.text_features(&b.tokens)?)?;
         Ok((img, txt))
     }

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod clip_task;
 pub mod optim;
 pub mod plot;
+pub mod qformer_task;
 pub mod schedule;
 pub mod setup;
 pub mod task;

@@ -48,12 +48,13 @@ pub fn tokenizer_for(spec: &ModelSpec) -> Result<(TextTokenizer, (u32, u32, u32)
 }
 
 /// Resolves `data.source`: `shapes`, a manifest, or tar shards.
-pub fn source_for(cfg: &TrainConfig) -> Result<Source> {
+/// `image_size` is the side the shapes generator renders at (the image encoder's input).
+pub fn source_for(cfg: &TrainConfig, image_size: usize) -> Result<Source> {
     let d = &cfg.data;
     let s = d.source.as_str();
     if s == "shapes" {
         return Ok(Source::Shapes(ShapesConfig {
-            image_size: cfg.model.image_size,
+            image_size,
             min_objects: d.shapes_min_objects,
             max_objects: d.shapes_max_objects,
             pairs: PairSet::Seen,
@@ -92,14 +93,15 @@ pub fn loader_config(cfg: &TrainConfig) -> LoaderConfig {
 
 /// A fresh CLIP task for the config (weights seeded by `train.seed`).
 pub fn clip_task(cfg: &TrainConfig, device: &Device) -> Result<ClipTask> {
-    let (tok, (bos, eos, pad), extra) = tokenizer_for(&cfg.model)?;
-    let clip = cfg.model.clip_config(tok.vocab_size(), bos, eos, pad);
+    let m = cfg.clip().map_err(Error::input)?;
+    let (tok, (bos, eos, pad), extra) = tokenizer_for(m)?;
+    let clip = m.clip_config(tok.vocab_size(), bos, eos, pad);
     let loss = if cfg.train.loss == "siglip" {
         ContrastiveLoss::Sigmoid
     } else {
         ContrastiveLoss::InfoNce
     };
-    let processor = ImageProcessor::clip_default(cfg.model.image_size);
+    let processor = ImageProcessor::clip_default(m.image_size);
     ClipTask::new(clip, loss, processor, tok, extra, cfg.train.seed, device)
 }
 
@@ -109,10 +111,17 @@ pub fn clip_loader(
     task: &ClipTask,
     source: Source,
 ) -> impl FnOnce(u64) -> Result<Loader> {
-    let (lc, processor, tok) = (
-        loader_config(cfg),
-        task.processor.clone(),
-        Arc::new(task.tokenizer.clone()),
-    );
+    loader_for(cfg, task.processor.clone(), task.tokenizer.clone(), source)
+}
+
+/// A loader factory over `source` with this preprocessing and tokenizer.
+pub fn loader_for(
+    cfg: &TrainConfig,
+    processor: ImageProcessor,
+    tokenizer: TextTokenizer,
+    source: Source,
+) -> impl FnOnce(u64) -> Result<Loader> {
+    let lc = loader_config(cfg);
+    let tok = Arc::new(tokenizer);
     move |position| Loader::start(source, &lc, processor, tok, position)
 }

@@ -51,3 +51,19 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// The weights of `RUN/model`.
+pub fn run_weights(dir: &std::path::Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("model/model.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// Asserts two runs ended with bit-identical weights.
+pub fn assert_same_weights(a: &std::path::Path, b: &std::path::Path) {
+    let (a, b) = (run_weights(a), run_weights(b));
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = b[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(x == y, "{k} differs after resuming");
+    }
+}

@@ -125,7 +125,7 @@ impl Blip2Qformer {
         let cfg = Blip2Config::from_json(&v).map_err(|m| Error::config(&cfg_path, m))?;
         let w = Weights::open(dir)?;
         let lm = w.names().iter().any(|n| n == "cls.predictions.bias");
-        w.build(DType::F32, device, &["position_ids"], |vb| {
+        w.build(DType::F32, device, &["position_ids", "temp"], |vb| {
             Self::new(vb, &cfg, lm)
         })
     }
