@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::collections::HashMap;
-
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 use common::{max_abs_diff, reference};
 use vlalign::objectives::contrastive::{clip_loss, siglip_loss};
 use vlalign::train::optim::{AdamW, AdamWConfig};
@@ -66,7 +64,7 @@ fn adamw_matches_torch() {
     )
     .unwrap();
     for k in 0..3 {
-        let grads: HashMap<String, Tensor> = [
+        let grads: vlalign::train::optim::Grads = [
             (
                 "layer.weight".to_string(),
                 r[&format!("adamw/gw{k}")].clone(),

@@ -93,11 +93,20 @@ pub fn colour_and_shape(caption: &str) -> (Option<String>, Option<String>) {
 /// checks (its caption's colour word is the object's colour; its shape word is the object's
 /// shape); a missing word counts as wrong.
 pub fn word_accuracy(captions: &[String], objects: &[ObjectSpec]) -> f64 {
+    let truths: Vec<(String, String)> = objects
+        .iter()
+        .map(|o| (o.color.clone(), o.shape.clone()))
+        .collect();
+    word_accuracy_of(captions, &truths)
+}
+
+/// [`word_accuracy`] against `(colour, shape)` truths.
+pub fn word_accuracy_of(captions: &[String], truths: &[(String, String)]) -> f64 {
     let mut right = 0usize;
-    for (c, o) in captions.iter().zip(objects) {
+    for (c, (tc, ts)) in captions.iter().zip(truths) {
         let (colour, shape) = colour_and_shape(c);
-        right += usize::from(colour.as_deref() == Some(o.color.as_str()));
-        right += usize::from(shape.as_deref() == Some(o.shape.as_str()));
+        right += usize::from(colour.as_deref() == Some(tc.as_str()));
+        right += usize::from(shape.as_deref() == Some(ts.as_str()));
     }
     right as f64 / (2 * captions.len().max(1)) as f64
 }

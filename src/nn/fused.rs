@@ -409,7 +409,9 @@ impl CustomOp1 for ColumnSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, "column_sum")?;
         let n = self.n;
-        let total = x
+        // Partial sums per fixed chunk, added in chunk order: rayon's `reduce` would associate
+        // them by work-stealing and make the sum (and every run after it) vary in the last bits.
+        let partials: Vec<Vec<f32>> = x
             .par_chunks(n * ROW_CHUNK)
             .map(|c| {
                 let mut acc = vec![0f32; n];
@@ -418,13 +420,11 @@ impl CustomOp1 for ColumnSum {
                 }
                 acc
             })
-            .reduce(
-                || vec![0f32; n],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+            .collect();
+        let mut total = vec![0f32; n];
+        for p in partials {
+            total.iter_mut().zip(&p).for_each(|(x, y)| *x += y);
+        }
         Ok((CpuStorage::F32(total), Shape::from(n)))
     }
 }
@@ -456,6 +456,30 @@ mod tests {
 
     /// Each fused op against the same function composed from candle primitives: values and
     /// the gradients of a random linear functional of the output.
+    #[test]
+    fn bias_gradient_is_bit_identical_run_to_run() {
+        // Large enough that rayon splits the column sum across threads.
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (4096, 48), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (4096, 48), &dev).unwrap();
+        let b = Var::zeros(48, DType::F32, &dev).unwrap();
+        let grad = || -> Vec<u32> {
+            let loss = add_bias(&x, &b)
+                .unwrap()
+                .mul(&w)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let g = loss.backward().unwrap();
+            let v: Vec<f32> = g.get(&b).unwrap().to_vec1().unwrap();
+            v.iter().map(|f| f.to_bits()).collect()
+        };
+        let first = grad();
+        for _ in 0..20 {
+            assert_eq!(grad(), first);
+        }
+    }
+
     #[test]
     fn fused_ops_match_compositions() {
         let dev = Device::Cpu;

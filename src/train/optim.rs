@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// Gradients by variable name.
-pub type Grads = HashMap<String, Tensor>;
+/// Gradients by variable name, in sorted order: the clipping norm sums them in this order, so
+/// the same seed gives bit-identical runs (a `HashMap` iterates in a random order per run).
+pub type Grads = std::collections::BTreeMap<String, Tensor>;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
@@ -190,7 +192,7 @@ mod tests {
     #[test]
     fn clipping_bounds_the_global_norm() {
         let dev = Device::Cpu;
-        let mut g: Grads = HashMap::new();
+        let mut g: Grads = Grads::new();
         g.insert("a".into(), Tensor::new(&[3f32, 0.0], &dev).unwrap());
         g.insert("b".into(), Tensor::new(&[4f32], &dev).unwrap());
         let n = clip_grad_norm(&mut g, 1.0).unwrap();
