@@ -101,16 +101,22 @@ impl QformerPipeline {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
+    /// Tokenises with truncation to the model's context; truncated texts are reported once per
+    /// call (the first and how many), not once per text.
     pub fn tokens<S: AsRef<str>>(&self, texts: &[S]) -> Result<TokenBatch> {
         let enc = self.tokenizer.encode(texts)?;
-        for (t, cut) in texts.iter().zip(&enc.truncated) {
-            if *cut {
-                tracing::warn!(
-                    "text truncated to {} tokens: {:?}",
-                    self.tokenizer.context(),
-                    t.as_ref()
-                );
-            }
+        let cut: Vec<&str> = texts
+            .iter()
+            .zip(&enc.truncated)
+            .filter(|(_, c)| **c)
+            .map(|(t, _)| t.as_ref())
+            .collect();
+        if let Some(first) = cut.first() {
+            tracing::warn!(
+                "{} text(s) truncated to {} tokens, e.g. {first:?}",
+                cut.len(),
+                self.tokenizer.context()
+            );
         }
         Ok(enc.batch)
     }

@@ -148,6 +148,47 @@ def build(name, cfg, seed):
     print(name, {k: tuple(v.shape) for k, v in tensors.items()})
 
 
+CLI_TEXTS = ["a red circle", "the blue square on the left", "a big green star"]
+
+
+def cli_reference(name):
+    """A BERT WordPiece tokenizer over the model's vocabulary (saved as tokenizer.json), and what
+    transformers gives for `vlalign itm` on img0.png against CLI_TEXTS: the ITM match probability
+    (softmax of the ITM logits, class 1) and the ITC score (logits_per_image without temperature)."""
+    import json
+    from transformers import BertTokenizerFast
+    out_dir = os.path.dirname(fixture_path(name, "config.json"))
+    model = Blip2ForImageTextRetrieval.from_pretrained(out_dir).eval()
+    model.set_attn_implementation("eager")
+    v = model.config.qformer_config.vocab_size
+    words = sorted({w for t in CLI_TEXTS for w in t.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    vocab += [f"tok{i}" for i in range(v - len(vocab))]
+    vocab_path = os.path.join(out_dir, "vocab.txt")
+    with open(vocab_path, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=vocab_path, do_lower_case=True)
+    tok.save_pretrained(out_dir)
+    for extra in ["vocab.txt", "special_tokens_map.json"]:
+        if os.path.exists(os.path.join(out_dir, extra)):
+            os.remove(os.path.join(out_dir, extra))
+    proc = BlipImageProcessorPil.from_pretrained(out_dir)
+    image = Image.open(fixture_path(name + "-images", "img0.png"))
+    px = proc(images=[image] * len(CLI_TEXTS), return_tensors="pt")["pixel_values"]
+    enc = tok(CLI_TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        itm = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=px,
+                    use_image_text_matching_head=True).logits_per_image.softmax(-1)[:, 1]
+        itc = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=px[:1],
+                    use_image_text_matching_head=False).logits_per_image[0]
+    ref = {"texts": CLI_TEXTS, "input_ids": enc["input_ids"].tolist(),
+           "itm": [float(x) for x in itm], "itc": [float(x) for x in itc]}
+    with open(fixture_path(name + ".cli.json"), "w") as f:
+        json.dump(ref, f, indent=1)
+    print(name, "cli", ref["itm"], ref["itc"])
+
+
 if __name__ == "__main__":
     for i, (name, cfg) in enumerate(CONFIGS.items()):
         build(name, cfg, seed=500 + 10 * i)
+    cli_reference("qformer-a")
