@@ -33,8 +33,9 @@ pub struct QformerSpec {
     /// with EVA ViT-g.
     #[serde(default = "one")]
     pub vision_drop_layers: usize,
-    /// `"random"` or a BERT model directory (e.g. MiniLM-L6) to start the Q-Former from; with a
-    /// BERT, hidden_size/layers/heads/intermediate_size/vocabulary come from it.
+    /// `"random"` or a BERT model directory (e.g. MiniLM-L6, `tools/fetch_minilm.sh`) to start
+    /// the Q-Former from, as BLIP-2 starts from BERT-base; with a BERT, hidden_size, layers,
+    /// heads, intermediate_size and activation come from it, and the tokenizer should be its own.
     #[serde(default = "random")]
     pub init: String,
     pub hidden_size: usize,

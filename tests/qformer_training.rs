@@ -186,3 +186,80 @@ fn bad_qformer_configs_name_the_problem() {
     let e = TrainConfig::from_toml(&text).unwrap_err();
     assert!(e.contains("qformer.hidden_size"), "{e}");
 }
+
+#[test]
+fn starts_from_a_bert_checkpoint_as_lavis_does() {
+    // bert-a: a tiny random BertModel (hidden 32, 2 layers, vocab 200) saved by transformers.
+    let mut cfg = tiny();
+    let q = cfg.qformer.as_mut().unwrap();
+    q.init = fixture("bert-a").to_string_lossy().into_owned();
+    q.hidden_size = 16; // overridden by the BERT's shape
+    let mut task = QformerTask::new(&cfg, &Device::Cpu).unwrap();
+    assert_eq!(task.config.qformer.hidden_size, 32);
+    assert_eq!(
+        task.config.qformer.vocab_size, 201,
+        "[DEC] appended after BERT's 200 words"
+    );
+    assert_eq!(task.dec_id, 200);
+    let bert =
+        candle_core::safetensors::load(fixture("bert-a").join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let vars: HashMap<String, candle_core::Tensor> = task
+        .vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    let same = |ours: &str, theirs: &str| {
+        let a = vars[ours].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = bert[theirs]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(a == b, "{ours} != BERT {theirs}");
+    };
+    same(
+        "qformer.encoder.layer.1.attention.attention.key.weight",
+        "encoder.layer.1.attention.self.key.weight",
+    );
+    same(
+        "qformer.encoder.layer.0.output.LayerNorm.bias",
+        "encoder.layer.0.output.LayerNorm.bias",
+    );
+    same(
+        "qformer.encoder.layer.1.intermediate_query.dense.weight",
+        "encoder.layer.1.intermediate.dense.weight",
+    );
+    same(
+        "qformer.encoder.layer.0.output_query.dense.weight",
+        "encoder.layer.0.output.dense.weight",
+    );
+    same("qformer.layernorm.weight", "embeddings.LayerNorm.weight");
+    let words = vars["embeddings.word_embeddings.weight"]
+        .narrow(0, 0, 200)
+        .unwrap();
+    assert!(
+        words.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == bert["embeddings.word_embeddings.weight"]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+    );
+    let pos = vars["embeddings.position_embeddings.weight"]
+        .dims()
+        .to_vec();
+    assert_eq!(pos, [24, 32], "the first max_text_len position rows");
+    // It trains.
+    let batch = loader(&cfg, &task)(0).unwrap().next_batch().unwrap();
+    let (_, terms) = task.grads(&[batch], 0).unwrap();
+    assert!(terms.total.is_finite());
+    // A directory that is not a BERT is refused by name.
+    let mut cfg = tiny();
+    cfg.qformer.as_mut().unwrap().init = "/nonexistent/bert".into();
+    let e = QformerTask::new(&cfg, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("/nonexistent/bert"), "{e}");
+}

@@ -55,6 +55,8 @@ struct Seeded {
     seed: u64,
     /// Tensors served as they are, never trainable (a frozen encoder).
     frozen: std::collections::HashMap<String, Tensor>,
+    /// Starting values of trainable variables (a pretrained checkpoint), instead of seeded ones.
+    initial: std::collections::HashMap<String, Tensor>,
 }
 
 impl SimpleBackend for Seeded {
@@ -80,10 +82,20 @@ impl SimpleBackend for Seeded {
             }
             return Ok(v.as_tensor().clone());
         }
-        let values = seeded_values(&h, &s, self.seed, name);
-        let t = Tensor::from_vec(values, s, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(dev)?;
+        let t = match self.initial.get(name) {
+            Some(t) if t.shape() != &s => candle_core::bail!(
+                "initial value of `{name}` has shape {:?}, the model expects {:?}",
+                t.dims(),
+                s.dims()
+            ),
+            Some(t) => t.to_dtype(dtype)?.to_device(dev)?,
+            None => {
+                let values = seeded_values(&h, &s, self.seed, name);
+                Tensor::from_vec(values, s, &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(dev)?
+            }
+        };
         let var = Var::from_tensor(&t)?;
         data.insert(name.to_string(), var.clone());
         Ok(var.as_tensor().clone())
@@ -129,11 +141,25 @@ pub fn seeded_with_frozen(
     dtype: DType,
     device: &Device,
 ) -> VarBuilder<'static> {
+    seeded_with(varmap, seed, frozen, Default::default(), dtype, device)
+}
+
+/// Like [`seeded_with_frozen`], and variables named in `initial` start from those values (a
+/// pretrained checkpoint) instead of seeded random ones.
+pub fn seeded_with(
+    varmap: &VarMap,
+    seed: u64,
+    frozen: std::collections::HashMap<String, Tensor>,
+    initial: std::collections::HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
     VarBuilder::from_backend(
         Box::new(Seeded {
             varmap: varmap.clone(),
             seed,
             frozen,
+            initial,
         }),
         dtype,
         device.clone(),

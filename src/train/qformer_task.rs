@@ -22,6 +22,7 @@ use crate::data::shapes;
 use crate::data::text::{word_level_tokenizer_config, TextTokenizer};
 use crate::error::{Error, Result};
 use crate::model_dir::write_json;
+use crate::models::bert::BertConfig;
 use crate::models::clip::config::ClipVisionConfig;
 use crate::models::qformer::config::{Blip2Config, QformerConfig, VisionConfig};
 use crate::models::qformer::Blip2Qformer;
@@ -105,15 +106,110 @@ fn frozen_clip_vision(
     Ok((vision, frozen))
 }
 
+/// Starting values from a BERT checkpoint, as LAVIS initialises the Q-Former from BERT-base
+/// (blip2.py `init_Qformer`; blip2_qformer.py copies every feed-forward into its `_query` twin):
+/// embeddings (word rows beyond BERT's vocabulary, e.g. [DEC], stay random; the first
+/// `positions` position rows), the embedding LayerNorm as `qformer.layernorm`, and per layer
+/// self-attention, both feed-forwards; cross-attention has no counterpart and stays random. BERT's
+/// token-type table is dropped (the Q-Former has none), as in LAVIS.
+fn bert_initial(
+    dir: &Path,
+    vocab: usize,
+    positions: usize,
+    seed: u64,
+) -> Result<(BertConfig, HashMap<String, Tensor>)> {
+    let cfg_path = dir.join("config.json");
+    let bert: BertConfig = crate::error::read_json(&cfg_path)?;
+    bert.validate().map_err(|m| Error::config(&cfg_path, m))?;
+    if positions > bert.max_position_embeddings {
+        return Err(Error::config(
+            &cfg_path,
+            format!(
+                "qformer.max_text_len ({positions}) exceeds the BERT's max_position_embeddings ({})",
+                bert.max_position_embeddings
+            ),
+        ));
+    }
+    let w = Weights::open(dir)?;
+    let names = w.names();
+    let root = if names
+        .iter()
+        .any(|n| n == "bert.embeddings.word_embeddings.weight")
+    {
+        "bert."
+    } else {
+        ""
+    };
+    let vb = w.var_builder(DType::F32, &Device::Cpu);
+    let get = |name: &str| -> Result<Tensor> {
+        vb.get_unchecked(&format!("{root}{name}"))
+            .map_err(|e| Error::weights(dir, format!("{name}: {e}")))
+    };
+    let h = bert.hidden_size;
+    let mut init = HashMap::new();
+    let words = get("embeddings.word_embeddings.weight")?;
+    let extra = vocab.saturating_sub(bert.vocab_size);
+    let words = if extra > 0 {
+        let name = "embeddings.word_embeddings.weight";
+        let init_new = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let v = crate::nn::init::seeded_values(&init_new, &(extra, h).into(), seed, name);
+        Tensor::cat(
+            &[&words, &Tensor::from_vec(v, (extra, h), &Device::Cpu)?],
+            0,
+        )?
+    } else {
+        words
+    };
+    init.insert("embeddings.word_embeddings.weight".to_string(), words);
+    init.insert(
+        "embeddings.position_embeddings.weight".to_string(),
+        get("embeddings.position_embeddings.weight")?.narrow(0, 0, positions)?,
+    );
+    for p in ["weight", "bias"] {
+        init.insert(
+            format!("qformer.layernorm.{p}"),
+            get(&format!("embeddings.LayerNorm.{p}"))?,
+        );
+    }
+    for i in 0..bert.num_hidden_layers {
+        let (src, dst) = (
+            format!("encoder.layer.{i}"),
+            format!("qformer.encoder.layer.{i}"),
+        );
+        for p in ["weight", "bias"] {
+            let pairs = [
+                ("attention.self.query", "attention.attention.query"),
+                ("attention.self.key", "attention.attention.key"),
+                ("attention.self.value", "attention.attention.value"),
+                ("attention.output.dense", "attention.output.dense"),
+                ("attention.output.LayerNorm", "attention.output.LayerNorm"),
+                ("intermediate.dense", "intermediate.dense"),
+                ("output.dense", "output.dense"),
+                ("output.LayerNorm", "output.LayerNorm"),
+                ("intermediate.dense", "intermediate_query.dense"),
+                ("output.dense", "output_query.dense"),
+                ("output.LayerNorm", "output_query.LayerNorm"),
+            ];
+            for (a, b) in pairs {
+                init.insert(format!("{dst}.{b}.{p}"), get(&format!("{src}.{a}.{p}"))?);
+            }
+        }
+    }
+    Ok((bert, init))
+}
+
 impl QformerTask {
     pub fn new(cfg: &TrainConfig, device: &Device) -> Result<Self> {
         let spec: &QformerSpec = cfg
             .qformer
             .as_ref()
             .ok_or_else(|| Error::input("the config has no [qformer] section"))?;
-        if spec.init != "random" {
+        if spec.init != "random" && !Path::new(&spec.init).join("config.json").is_file() {
             return Err(Error::input(format!(
-                "qformer.init = {:?}: only \"random\" is supported so far",
+                "qformer.init = {:?}: use \"random\" or a BERT model directory (config.json + safetensors)",
                 spec.init
             )));
         }
@@ -148,18 +244,47 @@ impl QformerTask {
                 Vec::new(),
             ),
         };
-        let dec_id = tokenizer.vocab_size() as u32;
-        let config = Blip2Config {
-            vision: VisionConfig::Clip(vision.clone()),
-            qformer: QformerConfig {
-                vocab_size: tokenizer.vocab_size() + 1,
+        // With a BERT to start from, its shape wins over the spec's; [DEC] is appended after the
+        // larger of the two vocabularies (30522 for BERT's WordPiece, as LAVIS).
+        let bert_vocab = if spec.init == "random" {
+            0
+        } else {
+            crate::error::read_json::<BertConfig>(Path::new(&spec.init).join("config.json"))?
+                .vocab_size
+        };
+        let vocab = tokenizer.vocab_size().max(bert_vocab) + 1;
+        let dec_id = (vocab - 1) as u32;
+        let (shape, initial) = if spec.init == "random" {
+            let b = BertConfig {
+                vocab_size: vocab,
                 hidden_size: spec.hidden_size,
                 num_hidden_layers: spec.num_hidden_layers,
                 num_attention_heads: spec.num_attention_heads,
                 intermediate_size: spec.intermediate_size,
                 hidden_act: Activation::Gelu,
-                max_position_embeddings: spec.max_text_len,
                 layer_norm_eps: 1e-12,
+                ..BertConfig::default()
+            };
+            (b, HashMap::new())
+        } else {
+            bert_initial(
+                Path::new(&spec.init),
+                vocab,
+                spec.max_text_len,
+                cfg.train.seed,
+            )?
+        };
+        let config = Blip2Config {
+            vision: VisionConfig::Clip(vision.clone()),
+            qformer: QformerConfig {
+                vocab_size: vocab,
+                hidden_size: shape.hidden_size,
+                num_hidden_layers: shape.num_hidden_layers,
+                num_attention_heads: shape.num_attention_heads,
+                intermediate_size: shape.intermediate_size,
+                hidden_act: shape.hidden_act,
+                max_position_embeddings: spec.max_text_len,
+                layer_norm_eps: shape.layer_norm_eps,
                 pad_token_id: tokenizer.pad_id(),
                 cross_attention_frequency: spec.cross_attention_frequency,
                 encoder_hidden_size: vision.hidden_size,
@@ -171,10 +296,11 @@ impl QformerTask {
         };
         config.validate().map_err(Error::input)?;
         let varmap = VarMap::new();
-        let vb = crate::nn::init::seeded_with_frozen(
+        let vb = crate::nn::init::seeded_with(
             &varmap,
             cfg.train.seed,
             frozen.clone(),
+            initial,
             DType::F32,
             device,
         );
