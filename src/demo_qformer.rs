@@ -16,7 +16,7 @@ use crate::data::image::RgbImage;
 use crate::data::shapes::{self, PairSet, ShapesConfig, ShapesSample};
 use crate::demo::{self, class_set, DemoOptions, EVAL_SEED, RETRIEVAL_PAIRS};
 use crate::error::{Error, Result};
-use crate::eval::qformer::{retrieval, word_accuracy, QformerRetrieval};
+use crate::eval::qformer::{caption_accuracy, retrieval, QformerRetrieval};
 use crate::qformer_pipeline::QformerPipeline;
 use crate::train::qformer_task::QformerTask;
 use crate::train::setup;
@@ -75,31 +75,22 @@ fn caption_scores(
     s: &[ShapesSample],
 ) -> Result<(f64, f64, Vec<CaptionExample>)> {
     let emb = p.image_embeds(&images(s))?;
-    let greedy: Vec<String> = p
-        .caption(&emb, 1, MAX_LEN)?
-        .into_iter()
-        .map(|c| c.text)
+    let truths: Vec<(String, String)> = s
+        .iter()
+        .map(|x| (x.objects[0].color.clone(), x.objects[0].shape.clone()))
         .collect();
-    let beam: Vec<String> = p
-        .caption(&emb, BEAMS, MAX_LEN)?
-        .into_iter()
-        .map(|c| c.text)
-        .collect();
-    let objects: Vec<_> = s.iter().map(|x| x.objects[0].clone()).collect();
+    let (greedy_acc, greedy) = caption_accuracy(p, &emb, &truths, 1, MAX_LEN)?;
+    let (beam_acc, beam) = caption_accuracy(p, &emb, &truths, BEAMS, MAX_LEN)?;
     let examples = s
         .iter()
-        .zip(greedy.iter().zip(&beam))
-        .map(|(x, (g, b))| CaptionExample {
+        .zip(greedy.into_iter().zip(beam))
+        .map(|(x, (greedy, beam))| CaptionExample {
             truth: x.caption.clone(),
-            greedy: g.clone(),
-            beam: b.clone(),
+            greedy,
+            beam,
         })
         .collect();
-    Ok((
-        word_accuracy(&greedy, &objects),
-        word_accuracy(&beam, &objects),
-        examples,
-    ))
+    Ok((greedy_acc, beam_acc, examples))
 }
 
 pub fn run(opts: &QformerDemoOptions) -> Result<QformerDemoReport> {

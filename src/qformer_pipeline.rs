@@ -154,6 +154,18 @@ impl QformerPipeline {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
+    /// ITM match logits (class 1, LAVIS's rerank score) of `(image row, text)` pairs, the image
+    /// rows indexing `image_embeds`.
+    pub fn match_logits(&self, image_embeds: &Tensor, pairs: &[(usize, &str)]) -> Result<Vec<f32>> {
+        let idx = Tensor::new(
+            pairs.iter().map(|&(i, _)| i as u32).collect::<Vec<_>>(),
+            image_embeds.device(),
+        )?;
+        let texts: Vec<&str> = pairs.iter().map(|&(_, t)| t).collect();
+        let logits = self.itm_logits(&image_embeds.index_select(&idx, 0)?, &texts)?;
+        Ok(logits.i((.., 1))?.to_vec1()?)
+    }
+
     /// ITM match probabilities (softmax, class 1) for image-feature rows paired with `texts`.
     pub fn itm_probs<S: AsRef<str>>(&self, image_embeds: &Tensor, texts: &[S]) -> Result<Vec<f32>> {
         let p = softmax_last(&self.itm_logits(image_embeds, texts)?)?;

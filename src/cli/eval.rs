@@ -74,15 +74,8 @@ fn run_qformer(a: &Args, set: &EvalSet, device: &Device) -> Result<()> {
         }
         let emb = p.image_embeds(imgs)?;
         for (kind, beams) in [("greedy", 1), ("beam", a.beams)] {
-            let texts: Vec<String> = p
-                .caption(&emb, beams, 20)?
-                .into_iter()
-                .map(|c| c.text)
-                .collect();
-            caps.insert(
-                format!("caption_{name}_{kind}"),
-                serde_json::json!(qformer::word_accuracy_of(&texts, truths)),
-            );
+            let (acc, _) = qformer::caption_accuracy(&p, &emb, truths, beams, 20)?;
+            caps.insert(format!("caption_{name}_{kind}"), serde_json::json!(acc));
         }
         caps.insert(format!("n_caption_{name}"), serde_json::json!(imgs.len()));
     }

@@ -79,17 +79,10 @@ pub fn run(a: Args, device: &Device) -> Result<()> {
     let mut results: Vec<(usize, f32, Option<f32>)> = if rerank {
         let k = (4 * top).max(16).min(paths.len());
         let cand = topk_rows(&itc_t, k)?.remove(0);
-        let idx =
-            candle_core::Tensor::new(cand.iter().map(|&i| i as u32).collect::<Vec<_>>(), device)?;
-        let logits = p
-            .itm_logits(
-                &emb.index_select(&idx, 0)?,
-                &vec![a.query.as_str(); cand.len()],
-            )?
-            .to_vec2::<f32>()?;
+        let pairs: Vec<(usize, &str)> = cand.iter().map(|&i| (i, a.query.as_str())).collect();
         cand.iter()
-            .enumerate()
-            .map(|(r, &i)| (i, logits[r][1] + itc_v[i], Some(logits[r][1])))
+            .zip(p.match_logits(&emb, &pairs)?)
+            .map(|(&i, m)| (i, m + itc_v[i], Some(m)))
             .collect()
     } else {
         (0..paths.len()).map(|i| (i, itc_v[i], None)).collect()

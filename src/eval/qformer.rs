@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::retrieval::{from_scores, from_similarity, RetrievalMetrics};
 use crate::data::image::RgbImage;
-use crate::data::shapes::{ObjectSpec, COLORS, SHAPES};
+use crate::data::shapes::{COLORS, SHAPES};
 use crate::error::{Error, Result};
 use crate::qformer_pipeline::{topk_rows, QformerPipeline};
 
@@ -44,11 +44,9 @@ pub fn retrieval(
 
     let mut i2t = vec![vec![OUTSIDE; n]; n];
     for (i, top) in topk_rows(&sims, k)?.into_iter().enumerate() {
-        let rows = emb.narrow(0, i, 1)?.repeat((top.len(), 1, 1))?;
-        let texts: Vec<&String> = top.iter().map(|&j| &captions[j]).collect();
-        let logits = p.itm_logits(&rows, &texts)?.to_vec2::<f32>()?;
-        for (r, &j) in top.iter().enumerate() {
-            i2t[i][j] = logits[r][1] + s[i][j];
+        let pairs: Vec<(usize, &str)> = top.iter().map(|&j| (i, captions[j].as_str())).collect();
+        for (&j, m) in top.iter().zip(p.match_logits(&emb, &pairs)?) {
+            i2t[i][j] = m + s[i][j];
         }
     }
     let mut t2i = vec![vec![OUTSIDE; n]; n];
@@ -56,15 +54,9 @@ pub fn retrieval(
         .into_iter()
         .enumerate()
     {
-        let idx = candle_core::Tensor::new(
-            top.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            emb.device(),
-        )?;
-        let rows = emb.index_select(&idx, 0)?;
-        let texts = vec![&captions[j]; top.len()];
-        let logits = p.itm_logits(&rows, &texts)?.to_vec2::<f32>()?;
-        for (r, &i) in top.iter().enumerate() {
-            t2i[j][i] = logits[r][1] + s[i][j];
+        let pairs: Vec<(usize, &str)> = top.iter().map(|&i| (i, captions[j].as_str())).collect();
+        for (&i, m) in top.iter().zip(p.match_logits(&emb, &pairs)?) {
+            t2i[j][i] = m + s[i][j];
         }
     }
     Ok(QformerRetrieval {
@@ -89,19 +81,10 @@ pub fn colour_and_shape(caption: &str) -> (Option<String>, Option<String>) {
     (colour, shape)
 }
 
-/// Share of colour and shape words that are right: each single-object image contributes two
-/// checks (its caption's colour word is the object's colour; its shape word is the object's
-/// shape); a missing word counts as wrong.
-pub fn word_accuracy(captions: &[String], objects: &[ObjectSpec]) -> f64 {
-    let truths: Vec<(String, String)> = objects
-        .iter()
-        .map(|o| (o.color.clone(), o.shape.clone()))
-        .collect();
-    word_accuracy_of(captions, &truths)
-}
-
-/// [`word_accuracy`] against `(colour, shape)` truths.
-pub fn word_accuracy_of(captions: &[String], truths: &[(String, String)]) -> f64 {
+/// Share of colour and shape words that are right against `(colour, shape)` truths: each
+/// single-object image contributes two checks (its caption's colour word is the object's colour;
+/// its shape word is the object's shape); a missing word counts as wrong.
+pub fn word_accuracy(captions: &[String], truths: &[(String, String)]) -> f64 {
     let mut right = 0usize;
     for (c, (tc, ts)) in captions.iter().zip(truths) {
         let (colour, shape) = colour_and_shape(c);
@@ -111,17 +94,28 @@ pub fn word_accuracy_of(captions: &[String], truths: &[(String, String)]) -> f64
     right as f64 / (2 * captions.len().max(1)) as f64
 }
 
+/// Captions of image features `emb` (greedy when `beams == 1`) and their [`word_accuracy`].
+pub fn caption_accuracy(
+    p: &QformerPipeline,
+    emb: &candle_core::Tensor,
+    truths: &[(String, String)],
+    beams: usize,
+    max_len: usize,
+) -> Result<(f64, Vec<String>)> {
+    let texts: Vec<String> = p
+        .caption(emb, beams, max_len)?
+        .into_iter()
+        .map(|c| c.text)
+        .collect();
+    Ok((word_accuracy(&texts, truths), texts))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn obj(color: &str, shape: &str) -> ObjectSpec {
-        ObjectSpec {
-            color: color.into(),
-            shape: shape.into(),
-            size: "large".into(),
-            position: "left".into(),
-        }
+    fn obj(color: &str, shape: &str) -> (String, String) {
+        (color.into(), shape.into())
     }
 
     #[test]

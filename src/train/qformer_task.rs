@@ -385,16 +385,6 @@ impl QformerTask {
         Ok(())
     }
 
-    /// The current weights, detached, as an inference model (frozen tower included).
-    pub fn snapshot(&self) -> Result<Blip2Qformer> {
-        let mut tensors: HashMap<String, Tensor> = self.frozen.clone();
-        for (k, v) in self.vars() {
-            tensors.insert(k, v.as_tensor().detach());
-        }
-        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &self.device);
-        Ok(Blip2Qformer::new(vb, &self.config, true)?)
-    }
-
     /// `config.json`: HF's `Blip2Config` with the CLIP tower's config as `vision_config`.
     pub fn hf_config(&self) -> serde_json::Value {
         let c = &self.config;
