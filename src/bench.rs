@@ -81,6 +81,7 @@ pub fn random_batch(b: usize, size: usize, ctx: usize, vocab: u32, seed: u64) ->
             mask: vec![vec![1; ctx]; b],
         },
         captions: vec![String::new(); b],
+        truths: vec![None; b],
         skipped: Vec::new(),
         position: 0,
     }

@@ -15,7 +15,10 @@ use vlalign::models::qformer::Blip2Qformer;
 use vlalign::nn::mask::QformerMode;
 use vlalign::objectives::itc::itc_loss;
 use vlalign::objectives::itg::itg_loss;
-use vlalign::objectives::itm::{itm_loss, negative_weights, sample_hard_negatives};
+use vlalign::objectives::itm::{
+    itm_loss, negative_weights, negative_weights_excluding, sample_hard_negatives,
+    sample_hard_negatives_excluding,
+};
 
 const TOL: f32 = 1e-12;
 
@@ -113,6 +116,54 @@ fn hard_negative_weights_match_lavis_and_sampling_follows_them() {
     let a = sample_hard_negatives(&sim, &mut ChaCha8Rng::seed_from_u64(9)).unwrap();
     let b2 = sample_hard_negatives(&sim, &mut ChaCha8Rng::seed_from_u64(9)).unwrap();
     assert_eq!(a, b2);
+}
+
+/// With `image_id`s LAVIS fills every same-id pair with −10000 before the softmax; the
+/// excluding sampler must draw from exactly that distribution, never an excluded pair, and fall
+/// back to the diagonal mask for a row whose every candidate is excluded.
+#[test]
+fn hard_negatives_skip_pairs_known_to_match() {
+    let r = r();
+    let sim = r["neg/sim"].to_dtype(DType::F32).unwrap();
+    let s: Vec<Vec<f32>> = sim.to_vec2().unwrap();
+    let b = s.len();
+    assert!(b >= 4);
+    // Images 0 and 1 show the same thing (one image_id); image 2's caption is also true of 3.
+    let same = |i: usize, j: usize| (i < 2 && j < 2) || (i == 3 && j == 2);
+    let lavis = |row: &dyn Fn(usize) -> f64, masked: &dyn Fn(usize) -> bool| -> Vec<f64> {
+        let x: Vec<f64> = (0..b)
+            .map(|k| if masked(k) { -10000.0 } else { row(k) })
+            .collect();
+        let m = x.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = x.iter().map(|v| (v - m).exp()).sum();
+        x.iter().map(|v| (v - m).exp() / z).collect()
+    };
+    for (i, row) in s.iter().enumerate() {
+        let got = negative_weights_excluding(b, &|j| row[j], &|j| j == i || same(i, j));
+        let want = lavis(&|j| row[j] as f64, &|j| j == i || same(i, j));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-9, "{g} vs {w}");
+        }
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for _ in 0..2000 {
+        let (t4i, i4t) = sample_hard_negatives_excluding(&sim, &same, &mut rng).unwrap();
+        for k in 0..b {
+            assert!(
+                t4i[k] != k && !same(k, t4i[k]),
+                "image {k} drew text {}",
+                t4i[k]
+            );
+            assert!(
+                i4t[k] != k && !same(i4t[k], k),
+                "text {k} drew image {}",
+                i4t[k]
+            );
+        }
+    }
+    // Everything matches: each row falls back to "anything but the positive".
+    let (t4i, i4t) = sample_hard_negatives_excluding(&sim, &|_, _| true, &mut rng).unwrap();
+    assert!((0..b).all(|k| t4i[k] != k && i4t[k] != k));
 }
 
 /// The qformer-a fixture model with its image features and texts.

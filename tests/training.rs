@@ -109,21 +109,7 @@ fn every_trainable_tensor_gets_a_finite_nonzero_gradient() {
 fn accumulation_equals_the_large_batch_gradient() {
     let cfg = tiny();
     let big = first_batch(&cfg);
-    let half = |lo: usize| {
-        let (h, w) = big.hw;
-        let px = 3 * h * w;
-        Batch {
-            pixels: big.pixels[lo * px..(lo + 4) * px].to_vec(),
-            hw: big.hw,
-            tokens: vlalign::data::text::TokenBatch {
-                ids: big.tokens.ids[lo..lo + 4].to_vec(),
-                mask: big.tokens.mask[lo..lo + 4].to_vec(),
-            },
-            captions: big.captions[lo..lo + 4].to_vec(),
-            skipped: Vec::new(),
-            position: 0,
-        }
-    };
+    let half = |lo: usize| big.rows(lo..lo + 4);
     let mut task = setup::clip_task(&cfg, &Device::Cpu).unwrap();
     let (g_big, l_big) = task.grads(std::slice::from_ref(&big), 0).unwrap();
     let (g_acc, l_acc) = task.grads(&[half(0), half(4)], 0).unwrap();

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use super::image::{decode_rgb, load_rgb, ImageProcessor, RgbImage};
 use super::manifest::Entry;
 use super::resample::resize_rgb8;
-use super::shapes::{self, ShapesConfig};
+use super::shapes::{self, SceneTruth, ShapesConfig};
 use super::text::{TextTokenizer, TokenBatch};
 use super::webdataset;
 use crate::error::{Error, Result};
@@ -73,6 +73,8 @@ pub struct Batch {
     pub hw: (usize, usize),
     pub tokens: TokenBatch,
     pub captions: Vec<String>,
+    /// For generated shapes, each sample's scene and caption claims (None for read data).
+    pub truths: Vec<Option<SceneTruth>>,
     /// Samples skipped while filling this batch, each with the reason.
     pub skipped: Vec<String>,
     /// Samples consumed from the stream once this batch is done (the position to resume at).
@@ -88,6 +90,23 @@ impl Batch {
         self.captions.is_empty()
     }
 
+    /// Samples `range` as a batch of their own (an accumulation micro-batch).
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Batch {
+        let per = 3 * self.hw.0 * self.hw.1;
+        Batch {
+            pixels: self.pixels[range.start * per..range.end * per].to_vec(),
+            hw: self.hw,
+            tokens: TokenBatch {
+                ids: self.tokens.ids[range.clone()].to_vec(),
+                mask: self.tokens.mask[range.clone()].to_vec(),
+            },
+            captions: self.captions[range.clone()].to_vec(),
+            truths: self.truths[range].to_vec(),
+            skipped: Vec::new(),
+            position: self.position,
+        }
+    }
+
     /// The pixels as a `[B, 3, H, W]` tensor on `device`.
     pub fn pixel_tensor(
         &self,
@@ -99,7 +118,10 @@ impl Batch {
 }
 
 /// A sample at a stream position: the decoded image and caption, or why it was skipped.
-type Sample = (u64, std::result::Result<(RgbImage, String), String>);
+type Sample = (
+    u64,
+    std::result::Result<(RgbImage, String, Option<SceneTruth>), String>,
+);
 /// A raw (undecoded) batch from the tar stream, with the stream position after it.
 type RawBatch = (u64, Vec<(u64, webdataset::RawSample)>);
 
@@ -148,11 +170,12 @@ impl Prep {
     fn batch(&self, samples: Vec<Sample>, end: u64) -> Result<Batch> {
         let mut pixels = Vec::new();
         let mut captions = Vec::new();
+        let mut truths = Vec::new();
         let mut skipped = Vec::new();
         let mut hw = (0, 0);
         for (pos, s) in samples {
             match s {
-                Ok((img, cap)) => {
+                Ok((img, cap, truth)) => {
                     let (px, size) = self.pixels(&img, pos);
                     if hw != (0, 0) && size != hw {
                         skipped.push(format!(
@@ -163,6 +186,7 @@ impl Prep {
                     hw = size;
                     pixels.extend(px);
                     captions.push(cap);
+                    truths.push(truth);
                 }
                 Err(why) => skipped.push(why),
             }
@@ -173,6 +197,7 @@ impl Prep {
             hw,
             tokens,
             captions,
+            truths,
             skipped,
             position: end,
         })
@@ -238,7 +263,7 @@ fn map_sample(source: &Source, seed: u64, pos: u64, order: &mut (u64, Vec<usize>
     match source {
         Source::Shapes(cfg) => {
             let s = shapes::generate(cfg, seed, pos);
-            (pos, Ok((s.image, s.caption)))
+            (pos, Ok((s.image, s.caption, Some(s.truth))))
         }
         Source::Manifest(entries) => {
             let n = entries.len() as u64;
@@ -248,7 +273,7 @@ fn map_sample(source: &Source, seed: u64, pos: u64, order: &mut (u64, Vec<usize>
             }
             let e = &entries[order.1[(pos % n) as usize]];
             let r = load_rgb(&e.image)
-                .map(|img| (img, e.caption.clone()))
+                .map(|img| (img, e.caption.clone(), None))
                 .map_err(|err| err.to_string());
             (pos, r)
         }
@@ -297,7 +322,7 @@ impl Loader {
                                 .map(|(pos, r)| {
                                     let s = r.and_then(|(bytes, cap, id)| {
                                         decode_rgb(&bytes, std::path::Path::new(&id))
-                                            .map(|img| (img, cap))
+                                            .map(|img| (img, cap, None))
                                             .map_err(|e| e.to_string())
                                     });
                                     (pos, s)

@@ -141,6 +141,78 @@ pub struct ShapesSample {
     pub image: RgbImage,
     pub caption: String,
     pub objects: Vec<ObjectSpec>,
+    /// The scene and its caption's claims, to tell which captions are true of which image.
+    pub truth: SceneTruth,
+}
+
+/// What a caption asserts of one object: colour and shape always, size and position only when
+/// the caption words them (indices into [`COLORS`], [`SHAPES`], [`SIZES`], [`POSITIONS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Claim {
+    color: usize,
+    shape: usize,
+    size: Option<usize>,
+    position: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Claims {
+    objects: Vec<Claim>,
+    /// "… and … above it": where the second object lies relative to the first.
+    relation: Option<&'static str>,
+}
+
+/// A generated scene with what its caption claims. Captions name every object of their image,
+/// so a caption is true of a scene when it names as many objects and they can be paired one to
+/// one with every worded attribute (and relation) right. Training uses it as LAVIS uses
+/// `image_id`: a caption true of an image is never drawn as that image's hard negative.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SceneTruth {
+    objects: Vec<Placed>,
+    claims: Claims,
+}
+
+impl SceneTruth {
+    /// Whether the caption of `other` is true of this scene.
+    pub fn caption_fits(&self, other: &SceneTruth) -> bool {
+        let claims = &other.claims;
+        if claims.objects.len() != self.objects.len() {
+            return false;
+        }
+        let mut used = vec![false; self.objects.len()];
+        let mut assigned = vec![0usize; claims.objects.len()];
+        self.pair_up(claims, 0, &mut used, &mut assigned)
+    }
+
+    /// Backtracking over one-to-one pairings of claims `k..` with unused objects.
+    fn pair_up(&self, c: &Claims, k: usize, used: &mut [bool], assigned: &mut [usize]) -> bool {
+        if k == c.objects.len() {
+            return match c.relation {
+                Some(r) => {
+                    let (a, b) = (&self.objects[assigned[0]], &self.objects[assigned[1]]);
+                    relation_of(a.position, b.position) == r
+                }
+                None => true,
+            };
+        }
+        let claim = c.objects[k];
+        for (i, o) in self.objects.iter().enumerate() {
+            let fits = !used[i]
+                && o.color == claim.color
+                && o.shape == claim.shape
+                && claim.size.is_none_or(|s| s == o.size)
+                && claim.position.is_none_or(|p| p == o.position);
+            if fits {
+                used[i] = true;
+                assigned[k] = i;
+                if self.pair_up(c, k + 1, used, assigned) {
+                    return true;
+                }
+                used[i] = false;
+            }
+        }
+        false
+    }
 }
 
 /// The RNG of sample `index` under `seed`: samples are independent of generation order.
@@ -150,7 +222,7 @@ fn sample_rng(seed: u64, index: u64) -> ChaCha8Rng {
     rng
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Placed {
     color: usize,
     shape: usize,
@@ -280,7 +352,11 @@ fn generate_inner(
         }
     }
     let image = render(cfg.image_size, &objects, &mut rng);
-    let caption = caption(&objects, &mut rng);
+    let (caption, claims) = caption(&objects, &mut rng);
+    let truth = SceneTruth {
+        objects: objects.clone(),
+        claims,
+    };
     let objects = objects
         .iter()
         .map(|o| ObjectSpec {
@@ -294,6 +370,7 @@ fn generate_inner(
         image,
         caption,
         objects,
+        truth,
     }
 }
 
@@ -450,8 +527,9 @@ fn article(next: &str) -> &'static str {
     }
 }
 
-/// "a big red circle" / "an orange square" (the size word is sometimes left out).
-fn noun_phrase(o: &Placed, rng: &mut ChaCha8Rng) -> String {
+/// "a big red circle" / "an orange square" (the size word is sometimes left out), and what it
+/// claims of the object.
+fn noun_phrase(o: &Placed, rng: &mut ChaCha8Rng) -> (String, Claim) {
     let size = match o.size {
         0 => pick(rng, &["small", "little", "tiny", ""]),
         _ => pick(rng, &["large", "big", "large", ""]),
@@ -460,7 +538,13 @@ fn noun_phrase(o: &Placed, rng: &mut ChaCha8Rng) -> String {
         .into_iter()
         .filter(|w| !w.is_empty())
         .collect();
-    format!("{} {}", article(words[0]), words.join(" "))
+    let claim = Claim {
+        color: o.color,
+        shape: o.shape,
+        size: (!size.is_empty()).then_some(o.size),
+        position: None,
+    };
+    (format!("{} {}", article(words[0]), words.join(" ")), claim)
 }
 
 fn where_phrase(position: usize, rng: &mut ChaCha8Rng) -> &'static str {
@@ -474,7 +558,7 @@ fn where_phrase(position: usize, rng: &mut ChaCha8Rng) -> &'static str {
 }
 
 /// Where `b` lies relative to `a`, from their anchors.
-fn relation(a: usize, b: usize) -> &'static str {
+fn relation_of(a: usize, b: usize) -> &'static str {
     let (ax, ay) = ANCHORS[a];
     let (bx, by) = ANCHORS[b];
     let (dx, dy) = (bx - ax, by - ay);
@@ -491,20 +575,28 @@ fn relation(a: usize, b: usize) -> &'static str {
     }
 }
 
-fn caption(objects: &[Placed], rng: &mut ChaCha8Rng) -> String {
-    let np: Vec<String> = objects.iter().map(|o| noun_phrase(o, rng)).collect();
+/// The caption of `objects` and what it claims: every object with its colour and shape, its size
+/// and position where worded, and for "… and … above it" where the second lies from the first.
+fn caption(objects: &[Placed], rng: &mut ChaCha8Rng) -> (String, Claims) {
+    let (np, mut claims): (Vec<String>, Vec<Claim>) =
+        objects.iter().map(|o| noun_phrase(o, rng)).unzip();
     let wp: Vec<&str> = objects
         .iter()
         .map(|o| where_phrase(o.position, rng))
         .collect();
     let label = |o: &Placed| POSITIONS[o.position];
-    match objects.len() {
+    let mut relation = None;
+    let mut placed = true;
+    let text = match objects.len() {
         1 => match rng.random_range(0..5) {
             0 => format!("{} {}", np[0], wp[0]),
             1 => format!("{}: {}", label(&objects[0]), np[0]),
             2 => format!("there is {} {}", np[0], wp[0]),
             3 => format!("a photo of {} {}", np[0], wp[0]),
-            _ => np[0].clone(),
+            _ => {
+                placed = false;
+                np[0].clone()
+            }
         },
         2 => match rng.random_range(0..3) {
             0 => format!("{} {} and {} {}", np[0], wp[0], np[1], wp[1]),
@@ -515,12 +607,12 @@ fn caption(objects: &[Placed], rng: &mut ChaCha8Rng) -> String {
                 label(&objects[1]),
                 np[1]
             ),
-            _ => format!(
-                "{} and {} {}",
-                np[0],
-                np[1],
-                relation(objects[0].position, objects[1].position)
-            ),
+            _ => {
+                placed = false;
+                let r = relation_of(objects[0].position, objects[1].position);
+                relation = Some(r);
+                format!("{} and {} {}", np[0], np[1], r)
+            }
         },
         _ => {
             let parts: Vec<String> = np
@@ -531,7 +623,19 @@ fn caption(objects: &[Placed], rng: &mut ChaCha8Rng) -> String {
             let (last, init) = parts.split_last().expect("at least one object");
             format!("{} and {last}", init.join(", "))
         }
+    };
+    if placed {
+        for (c, o) in claims.iter_mut().zip(objects) {
+            c.position = Some(o.position);
+        }
     }
+    (
+        text,
+        Claims {
+            objects: claims,
+            relation,
+        },
+    )
 }
 
 /// Every word the captions and the standard prompt templates use, for a word-level tokenizer.
@@ -564,6 +668,108 @@ pub const TEMPLATES: [&str; 4] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn placed(color: usize, shape: usize, size: usize, position: usize) -> Placed {
+        Placed {
+            color,
+            shape,
+            size,
+            position,
+        }
+    }
+
+    fn scene(objects: Vec<Placed>) -> SceneTruth {
+        SceneTruth {
+            objects,
+            claims: Claims {
+                objects: Vec::new(),
+                relation: None,
+            },
+        }
+    }
+
+    fn said(objects: Vec<Claim>, relation: Option<&'static str>) -> SceneTruth {
+        SceneTruth {
+            objects: Vec::new(),
+            claims: Claims { objects, relation },
+        }
+    }
+
+    fn claim(color: usize, shape: usize, size: Option<usize>, position: Option<usize>) -> Claim {
+        Claim {
+            color,
+            shape,
+            size,
+            position,
+        }
+    }
+
+    /// Indices: red 0, blue 2; circle 0, square 1; small 0, large 1; left 0, right 1, top 2,
+    /// bottom 3, center 4.
+    #[test]
+    fn a_caption_is_true_of_the_scenes_it_describes() {
+        let small_red_circle_left = scene(vec![placed(0, 0, 0, 0)]);
+        let large_red_circle_top = scene(vec![placed(0, 0, 1, 2)]);
+        // "a red circle": any single red circle.
+        let vague = said(vec![claim(0, 0, None, None)], None);
+        assert!(small_red_circle_left.caption_fits(&vague));
+        assert!(large_red_circle_top.caption_fits(&vague));
+        // "a small red circle on the left": size and position count.
+        let exact = said(vec![claim(0, 0, Some(0), Some(0))], None);
+        assert!(small_red_circle_left.caption_fits(&exact));
+        assert!(!large_red_circle_top.caption_fits(&exact));
+        assert!(
+            !scene(vec![placed(0, 0, 1, 0)]).caption_fits(&exact),
+            "size"
+        );
+        assert!(
+            !scene(vec![placed(2, 0, 0, 0)]).caption_fits(&exact),
+            "colour"
+        );
+        assert!(
+            !scene(vec![placed(0, 1, 0, 0)]).caption_fits(&exact),
+            "shape"
+        );
+        // Captions name every object: one red circle is not a scene of two objects.
+        let two = scene(vec![placed(0, 0, 0, 0), placed(2, 1, 1, 1)]);
+        assert!(!two.caption_fits(&vague));
+        // "a blue square and a red circle" in either order, positions unworded.
+        let pair = said(vec![claim(2, 1, None, None), claim(0, 0, None, None)], None);
+        assert!(two.caption_fits(&pair));
+        // "a red circle and a blue square to its right": the square lies right of the circle.
+        let rel = said(
+            vec![claim(0, 0, None, None), claim(2, 1, None, None)],
+            Some("to its right"),
+        );
+        assert!(two.caption_fits(&rel));
+        let swapped = scene(vec![placed(0, 0, 0, 1), placed(2, 1, 1, 0)]);
+        assert!(!swapped.caption_fits(&rel));
+        // "a red circle at the bottom and a red circle at the top": pairing is one to one.
+        let twins = said(
+            vec![claim(0, 0, None, Some(3)), claim(0, 0, None, Some(2))],
+            None,
+        );
+        assert!(scene(vec![placed(0, 0, 0, 2), placed(0, 0, 1, 3)]).caption_fits(&twins));
+        assert!(!scene(vec![placed(0, 0, 0, 2), placed(0, 0, 1, 2)]).caption_fits(&twins));
+    }
+
+    #[test]
+    fn every_generated_caption_is_true_of_its_own_scene_only_as_worded() {
+        let cfg = ShapesConfig::default();
+        let samples: Vec<ShapesSample> = (0..400).map(|i| generate(&cfg, 3, i)).collect();
+        let mut others = 0;
+        for (i, a) in samples.iter().enumerate() {
+            assert!(a.truth.caption_fits(&a.truth), "{}", a.caption);
+            for b in &samples[i + 1..] {
+                if a.truth.caption_fits(&b.truth) {
+                    others += 1;
+                    assert_eq!(a.objects.len(), b.objects.len());
+                }
+            }
+        }
+        // Vague captions ("a red circle") are true of other scenes too, but not of most.
+        assert!(others > 0 && others < 400, "{others}");
+    }
 
     #[test]
     fn deterministic_and_index_independent() {

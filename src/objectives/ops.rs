@@ -30,6 +30,21 @@ pub fn cross_entropy_smoothed(
     targets: &[Option<u32>],
     eps: f64,
 ) -> Result<Tensor> {
+    let (sum, valid) = cross_entropy_smoothed_sum(logits, targets, eps)?;
+    if valid == 0 {
+        candle_core::bail!("cross-entropy over no targets (every row is ignored)");
+    }
+    sum / valid as f64
+}
+
+/// The numerator of [`cross_entropy_smoothed`] and its row count: the summed cross-entropy over
+/// the rows whose target is `Some`. A batch split into shards divides each shard's sum by the
+/// whole batch's count, so the shards' losses add up to the batch mean exactly.
+pub fn cross_entropy_smoothed_sum(
+    logits: &Tensor,
+    targets: &[Option<u32>],
+    eps: f64,
+) -> Result<(Tensor, usize)> {
     let (n, c) = logits.dims2()?;
     if targets.len() != n {
         candle_core::bail!("{} targets for {n} rows of logits", targets.len());
@@ -47,9 +62,6 @@ pub fn cross_entropy_smoothed(
         }
         w[i * c + *t as usize] += 1.0 - eps;
     }
-    if valid == 0 {
-        candle_core::bail!("cross-entropy over no targets (every row is ignored)");
-    }
     let w = Tensor::from_vec(w, (n, c), logits.device())?.to_dtype(logits.dtype())?;
-    log_softmax(logits)?.mul(&w)?.sum_all()? / -(valid as f64)
+    Ok((log_softmax(logits)?.mul(&w)?.sum_all()?.neg()?, valid))
 }

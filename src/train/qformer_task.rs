@@ -5,6 +5,8 @@
 //! vision tower of a CLIP model directory, cut before its last `vision_drop_layers` layers;
 //! `ln_vision` (`vision_model.post_layernorm`) is new and trained, as in LAVIS.
 
+mod step;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -18,7 +20,7 @@ use super::task::{LossTerms, Task};
 use crate::config::{QformerSpec, TrainConfig};
 use crate::data::image::{processor_for_dir, ImageProcessor};
 use crate::data::loader::Batch;
-use crate::data::shapes;
+use crate::data::shapes::{self, SceneTruth};
 use crate::data::text::{word_level_tokenizer_config, TextTokenizer};
 use crate::error::{Error, Result};
 use crate::model_dir::write_json;
@@ -30,7 +32,7 @@ use crate::models::weights::Weights;
 use crate::nn::Activation;
 use crate::objectives::itc::{itc_loss, max_over_queries, TEMP_INIT, TEMP_MAX, TEMP_MIN};
 use crate::objectives::itg::{decoder_ids, itg_loss};
-use crate::objectives::itm::{itm_loss, sample_hard_negatives};
+use crate::objectives::itm::{itm_loss, sample_hard_negatives_excluding};
 
 /// The learned ITC temperature's tensor name (LAVIS's; not part of HF's layout).
 pub const TEMP: &str = "temp";
@@ -104,6 +106,17 @@ fn frozen_clip_vision(
         ));
     }
     Ok((vision, frozen))
+}
+
+/// `(image i, text j) ↦ caption j is true of image i`, for the hard-negative draw: LAVIS keeps
+/// pairs that share an `image_id` out of the negatives; shapes knows more — which captions are
+/// true of which generated scene (`SceneTruth`), e.g. two "a red circle" images. Samples
+/// without a scene (read data) match only their own caption.
+fn caption_true_of<'a>(truths: &'a [&'a Option<SceneTruth>]) -> impl Fn(usize, usize) -> bool + 'a {
+    move |i, j| match (truths.get(i), truths.get(j)) {
+        (Some(Some(image)), Some(Some(text))) => image.caption_fits(text),
+        _ => false,
+    }
 }
 
 /// Starting values from a BERT checkpoint, as LAVIS initialises the Q-Former from BERT-base
@@ -212,12 +225,6 @@ impl QformerTask {
                 "qformer.init = {:?}: use \"random\" or a BERT model directory (config.json + safetensors)",
                 spec.init
             )));
-        }
-        if cfg.train.accum_steps != 1 {
-            return Err(Error::input(
-                "train.accum_steps must be 1 for the Q-Former task (its ITC and hard-negative ITM \
-                 couple the whole batch and are not accumulated exactly yet)",
-            ));
         }
         let dir = Path::new(&spec.vision_model);
         if !dir.is_dir() {
@@ -328,7 +335,8 @@ impl QformerTask {
         })
     }
 
-    /// The three losses of one batch: `(itc, itm, itg)`.
+    /// The three losses of one batch as one graph: `(itc, itm, itg)`. Training takes the same
+    /// gradient in two passes and parallel shards (step.rs); this is its reference.
     pub fn losses(&self, b: &Batch, step: u64) -> Result<(Tensor, Tensor, Tensor)> {
         let n = b.len();
         let image = self.model.image_embeds(&b.pixel_tensor(&self.device)?)?;
@@ -350,7 +358,9 @@ impl QformerTask {
             max_over_queries(&img_f.detach(), &txt_f.detach())?.broadcast_div(&temp.detach())?;
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x17e3_0001);
         rng.set_stream(step);
-        let (text_for_image, image_for_text) = sample_hard_negatives(&sim, &mut rng)?;
+        let truths: Vec<_> = b.truths.iter().collect();
+        let (text_for_image, image_for_text) =
+            sample_hard_negatives_excluding(&sim, &caption_true_of(&truths), &mut rng)?;
         let neg_img_idx = Tensor::new(
             image_for_text.iter().map(|&i| i as u32).collect::<Vec<_>>(),
             &self.device,
@@ -413,25 +423,7 @@ impl Task for QformerTask {
     }
 
     fn grads(&mut self, micro: &[Batch], step: u64) -> Result<(Grads, LossTerms)> {
-        let [b] = micro else {
-            return Err(Error::input(
-                "the Q-Former task takes one micro-batch per step",
-            ));
-        };
-        let (itc, itm, itg) = self.losses(b, step)?;
-        let total = ((&itc + &itm)? + &itg)?;
-        let value = |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?) };
-        let terms = LossTerms {
-            total: value(&total)?,
-            parts: vec![
-                ("itc".into(), value(&itc)?),
-                ("itm".into(), value(&itm)?),
-                ("itg".into(), value(&itg)?),
-            ],
-        };
-        let mut grads = Grads::new();
-        self.collect(&total.backward()?, &mut grads)?;
-        Ok((grads, terms))
+        self.step_grads(micro, step)
     }
 
     fn after_step(&mut self) -> Result<()> {

@@ -1,0 +1,266 @@
+//! One optimiser step of BLIP-2 stage 1, exact over the whole batch however it is cut up.
+//!
+//! ITC and the hard-negative draw of ITM couple every pair of the batch, so the step runs in two
+//! passes (the gradient-cache scheme of Gao et al. 2021, as the CLIP task's accumulation):
+//! 1. ITC features of every pair without a graph; the ITC loss over the whole batch gives the
+//!    temperature's gradient and the loss gradient at each feature; the hard negatives are drawn
+//!    from the whole batch's similarities (LAVIS `blip2_qformer.py`), never a caption known to
+//!    be true of the image (see [`super::caption_true_of`]).
+//! 2. Every micro-batch is split into [`SHARDS`] shards that run on parallel threads; a shard
+//!    recomputes its features with a graph and backpropagates `features · cached gradient`, its
+//!    ITM rows (its positives and both their negatives) and its ITG rows, each sum divided by
+//!    the whole batch's count. The shards' gradients are added in shard order.
+//!
+//! The gradient equals that of ITC + ITM + ITG over the batch as one graph (up to float
+//! summation order; `tests/qformer_training.rs`). Text is cut to the longest caption of each
+//! shard: padding is masked out of attention and ignored by ITG, so it only costs time.
+//! The shard count is fixed, not taken from the machine, so a seed gives the same run on any
+//! number of cores.
+
+use std::ops::Range;
+
+use candle_core::{Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::QformerTask;
+use crate::data::loader::Batch;
+use crate::error::{Error, Result};
+use crate::objectives::itc::{itc_loss, max_over_queries};
+use crate::objectives::itg::{decoder_ids, itg_loss_sum, itg_target_count};
+use crate::objectives::itm::{itm_loss_sum, sample_hard_negatives_excluding};
+use crate::train::optim::Grads;
+use crate::train::task::LossTerms;
+
+/// Threads each micro-batch is split over.
+pub const SHARDS: usize = 2;
+
+/// The texts of a step, and the frozen image features of its images.
+struct StepRows {
+    image: Tensor,
+    ids: Vec<Vec<u32>>,
+    mask: Vec<Vec<u32>>,
+}
+
+/// What pass 1 hands every shard.
+struct Cached<'a> {
+    rows: &'a StepRows,
+    /// d ITC / d image feature `[B, Q, D]` and d ITC / d text feature `[B, D]`.
+    image_grad: Tensor,
+    text_grad: Tensor,
+    /// Hard negatives: for image i a text, for text j an image.
+    text_for_image: Vec<usize>,
+    image_for_text: Vec<usize>,
+    /// Divisors that turn the shards' sums into the batch means: 3B ITM rows, ITG tokens.
+    itm_rows: f64,
+    itg_tokens: f64,
+}
+
+/// `rows` cut to the longest text among them (at least 2 positions, as ITG needs): the ids
+/// and masks of those rows.
+fn trimmed(ids: &[&Vec<u32>], mask: &[&Vec<u32>]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let len = mask
+        .iter()
+        .map(|m| m.iter().rposition(|&x| x == 1).map_or(0, |p| p + 1))
+        .max()
+        .unwrap_or(0)
+        .max(2);
+    let cut = |rows: &[&Vec<u32>]| -> Vec<Vec<u32>> {
+        rows.iter()
+            .map(|r| r[..len.min(r.len())].to_vec())
+            .collect()
+    };
+    (cut(ids), cut(mask))
+}
+
+fn add_into(total: &mut Grads, part: Grads) -> Result<()> {
+    for (name, g) in part {
+        match total.get_mut(&name) {
+            Some(t) => *t = (&*t + &g)?,
+            None => {
+                total.insert(name, g);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn scalar(t: &Tensor) -> Result<f32> {
+    Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
+}
+
+impl QformerTask {
+    /// ITC features `([n, Q, D], [n, D])` of `range`, with a graph.
+    fn itc_features(&self, rows: &StepRows, range: Range<usize>) -> Result<(Tensor, Tensor)> {
+        let ids: Vec<&Vec<u32>> = rows.ids[range.clone()].iter().collect();
+        let mask: Vec<&Vec<u32>> = rows.mask[range.clone()].iter().collect();
+        let (ids, mask) = trimmed(&ids, &mask);
+        let image = rows.image.narrow(0, range.start, range.len())?;
+        let img = self
+            .model
+            .itc_image_features(&self.model.query_output(&image)?)?;
+        let txt = self.model.itc_text_features(
+            &self
+                .model
+                .text_output(&Tensor::new(ids, &self.device)?, &mask)?,
+        )?;
+        Ok((img, txt))
+    }
+
+    /// One shard's gradients and its shares of the ITM and ITG losses.
+    fn shard_grads(&self, c: &Cached, range: Range<usize>) -> Result<(Grads, f32, f32)> {
+        let rows = c.rows;
+        let (n, start) = (range.len(), range.start);
+        // ITC: the cached gradient pulled back through the live features.
+        let (img, txt) = self.itc_features(rows, range.clone())?;
+        let itc = ((img * c.image_grad.narrow(0, start, n)?)?.sum_all()?
+            + (txt * c.text_grad.narrow(0, start, n)?)?.sum_all()?)?;
+
+        // ITM: this shard's positives, the hard-negative image of each of its texts and the
+        // hard-negative text of each of its images, labelled 1, 0, 0.
+        let mut image_of = Vec::with_capacity(3 * n);
+        let mut text_of = Vec::with_capacity(3 * n);
+        let mut labels = Vec::with_capacity(3 * n);
+        for i in range.clone() {
+            image_of.extend([i, c.image_for_text[i], i]);
+            text_of.extend([i, i, c.text_for_image[i]]);
+            labels.extend([1u32, 0, 0]);
+        }
+        let ids: Vec<&Vec<u32>> = text_of.iter().map(|&j| &rows.ids[j]).collect();
+        let mask: Vec<&Vec<u32>> = text_of.iter().map(|&j| &rows.mask[j]).collect();
+        let (ids, mask) = trimmed(&ids, &mask);
+        let idx = Tensor::new(
+            image_of.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            &self.device,
+        )?;
+        let logits = self.model.itm_logits(
+            &rows.image.index_select(&idx, 0)?,
+            &Tensor::new(ids, &self.device)?,
+            &mask,
+        )?;
+        let itm = (itm_loss_sum(&logits, &labels)? / c.itm_rows)?;
+
+        // ITG: [DEC] replaces [CLS]; decode through the multimodal causal mask.
+        let ids: Vec<&Vec<u32>> = rows.ids[range.clone()].iter().collect();
+        let mask: Vec<&Vec<u32>> = rows.mask[range.clone()].iter().collect();
+        let (ids, mask) = trimmed(&ids, &mask);
+        let dec = decoder_ids(&ids, self.dec_id);
+        let itg_logits = self.model.itg_logits(
+            &rows.image.narrow(0, start, n)?,
+            &Tensor::new(dec.clone(), &self.device)?,
+            &mask,
+        )?;
+        let itg = (itg_loss_sum(&itg_logits, &dec, &mask)?.0 / c.itg_tokens)?;
+
+        let total = ((itc + &itm)? + &itg)?;
+        let mut grads = Grads::new();
+        self.collect(&total.backward()?, &mut grads)?;
+        Ok((grads, scalar(&itm)?, scalar(&itg)?))
+    }
+
+    /// The gradient of ITC + ITM + ITG over all of `micro` (one batch of their concatenation)
+    /// and the three terms.
+    pub(super) fn step_grads(&self, micro: &[Batch], step: u64) -> Result<(Grads, LossTerms)> {
+        let mut images = Vec::with_capacity(micro.len());
+        let mut bounds = Vec::with_capacity(micro.len());
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        for b in micro {
+            images.push(self.model.image_embeds(&b.pixel_tensor(&self.device)?)?);
+            bounds.push(ids.len()..ids.len() + b.len());
+            ids.extend(b.tokens.ids.iter().cloned());
+            mask.extend(b.tokens.mask.iter().cloned());
+        }
+        let n = ids.len();
+        if n < 2 {
+            return Err(Error::input(format!(
+                "a Q-Former step needs at least 2 pairs (ITC and ITM contrast them), got {n}"
+            )));
+        }
+        let rows = StepRows {
+            image: Tensor::cat(&images, 0)?,
+            ids,
+            mask,
+        };
+
+        // Pass 1: features of every pair, no graph kept; ITC over the whole batch.
+        let mut img_parts = Vec::with_capacity(bounds.len());
+        let mut txt_parts = Vec::with_capacity(bounds.len());
+        for r in &bounds {
+            let (img, txt) = self.itc_features(&rows, r.clone())?;
+            img_parts.push(img.detach());
+            txt_parts.push(txt.detach());
+        }
+        let img = Var::from_tensor(&Tensor::cat(&img_parts, 0)?)?;
+        let txt = Var::from_tensor(&Tensor::cat(&txt_parts, 0)?)?;
+        let temp = self.temp.as_tensor();
+        let itc = itc_loss(img.as_tensor(), txt.as_tensor(), temp)?;
+        let itc_grads = itc.backward()?;
+        let mut grads = Grads::new();
+        self.collect(&itc_grads, &mut grads)?;
+        let missing = || Error::input("ITC gave no gradient for its features");
+        let image_grad = itc_grads.get(img.as_tensor()).ok_or_else(missing)?.clone();
+        let text_grad = itc_grads.get(txt.as_tensor()).ok_or_else(missing)?.clone();
+
+        // ITM's hard negatives, drawn from the whole batch's ITC similarities.
+        let sim =
+            max_over_queries(img.as_tensor(), txt.as_tensor())?.broadcast_div(&temp.detach())?;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x17e3_0001);
+        rng.set_stream(step);
+        let truths: Vec<_> = micro.iter().flat_map(|b| b.truths.iter()).collect();
+        let (text_for_image, image_for_text) =
+            sample_hard_negatives_excluding(&sim, &super::caption_true_of(&truths), &mut rng)?;
+        let cached = Cached {
+            itg_tokens: itg_target_count(&rows.mask).max(1) as f64,
+            itm_rows: (3 * n) as f64,
+            rows: &rows,
+            image_grad,
+            text_grad,
+            text_for_image,
+            image_for_text,
+        };
+
+        // Pass 2: each micro-batch's shards in parallel, summed in order.
+        let (mut itm, mut itg) = (0f32, 0f32);
+        for r in bounds {
+            let shards: Vec<Range<usize>> = (0..SHARDS)
+                .map(|k| r.start + r.len() * k / SHARDS..r.start + r.len() * (k + 1) / SHARDS)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let results: Vec<Result<(Grads, f32, f32)>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = shards
+                    .iter()
+                    .map(|s| {
+                        let cached = &cached;
+                        scope.spawn(move || self.shard_grads(cached, s.clone()))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::input("a Q-Former shard thread panicked"))
+                        })
+                    })
+                    .collect()
+            });
+            for res in results {
+                let (g, m, t) = res?;
+                add_into(&mut grads, g)?;
+                itm += m;
+                itg += t;
+            }
+        }
+        let itc = scalar(&itc)?;
+        Ok((
+            grads,
+            LossTerms {
+                total: itc + itm + itg,
+                parts: vec![
+                    ("itc".into(), itc),
+                    ("itm".into(), itm),
+                    ("itg".into(), itg),
+                ],
+            },
+        ))
+    }
+}
