@@ -335,6 +335,27 @@ impl QformerTask {
         })
     }
 
+    /// ITM's hard negatives `(text_for_image, image_for_text)` of step `step`: drawn (seeded by
+    /// the run's seed and the step) from the softmax of the temperature-scaled ITC similarities
+    /// of these features, never a caption true of its image (`truths`, one per pair).
+    fn hard_negatives(
+        &self,
+        img_f: &Tensor,
+        txt_f: &Tensor,
+        truths: &[&Option<SceneTruth>],
+        step: u64,
+    ) -> Result<(Vec<usize>, Vec<usize>)> {
+        let sim = max_over_queries(&img_f.detach(), &txt_f.detach())?
+            .broadcast_div(&self.temp.as_tensor().detach())?;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x17e3_0001);
+        rng.set_stream(step);
+        Ok(sample_hard_negatives_excluding(
+            &sim,
+            &caption_true_of(truths),
+            &mut rng,
+        )?)
+    }
+
     /// The three losses of one batch as one graph: `(itc, itm, itg)`. Training takes the same
     /// gradient in two passes and parallel shards (step.rs); this is its reference.
     pub fn losses(&self, b: &Batch, step: u64) -> Result<(Tensor, Tensor, Tensor)> {
@@ -354,13 +375,9 @@ impl QformerTask {
         let itc = itc_loss(&img_f, &txt_f, temp)?;
 
         // ITM: one hard negative per image and per text, drawn from the ITC similarities.
-        let sim =
-            max_over_queries(&img_f.detach(), &txt_f.detach())?.broadcast_div(&temp.detach())?;
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x17e3_0001);
-        rng.set_stream(step);
         let truths: Vec<_> = b.truths.iter().collect();
         let (text_for_image, image_for_text) =
-            sample_hard_negatives_excluding(&sim, &caption_true_of(&truths), &mut rng)?;
+            self.hard_negatives(&img_f, &txt_f, &truths, step)?;
         let neg_img_idx = Tensor::new(
             image_for_text.iter().map(|&i| i as u32).collect::<Vec<_>>(),
             &self.device,

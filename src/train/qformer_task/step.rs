@@ -5,7 +5,7 @@
 //! 1. ITC features of every pair without a graph; the ITC loss over the whole batch gives the
 //!    temperature's gradient and the loss gradient at each feature; the hard negatives are drawn
 //!    from the whole batch's similarities (LAVIS `blip2_qformer.py`), never a caption known to
-//!    be true of the image (see [`super::caption_true_of`]).
+//!    be true of the image (see `caption_true_of` in qformer_task.rs).
 //! 2. Every micro-batch is split into [`SHARDS`] shards that run on parallel threads; a shard
 //!    recomputes its features with a graph and backpropagates `features · cached gradient`, its
 //!    ITM rows (its positives and both their negatives) and its ITG rows, each sum divided by
@@ -20,15 +20,13 @@
 use std::ops::Range;
 
 use candle_core::{Tensor, Var};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 
 use super::QformerTask;
 use crate::data::loader::Batch;
 use crate::error::{Error, Result};
-use crate::objectives::itc::{itc_loss, max_over_queries};
+use crate::objectives::itc::itc_loss;
 use crate::objectives::itg::{decoder_ids, itg_loss_sum, itg_target_count};
-use crate::objectives::itm::{itm_loss_sum, sample_hard_negatives_excluding};
+use crate::objectives::itm::itm_loss_sum;
 use crate::train::optim::Grads;
 use crate::train::task::LossTerms;
 
@@ -202,13 +200,9 @@ impl QformerTask {
         let text_grad = itc_grads.get(txt.as_tensor()).ok_or_else(missing)?.clone();
 
         // ITM's hard negatives, drawn from the whole batch's ITC similarities.
-        let sim =
-            max_over_queries(img.as_tensor(), txt.as_tensor())?.broadcast_div(&temp.detach())?;
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x17e3_0001);
-        rng.set_stream(step);
         let truths: Vec<_> = micro.iter().flat_map(|b| b.truths.iter()).collect();
         let (text_for_image, image_for_text) =
-            sample_hard_negatives_excluding(&sim, &super::caption_true_of(&truths), &mut rng)?;
+            self.hard_negatives(img.as_tensor(), txt.as_tensor(), &truths, step)?;
         let cached = Cached {
             itg_tokens: itg_target_count(&rows.mask).max(1) as f64,
             itm_rows: (3 * n) as f64,
