@@ -59,14 +59,3 @@ impl Error {
         Error::Input(msg.into())
     }
 }
-
-/// Reads a whole file, naming it in the error.
-pub fn read_to_string(path: impl AsRef<Path>) -> Result<String> {
-    std::fs::read_to_string(path.as_ref()).map_err(|e| Error::io(path, e))
-}
-
-/// Parses a JSON file into `T`, naming the file and the offending key or line in the error.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: impl AsRef<Path>) -> Result<T> {
-    let text = read_to_string(path.as_ref())?;
-    serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
-}

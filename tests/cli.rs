@@ -3,26 +3,8 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
 use candle_core::{Device, Tensor};
-use common::{fixture, reference, scratch};
-
-fn vlalign(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vlalign"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    assert!(o.status.success(), "failed: {}", stderr(o));
-    serde_json::from_slice(&o.stdout).expect("stdout is one JSON object")
-}
+use common::{assert_user_error, fixture, json, reference, scratch, stderr, vlalign};
 
 fn normalised_rows(t: &Tensor) -> Vec<Vec<f32>> {
     vlalign::nn::ops::l2_normalize(t)
@@ -155,19 +137,6 @@ fn zeroshot_probabilities_follow_the_logit_scale() {
     );
 }
 
-fn assert_user_error(o: &Output, needle: &str) {
-    let e = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "exit code; stderr: {e}");
-    assert!(e.contains(needle), "{needle:?} not in {e:?}");
-    let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "one error line: {e:?}");
-    assert!(
-        errors[0].contains(needle),
-        "{needle:?} not in the error line {e:?}"
-    );
-    assert!(!e.contains("panicked"), "{e}");
-}
-
 #[test]
 fn user_errors_are_one_line_with_exit_1() {
     let model = fixture("clip-b");
@@ -227,6 +196,51 @@ fn bad_arguments_exit_2() {
     assert_eq!(o.status.code(), Some(2));
     let o = vlalign(&["zeroshot", "--model", "x"]);
     assert_eq!(o.status.code(), Some(2));
+    // Choices are enums: a bad value exits 2 and lists the accepted ones.
+    for (args, accepted) in [
+        (&["demo", "--stage", "clipp"][..], "qformer"),
+        (
+            &["data", "shapes", "--out", "x", "--pairs", "some"][..],
+            "held-out",
+        ),
+        (
+            &[
+                "retrieve", "--model", "m", "--query", "q", "--images", "i", "--rerank", "bm25",
+            ][..],
+            "itm",
+        ),
+        (
+            &["embed", "--model", "m", "--text", "a", "--device", "tpu"][..],
+            "cuda:N",
+        ),
+    ] {
+        let o = vlalign(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(accepted), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn device_is_a_parameter_of_every_verb_that_runs_a_model() {
+    let model = fixture("clip-b");
+    let model = model.to_str().unwrap();
+    let o = vlalign(&[
+        "embed", "--model", model, "--text", "a", "--device", "cpu", "--json",
+    ]);
+    assert_eq!(json(&o)["texts"].as_array().unwrap().len(), 1);
+    // This build has no CUDA: asking for it is a one-line user error, not a crash.
+    assert_user_error(
+        &vlalign(&[
+            "embed", "--model", model, "--text", "a", "--device", "cuda:1",
+        ]),
+        "built without CUDA",
+    );
+    for verb in [
+        "demo", "train", "eval", "embed", "zeroshot", "itm", "caption", "retrieve", "bench",
+    ] {
+        let help = String::from_utf8_lossy(&vlalign(&[verb, "--help"]).stdout).into_owned();
+        assert!(help.contains("--device"), "{verb} --help: {help}");
+    }
 }
 
 #[test]

@@ -6,20 +6,20 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, max_abs_diff, reference, rows_u32};
-use vlalign::data::text::TokenBatch;
-use vlalign::model_dir::{ModelDir, ModelKind};
+use vlalign::infer::ClipPipeline;
+use vlalign::io::Weights;
 use vlalign::models::clip::Clip;
-use vlalign::models::weights::Weights;
-use vlalign::pipeline::ClipPipeline;
+use vlalign::models::ModelDir;
 
 const TOL: f32 = 1e-4;
 
 fn load(name: &str) -> Clip {
     let dir = fixture(name);
-    let ModelKind::Clip(cfg, layout) = ModelDir::open(&dir).unwrap().kind;
+    let md = ModelDir::open(&dir).unwrap();
+    let (cfg, layout) = md.clip("the parity test").unwrap();
     let w = Weights::open(&dir).unwrap();
     w.build(DType::F32, &Device::Cpu, &[], |vb| {
-        Clip::new(vb, &cfg, layout)
+        Clip::new(vb, cfg, layout)
     })
     .unwrap()
 }
@@ -27,15 +27,12 @@ fn load(name: &str) -> Clip {
 fn check(name: &str) {
     let model = load(name);
     let r = reference(&format!("{name}.reference.safetensors"));
-    let batch = TokenBatch {
-        ids: rows_u32(&r["input_ids"]),
-        mask: rows_u32(&r["attention_mask"]),
-    };
+    let (ids, mask) = (rows_u32(&r["input_ids"]), rows_u32(&r["attention_mask"]));
     let px = &r["pixel_values"];
     let (vis_last, _) = model.vision.as_ref().unwrap().forward(px).unwrap();
-    let (txt_last, _) = model.text.as_ref().unwrap().forward(&batch).unwrap();
+    let (txt_last, _) = model.text.as_ref().unwrap().forward(&ids, &mask).unwrap();
     let img = model.image_features(px).unwrap();
-    let txt = model.text_features(&batch).unwrap();
+    let txt = model.text_features(&ids, &mask).unwrap();
     let logits = model.logits_per_image(&img, &txt).unwrap();
     let diffs = [
         (

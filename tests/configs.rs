@@ -3,8 +3,8 @@
 //! `CLIPConfig()` (which is ViT-B/32): `sum(p.numel() for p in CLIPModel(CLIPConfig()).parameters())`.
 
 use candle_core::Device;
-use vlalign::config::TrainConfig;
-use vlalign::train::setup;
+use vlalign::train::build::AnyTask;
+use vlalign::train::config::TrainConfig;
 
 fn load(name: &str) -> TrainConfig {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -18,7 +18,7 @@ fn clip_tiny_is_the_demo_config() {
     let c = load("clip-tiny.toml");
     assert_eq!(
         c,
-        TrainConfig::from_toml(vlalign::demo::CLIP_TINY_TOML).unwrap()
+        TrainConfig::from_toml(vlalign::apps::demo::clip::CLIP_TINY_TOML).unwrap()
     );
     assert_eq!(c.data.source, "shapes");
 }
@@ -26,8 +26,10 @@ fn clip_tiny_is_the_demo_config() {
 #[test]
 fn clip_vit_b32_has_the_openai_parameter_count() {
     let c = load("clip-vit-b32.toml");
-    let task = setup::clip_task(&c, &Device::Cpu).unwrap();
+    let task = AnyTask::new(&c, &Device::Cpu).unwrap();
+    let task = task.as_clip().unwrap();
     let n: usize = task
+        .parts
         .varmap
         .all_vars()
         .iter()

@@ -12,9 +12,10 @@ use candle_nn::{VarBuilder, VarMap};
 use common::{fixture, max_abs_diff, reference, scratch};
 use vlalign::data::image::ImageProcessor;
 use vlalign::data::text::CLIP_TOKENIZER_JSON;
-use vlalign::model_dir::{save_clip_dir, ClipDirContents, ModelDir, ModelKind};
+use vlalign::infer::{ClipPipeline, Pipeline};
+use vlalign::io::model_files::{save_model_dir, ModelFiles};
 use vlalign::models::clip::Clip;
-use vlalign::pipeline::ClipPipeline;
+use vlalign::models::{ModelDir, ModelKind};
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -125,14 +126,64 @@ fn directory_problems_are_clear() {
     assert!(e.contains("text_config.hidden_size (30)"), "{e}");
 }
 
+/// Every kind is decided by `ModelDir::open` from config.json; a verb that needs another kind,
+/// or a directory of a kind vlalign does not run, gets one error naming what was found.
+#[test]
+fn model_kinds_are_decided_in_one_place() {
+    let kind = |name: &str| ModelDir::open(&fixture(name)).unwrap().kind;
+    assert!(matches!(kind("clip-a"), ModelKind::Clip(..)));
+    assert!(matches!(kind("qformer-a"), ModelKind::Qformer(_)));
+    assert!(matches!(kind("bert-a"), ModelKind::Bert(_)));
+    let dev = Device::Cpu;
+    assert!(matches!(
+        Pipeline::load(&fixture("clip-a"), &dev).unwrap(),
+        Pipeline::Clip(_)
+    ));
+    let q = Pipeline::load(&fixture("qformer-a"), &dev).unwrap();
+    let e = q.into_clip("`vlalign embed`").err().unwrap().to_string();
+    assert!(
+        e.contains("qformer-a holds a BLIP-2 Q-Former model; `vlalign embed` needs a CLIP"),
+        "{e}"
+    );
+    let e = load_err(&fixture("qformer-a"));
+    assert!(e.contains("BLIP-2 Q-Former"), "{e}");
+    let e = Pipeline::load(&fixture("bert-a"), &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("holds a BERT model"), "{e}");
+
+    let dir = scratch("kind-llama");
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("model_type `llama` is not supported") && e.contains("clip_vision_model"),
+        "{e}"
+    );
+    let q = std::fs::read_to_string(fixture("qformer-a/config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&q).unwrap();
+    v["architectures"] = serde_json::json!(["Blip2ForConditionalGeneration"]);
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("Blip2ForConditionalGeneration") && e.contains("not supported yet"),
+        "{e}"
+    );
+    let dir = scratch("kind-open-clip");
+    std::fs::write(dir.join("open_clip_config.json"), "{}").unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("open_clip"), "{e}");
+}
+
 #[test]
 fn written_directory_round_trips() {
     let src = fixture("clip-a");
-    let ModelKind::Clip(cfg, layout) = ModelDir::open(&src).unwrap().kind;
+    let md = ModelDir::open(&src).unwrap();
+    let (cfg, layout) = md.clip("the round trip").unwrap();
     // Trainable variables, randomly initialised, then overwritten with the fixture's values.
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    Clip::new(vb, &cfg, layout).unwrap();
+    Clip::new(vb, cfg, layout).unwrap();
     varmap.load(src.join("model.safetensors")).unwrap();
     let tensors: HashMap<String, Tensor> = varmap
         .data()
@@ -143,14 +194,15 @@ fn written_directory_round_trips() {
         .collect();
     let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("roundtrip-clip-a");
     let processor = ImageProcessor::from_file(&src.join("preprocessor_config.json")).unwrap();
-    let contents = ClipDirContents {
-        config: &cfg,
-        processor: &processor,
+    let files = ModelFiles {
+        config: cfg.to_hf_json(),
+        preprocessor: processor.to_hf_json(),
         tokenizer_json: CLIP_TOKENIZER_JSON,
+        extra: &[],
     };
-    save_clip_dir(&out, &contents, &tensors).unwrap();
+    save_model_dir(&out, &files, &tensors).unwrap();
     // Written twice: the second write replaces the first atomically.
-    save_clip_dir(&out, &contents, &tensors).unwrap();
+    save_model_dir(&out, &files, &tensors).unwrap();
     let p = ClipPipeline::load(&out, &Device::Cpu).unwrap();
     assert_eq!(p.processor.as_ref().unwrap(), &processor);
     let r = reference("clip-a.reference.safetensors");

@@ -6,32 +6,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-use common::{fixture, scratch};
-
-fn vlalign(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vlalign"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).expect("stdout is one JSON object")
-}
-
-fn one_line_error(o: &Output, needle: &str) {
-    assert_eq!(o.status.code(), Some(1));
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(e.trim().lines().count(), 1, "{e}");
-    assert!(e.contains(needle), "{e}");
-}
+use common::{assert_only_error, fixture, json, scratch, vlalign};
 
 #[test]
 fn itm_and_retrieve_match_transformers() {
@@ -94,7 +69,7 @@ fn itm_and_retrieve_match_transformers() {
     assert!(reranked["results"][0]["itm"].is_number());
 
     // HF's retrieval class has no ITG head: captioning says so.
-    one_line_error(
+    assert_only_error(
         &vlalign(&[
             "caption",
             "--model",
@@ -104,7 +79,7 @@ fn itm_and_retrieve_match_transformers() {
         ]),
         "bos_token_id",
     );
-    one_line_error(
+    assert_only_error(
         &vlalign(&[
             "itm",
             "--model",
@@ -116,7 +91,7 @@ fn itm_and_retrieve_match_transformers() {
         ]),
         "/nonexistent/q",
     );
-    one_line_error(
+    assert_only_error(
         &vlalign(&[
             "retrieve",
             "--model",
@@ -198,7 +173,7 @@ fn train_caption_and_eval_a_tiny_qformer() {
         assert!(ev[k]["t2i_r1"].as_f64().is_some(), "{ev}");
     }
     assert!(ev.get("caption_seen_greedy").is_some() || ev.get("caption_unseen_greedy").is_some());
-    one_line_error(
+    assert_only_error(
         &vlalign(&["caption", "--model", &model, "--image", "/nonexistent.png"]),
         "/nonexistent.png",
     );

@@ -6,17 +6,16 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use candle_core::Device;
-use common::{fixture, scratch};
-use vlalign::config::TrainConfig;
-use vlalign::qformer_pipeline::QformerPipeline;
+use common::{fixture, grad_norm, grads_rel_diff, scratch, train};
+use vlalign::data::batch::Batch;
+use vlalign::infer::QformerPipeline;
+use vlalign::train::build::{AnyTask, Run};
+use vlalign::train::config::{QformerInit, TrainConfig};
 use vlalign::train::optim::Grads;
-use vlalign::train::qformer_task::QformerTask;
-use vlalign::train::setup;
 use vlalign::train::task::Task;
-use vlalign::train::trainer::{self, RunOptions};
+use vlalign::train::tasks::qformer::QformerTask;
 
 fn tiny() -> TrainConfig {
     let text = format!(
@@ -50,20 +49,20 @@ log_every = 1
     TrainConfig::from_toml(&text).unwrap()
 }
 
-fn loader(
-    cfg: &TrainConfig,
-    task: &QformerTask,
-) -> impl FnOnce(u64) -> vlalign::error::Result<vlalign::data::loader::Loader> {
-    let size = task.config.vision.image_size();
-    let source = setup::source_for(cfg, size).unwrap();
-    setup::loader_for(cfg, task.processor.clone(), task.tokenizer.clone(), source)
+/// The Q-Former task of `cfg` and the first batch of its data.
+fn task_and_batch(cfg: &TrainConfig) -> (QformerTask, Batch) {
+    let run = Run::new(cfg.clone(), &Device::Cpu).unwrap();
+    let batch = run.loader().unwrap().next_batch().unwrap();
+    let AnyTask::Qformer(task) = run.task else {
+        panic!("a [qformer] config builds a Q-Former task")
+    };
+    (task, batch)
 }
 
 #[test]
 fn every_trainable_tensor_gets_a_gradient_and_the_tower_stays_frozen() {
     let cfg = tiny();
-    let mut task = QformerTask::new(&cfg, &Device::Cpu).unwrap();
-    let batch = loader(&cfg, &task)(0).unwrap().next_batch().unwrap();
+    let (mut task, batch) = task_and_batch(&cfg);
     let (grads, terms) = task.grads(&[batch], 0).unwrap();
     let parts: HashMap<_, _> = terms.parts.iter().cloned().collect();
     for k in ["itc", "itm", "itg"] {
@@ -85,42 +84,13 @@ fn every_trainable_tensor_gets_a_gradient_and_the_tower_stays_frozen() {
         let g = grads
             .get(name)
             .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let n = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let n = grad_norm(g);
         assert!(n.is_finite(), "non-finite gradient for {name}");
         if name.contains(".key.bias") {
             continue; // softmax ignores a key bias: its true gradient is zero
         }
         assert!(n > 0.0, "zero gradient for {name}");
     }
-}
-
-fn max_diff(a: &Grads, b: &Grads) -> f32 {
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "same tensors get gradients"
-    );
-    a.iter()
-        .map(|(k, g)| {
-            let d = (g - &b[k]).unwrap().abs().unwrap().max_all().unwrap();
-            let scale = g
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            d.to_scalar::<f32>().unwrap() / scale.max(1e-3)
-        })
-        .fold(0.0, f32::max)
 }
 
 /// Training takes its gradient in two passes over parallel shards with text cut to the longest
@@ -130,8 +100,7 @@ fn max_diff(a: &Grads, b: &Grads) -> f32 {
 fn the_step_gradient_equals_one_graph_and_accumulates_exactly() {
     let mut cfg = tiny();
     cfg.train.batch_size = 10;
-    let mut task = QformerTask::new(&cfg, &Device::Cpu).unwrap();
-    let batch = loader(&cfg, &task)(0).unwrap().next_batch().unwrap();
+    let (mut task, batch) = task_and_batch(&cfg);
     let step = 3;
 
     let (itc, itm, itg) = task.losses(&batch, step).unwrap();
@@ -155,27 +124,16 @@ fn the_step_gradient_equals_one_graph_and_accumulates_exactly() {
             value(t)
         );
     }
-    let d = max_diff(&whole, &reference);
+    let d = grads_rel_diff(&whole, &reference);
     println!("sharded step vs one graph: max relative gradient difference {d:.2e}");
     assert!(d < 1e-4, "{d}");
 
     let micro = [batch.rows(0..3), batch.rows(3..10)];
     let (accumulated, terms2) = task.grads(&micro, step).unwrap();
-    let d = max_diff(&accumulated, &whole);
+    let d = grads_rel_diff(&accumulated, &whole);
     println!("micro-batches 3 + 7 vs one batch of 10: {d:.2e}");
     assert!(d < 1e-4, "{d}");
     assert!((terms2.total - terms.total).abs() < 1e-5);
-}
-
-fn train(cfg: &TrainConfig, dir: &Path, resume: bool) -> trainer::RunReport {
-    let mut task = QformerTask::new(cfg, &Device::Cpu).unwrap();
-    let l = loader(cfg, &task);
-    let opts = RunOptions {
-        run_dir: dir.to_path_buf(),
-        resume,
-        progress: false,
-    };
-    trainer::run(&mut task, cfg, &opts, l, None).unwrap()
 }
 
 #[test]
@@ -251,9 +209,9 @@ fn starts_from_a_bert_checkpoint_as_lavis_does() {
     // bert-a: a tiny random BertModel (hidden 32, 2 layers, vocab 200) saved by transformers.
     let mut cfg = tiny();
     let q = cfg.qformer.as_mut().unwrap();
-    q.init = fixture("bert-a").to_string_lossy().into_owned();
+    q.init = QformerInit::Bert(fixture("bert-a"));
     q.hidden_size = 16; // overridden by the BERT's shape
-    let mut task = QformerTask::new(&cfg, &Device::Cpu).unwrap();
+    let (mut task, batch) = task_and_batch(&cfg);
     assert_eq!(task.config.qformer.hidden_size, 32);
     assert_eq!(
         task.config.qformer.vocab_size, 201,
@@ -310,12 +268,11 @@ fn starts_from_a_bert_checkpoint_as_lavis_does() {
         .to_vec();
     assert_eq!(pos, [24, 32], "the first max_text_len position rows");
     // It trains.
-    let batch = loader(&cfg, &task)(0).unwrap().next_batch().unwrap();
     let (_, terms) = task.grads(&[batch], 0).unwrap();
     assert!(terms.total.is_finite());
     // A directory that is not a BERT is refused by name.
     let mut cfg = tiny();
-    cfg.qformer.as_mut().unwrap().init = "/nonexistent/bert".into();
+    cfg.qformer.as_mut().unwrap().init = QformerInit::Bert("/nonexistent/bert".into());
     let e = QformerTask::new(&cfg, &Device::Cpu)
         .err()
         .unwrap()

@@ -8,15 +8,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Device;
-use common::scratch;
-use vlalign::config::TrainConfig;
+use common::{grad_norm, scratch, train};
+use vlalign::data::batch::Batch;
 use vlalign::data::image::ImageProcessor;
-use vlalign::data::loader::{Augment, Batch, Loader, LoaderConfig, Source};
+use vlalign::data::loader::{Augment, Loader, LoaderConfig, Source};
 use vlalign::data::manifest::Entry;
 use vlalign::data::text::TextTokenizer;
-use vlalign::train::setup;
+use vlalign::train::build::Run;
+use vlalign::train::config::{ContrastiveLoss, TrainConfig};
 use vlalign::train::task::Task;
-use vlalign::train::trainer::{self, RunOptions};
+use vlalign::train::trainer::RunOptions;
 
 const TINY: &str = r#"
 [model]
@@ -52,54 +53,44 @@ fn tiny() -> TrainConfig {
     TrainConfig::from_toml(TINY).unwrap()
 }
 
-fn first_batch(cfg: &TrainConfig) -> Batch {
-    let task = setup::clip_task(cfg, &Device::Cpu).unwrap();
-    let mut loader = setup::clip_loader(
-        cfg,
-        &task,
-        setup::source_for(cfg, cfg.clip().unwrap().image_size).unwrap(),
-    )(0)
-    .unwrap();
-    loader.next_batch().unwrap()
+/// The run of `cfg` and the first batch of its data.
+fn run_and_batch(cfg: &TrainConfig) -> (Run, Batch) {
+    let run = Run::new(cfg.clone(), &Device::Cpu).unwrap();
+    let batch = run.loader().unwrap().next_batch().unwrap();
+    (run, batch)
 }
 
 #[test]
 fn every_trainable_tensor_gets_a_finite_nonzero_gradient() {
-    for loss in ["infonce", "siglip"] {
+    for loss in [ContrastiveLoss::InfoNce, ContrastiveLoss::SigLip] {
         let mut cfg = tiny();
-        cfg.train.loss = loss.into();
-        let mut task = setup::clip_task(&cfg, &Device::Cpu).unwrap();
-        let batch = first_batch(&cfg);
+        cfg.train.loss = loss;
+        let (mut run, batch) = run_and_batch(&cfg);
+        let task = &mut run.task;
         let (grads, terms) = task.grads(&[batch], 0).unwrap();
         assert!(terms.total.is_finite());
         let vars = task.vars();
         assert!(vars.len() > 50, "{} variables", vars.len());
         let norm = |n: &str| -> f32 {
-            let g = grads
-                .get(n)
-                .unwrap_or_else(|| panic!("{loss}: no gradient for {n}"));
-            g.sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .sqrt()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
+            grad_norm(
+                grads
+                    .get(n)
+                    .unwrap_or_else(|| panic!("{loss:?}: no gradient for {n}")),
+            )
         };
         for (name, _) in &vars {
             let n = norm(name);
-            assert!(n.is_finite(), "{loss}: non-finite gradient for {name}");
+            assert!(n.is_finite(), "{loss:?}: non-finite gradient for {name}");
             if name.ends_with("k_proj.bias") {
                 // Invariant: a key bias shifts every score of a query row equally, and softmax
                 // ignores such shifts, so its true gradient is zero (only rounding remains).
                 let q = norm(&name.replace("k_proj", "q_proj"));
                 assert!(
                     n < 1e-4 * q.max(1e-3),
-                    "{loss}: {name} gradient {n} vs q_proj.bias {q}"
+                    "{loss:?}: {name} gradient {n} vs q_proj.bias {q}"
                 );
             } else {
-                assert!(n > 0.0, "{loss}: zero gradient for {name}");
+                assert!(n > 0.0, "{loss:?}: zero gradient for {name}");
             }
         }
     }
@@ -108,9 +99,9 @@ fn every_trainable_tensor_gets_a_finite_nonzero_gradient() {
 #[test]
 fn accumulation_equals_the_large_batch_gradient() {
     let cfg = tiny();
-    let big = first_batch(&cfg);
+    let (mut run, big) = run_and_batch(&cfg);
     let half = |lo: usize| big.rows(lo..lo + 4);
-    let mut task = setup::clip_task(&cfg, &Device::Cpu).unwrap();
+    let task = &mut run.task;
     let (g_big, l_big) = task.grads(std::slice::from_ref(&big), 0).unwrap();
     let (g_acc, l_acc) = task.grads(&[half(0), half(4)], 0).unwrap();
     assert!(
@@ -148,21 +139,6 @@ fn accumulation_equals_the_large_batch_gradient() {
     }
 }
 
-fn train(cfg: &TrainConfig, dir: &Path, resume: bool) -> trainer::RunReport {
-    let mut task = setup::clip_task(cfg, &Device::Cpu).unwrap();
-    let loader = setup::clip_loader(
-        cfg,
-        &task,
-        setup::source_for(cfg, cfg.clip().unwrap().image_size).unwrap(),
-    );
-    let opts = RunOptions {
-        run_dir: dir.to_path_buf(),
-        resume,
-        progress: false,
-    };
-    trainer::run(&mut task, cfg, &opts, loader, None).unwrap()
-}
-
 #[test]
 fn resumed_training_is_bit_exact() {
     let cfg = tiny();
@@ -193,18 +169,14 @@ fn resumed_training_is_bit_exact() {
     assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
     assert!(split.join("loss.png").is_file());
     // A fresh run into a directory that holds one is refused.
-    let mut task = setup::clip_task(&cfg, &Device::Cpu).unwrap();
-    let loader = setup::clip_loader(
-        &cfg,
-        &task,
-        setup::source_for(&cfg, cfg.clip().unwrap().image_size).unwrap(),
-    );
     let opts = RunOptions {
         run_dir: split.clone(),
         resume: false,
         progress: false,
     };
-    let e = trainer::run(&mut task, &cfg, &opts, loader, None)
+    let e = Run::new(cfg.clone(), &Device::Cpu)
+        .unwrap()
+        .train(&opts, None)
         .err()
         .unwrap()
         .to_string();
@@ -413,7 +385,7 @@ fn train_survives_kill_minus_9_and_resumes() {
     );
     assert!(run.join("model/model.safetensors").is_file());
     // The finished model loads as a model directory.
-    vlalign::pipeline::ClipPipeline::load(&run.join("model"), &Device::Cpu).unwrap();
+    vlalign::infer::ClipPipeline::load(&run.join("model"), &Device::Cpu).unwrap();
 }
 
 #[test]

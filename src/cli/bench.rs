@@ -1,7 +1,8 @@
 //! `vlalign bench [--json]`
 
 use anyhow::Result;
-use candle_core::Device;
+
+use super::device::DeviceOpt;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -11,10 +12,12 @@ pub struct Args {
     /// End with one JSON object: {"train_step_ms", "vit_b32_batch8_ms", ...} (medians).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: DeviceOpt,
 }
 
-pub fn run(a: Args, device: &Device) -> Result<()> {
-    let r = vlalign::bench::run(a.iters.max(1), device)?;
+pub fn run(a: Args) -> Result<()> {
+    let r = vlalign::apps::bench::run(a.iters.max(1), &a.device.resolve()?)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use candle_core::Device;
 use serde_json::json;
 use vlalign::data::image::load_rgb;
-use vlalign::qformer_pipeline::QformerPipeline;
+use vlalign::infer::Pipeline;
+
+use super::device::DeviceOpt;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -26,13 +27,15 @@ pub struct Args {
     /// Print one JSON object: {"captions": [{"image", "caption", "score"}]} in input order.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: DeviceOpt,
 }
 
-pub fn run(a: Args, device: &Device) -> Result<()> {
+pub fn run(a: Args) -> Result<()> {
     if a.beams == 0 || a.max_len == 0 {
         bail!("--beams and --max-len must be at least 1");
     }
-    let p = QformerPipeline::load(&a.model, device)?;
+    let p = Pipeline::load(&a.model, &a.device.resolve()?)?.into_qformer("`vlalign caption`")?;
     let images = a
         .image
         .iter()

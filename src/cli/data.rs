@@ -4,6 +4,18 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use vlalign::data::shapes::{self, PairSet, ShapesConfig};
+use vlalign::data::shapes_files::write_shapes_dir;
+
+/// Which colour–shape pairs may appear.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Pairs {
+    /// Every pair.
+    All,
+    /// The training pairs.
+    Seen,
+    /// Only the held-out pairs (never in training captions).
+    HeldOut,
+}
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -27,18 +39,17 @@ pub struct ShapesArgs {
     /// Side of the square images in pixels.
     #[arg(long, default_value_t = 64)]
     image_size: usize,
-    /// Which colour–shape pairs may appear: all, seen (training pairs) or held-out.
-    #[arg(long, default_value = "all")]
-    pairs: String,
+    /// Which colour–shape pairs may appear.
+    #[arg(long, value_enum, default_value_t = Pairs::All)]
+    pairs: Pairs,
 }
 
 pub fn run(c: Command) -> Result<()> {
     let Command::Shapes(a) = c;
-    let pairs = match a.pairs.as_str() {
-        "all" => PairSet::All,
-        "seen" => PairSet::Seen,
-        "held-out" => PairSet::HeldOut,
-        other => bail!("--pairs {other:?}: use all, seen or held-out"),
+    let pairs = match a.pairs {
+        Pairs::All => PairSet::All,
+        Pairs::Seen => PairSet::Seen,
+        Pairs::HeldOut => PairSet::HeldOut,
     };
     if a.n == 0 {
         bail!("--n must be at least 1");
@@ -62,7 +73,7 @@ pub fn run(c: Command) -> Result<()> {
     let samples: Vec<_> = (0..a.n as u64)
         .map(|i| shapes::generate(&cfg, a.seed, i))
         .collect();
-    let m = vlalign::demo::write_shapes_dir(&a.out, &samples)?;
+    let m = write_shapes_dir(&a.out, &samples)?;
     eprintln!("wrote {} images and {}", samples.len(), m.display());
     Ok(())
 }

@@ -3,8 +3,19 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use vlalign::demo::{self, DemoOptions};
-use vlalign::demo_qformer::{self, QformerDemoOptions};
+use vlalign::apps::demo::{self, DemoOptions};
+
+use super::device::DeviceOpt;
+
+/// Which stage of the demo runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Stage {
+    /// Contrastive pretraining of a tiny CLIP.
+    Clip,
+    /// BLIP-2 stage 1: a Q-Former on the frozen vision tower of the CLIP in --out (trained
+    /// first when absent).
+    Qformer,
+}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -14,29 +25,26 @@ pub struct Args {
     /// Continue an interrupted demo from its last checkpoint.
     #[arg(long)]
     resume: bool,
-    /// Train with this config instead of the built-in configs/clip-tiny.toml (data.source must
-    /// be "shapes").
+    /// Train with this config instead of the stage's built-in configs/clip-tiny.toml or
+    /// configs/qformer-tiny.toml (data.source must be "shapes").
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Overrides the number of training steps (the default reaches the targets).
+    /// Overrides train.steps (the warm-up is cut to at most a fifth of it); the default reaches
+    /// the figures in the README.
     #[arg(long)]
     steps: Option<u64>,
     /// End by printing one JSON object (model_dir, wall_seconds, zeroshot_top1_seen, ...).
     #[arg(long)]
     json: bool,
-    /// `clip` (the default: contrastive pretraining) or `qformer` (BLIP-2 stage 1 on the frozen
-    /// vision tower of the CLIP in --out, which it trains first when absent).
-    #[arg(long, default_value = "clip")]
-    stage: String,
+    /// The stage to run.
+    #[arg(long, value_enum, default_value_t = Stage::Clip)]
+    stage: Stage,
+    #[command(flatten)]
+    device: DeviceOpt,
 }
 
-fn run_qformer(a: &Args) -> Result<()> {
-    let r = demo_qformer::run(&QformerDemoOptions {
-        out: a.out.clone(),
-        resume: a.resume,
-        steps: a.steps,
-        progress: true,
-    })?;
+fn run_qformer(a: &Args, opts: &DemoOptions) -> Result<()> {
+    let r = demo::qformer::run(opts)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -92,18 +100,18 @@ fn run_qformer(a: &Args) -> Result<()> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    match a.stage.as_str() {
-        "clip" => {}
-        "qformer" => return run_qformer(&a),
-        other => anyhow::bail!("--stage {other:?}: use \"clip\" or \"qformer\""),
-    }
-    let r = demo::run(&DemoOptions {
+    let opts = DemoOptions {
         out: a.out.clone(),
         config: a.config.clone(),
         resume: a.resume,
         steps: a.steps,
         progress: true,
-    })?;
+        device: a.device.resolve()?,
+    };
+    if a.stage == Stage::Qformer {
+        return run_qformer(&a, &opts);
+    }
+    let r = demo::clip::run(&opts)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());

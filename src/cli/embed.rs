@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use candle_core::Device;
 use serde_json::json;
-use vlalign::pipeline::ClipPipeline;
+use vlalign::infer::Pipeline;
+
+use super::device::DeviceOpt;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,20 +26,22 @@ pub struct Args {
     /// each in input order.
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceOpt,
 }
 
-pub fn run(a: Args, device: &Device) -> Result<()> {
+pub fn run(a: Args) -> Result<()> {
     if a.image.is_empty() && a.text.is_empty() {
         bail!("nothing to embed: give --image and/or --text");
     }
-    let p = ClipPipeline::load(&a.model, device)?;
+    let p = Pipeline::load(&a.model, &a.device.resolve()?)?.into_clip("`vlalign embed`")?;
     let images = p.embed_image_files(&a.image)?.to_vec2::<f32>()?;
     let texts = p.embed_texts(&a.text)?.to_vec2::<f32>()?;
     if let Some(out) = &a.out {
         let dim = images.first().or(texts.first()).map_or(0, Vec::len);
         let rows = images.len() + texts.len();
         let flat: Vec<f32> = images.iter().chain(&texts).flatten().copied().collect();
-        vlalign::npy::write_f32(out, &flat, rows, dim)?;
+        vlalign::io::npy::write_f32(out, &flat, rows, dim)?;
         eprintln!(
             "wrote {} ({} image rows, then {} text rows, dim {dim})",
             out.display(),

@@ -3,13 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use candle_core::Device;
-use vlalign::data::image::RgbImage;
 use vlalign::data::shapes;
-use vlalign::eval::qformer;
+use vlalign::eval::qformer::{self, QformerReport};
 use vlalign::eval::report::{evaluate, EvalSet};
-use vlalign::pipeline::ClipPipeline;
-use vlalign::qformer_pipeline::QformerPipeline;
+use vlalign::infer::{ClipPipeline, Pipeline, QformerPipeline};
+
+use super::device::DeviceOpt;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -36,63 +35,22 @@ pub struct Args {
     /// Q-Former directories: beam width of the beam-search captions.
     #[arg(long, default_value_t = 3)]
     beams: usize,
+    #[command(flatten)]
+    device: DeviceOpt,
 }
 
-/// Single-object images and their (colour, shape).
-type CaptionGroup = (Vec<RgbImage>, Vec<(String, String)>);
-
-fn is_qformer_dir(dir: &std::path::Path) -> bool {
-    std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| {
-            v.get("model_type")
-                .and_then(|m| m.as_str())
-                .map(|m| m == "blip-2")
-        })
-        .unwrap_or(false)
-}
+/// Most caption tokens generated for the caption figures.
+const CAPTION_MAX_LEN: usize = 20;
 
 /// A Q-Former directory: retrieval by ITC and ITM-reranked, and caption word accuracy on the
 /// single-object images (seen and unseen shapes compositions apart).
-fn run_qformer(a: &Args, set: &EvalSet, device: &Device) -> Result<()> {
-    let p = QformerPipeline::load(&a.model, device)?;
-    let r = qformer::retrieval(&p, &set.images, &set.captions, a.rerank_k)?;
-    let mut groups: [CaptionGroup; 2] = Default::default();
-    for (img, class) in set.images.iter().zip(&set.classes) {
-        let Some((c, sh)) = class.as_deref().and_then(|c| c.split_once(' ')) else {
-            continue;
-        };
-        let g = usize::from(shapes::is_held_out(c, sh));
-        groups[g].0.push(img.clone());
-        groups[g].1.push((c.to_string(), sh.to_string()));
-    }
-    let mut caps = serde_json::Map::new();
-    for (name, (imgs, truths)) in ["seen", "unseen"].iter().zip(&groups) {
-        if imgs.is_empty() {
-            continue;
-        }
-        let emb = p.image_embeds(imgs)?;
-        for (kind, beams) in [("greedy", 1), ("beam", a.beams)] {
-            let (acc, _) = qformer::caption_accuracy(&p, &emb, truths, beams, 20)?;
-            caps.insert(format!("caption_{name}_{kind}"), serde_json::json!(acc));
-        }
-        caps.insert(format!("n_caption_{name}"), serde_json::json!(imgs.len()));
-    }
+fn run_qformer(a: &Args, set: &EvalSet, p: &QformerPipeline) -> Result<()> {
+    let r: QformerReport = qformer::evaluate(p, set, a.rerank_k, a.beams, CAPTION_MAX_LEN)?;
     if a.json {
-        let mut o = serde_json::json!({
-            "n_images": set.images.len(), "n_skipped": set.skipped.len(), "k": r.k,
-            "itc": r.itc, "itm_reranked": r.itm_reranked,
-        });
-        o.as_object_mut().expect("object").extend(caps);
-        println!("{o}");
+        println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
-    println!(
-        "{} images ({} skipped)",
-        set.images.len(),
-        set.skipped.len()
-    );
+    println!("{} images ({} skipped)", r.n_images, r.n_skipped);
     for (name, m) in [
         ("ITC", &r.itc),
         (&*format!("ITC top-{} + ITM", r.k), &r.itm_reranked),
@@ -105,22 +63,21 @@ fn run_qformer(a: &Args, set: &EvalSet, device: &Device) -> Result<()> {
             m.t2i_r5 * 100.0
         );
     }
-    for (k, v) in caps {
-        if let Some(x) = v.as_f64().filter(|_| k.starts_with("caption_")) {
+    for (k, v) in [
+        ("caption_seen_greedy", r.caption_seen_greedy),
+        ("caption_seen_beam", r.caption_seen_beam),
+        ("caption_unseen_greedy", r.caption_unseen_greedy),
+        ("caption_unseen_beam", r.caption_unseen_beam),
+    ] {
+        if let Some(x) = v {
             println!("{k:24} {:5.1}% of colour and shape words right", x * 100.0);
         }
     }
     Ok(())
 }
 
-pub fn run(a: Args, device: &Device) -> Result<()> {
-    let set = EvalSet::from_manifest(&a.data)?;
-    for why in set.skipped.iter().take(10) {
-        tracing::warn!("skipped: {why}");
-    }
-    if is_qformer_dir(&a.model) {
-        return run_qformer(&a, &set, device);
-    }
+/// A CLIP directory: zero-shot over the set's classes and retrieval over its pairs.
+fn run_clip(a: &Args, set: &EvalSet, p: &ClipPipeline) -> Result<()> {
     let classes = match &a.classes {
         Some(c) => {
             let v: Vec<String> = c
@@ -142,8 +99,7 @@ pub fn run(a: Args, device: &Device) -> Result<()> {
     } else {
         vec!["a photo of a {}.".to_string()]
     };
-    let p = ClipPipeline::load(&a.model, device)?;
-    let r = evaluate(&p, &set, &classes, &templates)?;
+    let r = evaluate(p, set, &classes, &templates)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -177,4 +133,15 @@ pub fn run(a: Args, device: &Device) -> Result<()> {
         m.t2i_mean_rank
     );
     Ok(())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let set = EvalSet::from_manifest(&a.data)?;
+    for why in set.skipped.iter().take(10) {
+        tracing::warn!("skipped: {why}");
+    }
+    match Pipeline::load(&a.model, &a.device.resolve()?)? {
+        Pipeline::Clip(p) => run_clip(&a, &set, &p),
+        Pipeline::Qformer(p) => run_qformer(&a, &set, &p),
+    }
 }

@@ -5,10 +5,11 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use candle_core::Device;
 use serde_json::json;
 use vlalign::data::image::load_rgb;
-use vlalign::qformer_pipeline::QformerPipeline;
+use vlalign::infer::Pipeline;
+
+use super::device::DeviceOpt;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,13 +25,15 @@ pub struct Args {
     /// Print one JSON object: {"image": P, "results": [{"text", "itm", "itc"}]} in input order.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: DeviceOpt,
 }
 
-pub fn run(a: Args, device: &Device) -> Result<()> {
+pub fn run(a: Args) -> Result<()> {
     if a.text.iter().any(|t| t.trim().is_empty()) {
         bail!("--text has an empty text");
     }
-    let p = QformerPipeline::load(&a.model, device)?;
+    let p = Pipeline::load(&a.model, &a.device.resolve()?)?.into_qformer("`vlalign itm`")?;
     let img = load_rgb(&a.image)?;
     let emb = p.image_embeds(&[img])?;
     let itc = p.itc_scores(&p.itc_image(&emb)?, &p.itc_text(&a.text)?)?;

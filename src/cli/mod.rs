@@ -1,9 +1,10 @@
-//! Command-line verbs (DESIGN.md §3), one file each.
+//! Command-line verbs (DESIGN.md §3), one file each: parse, call the library, print.
 
 mod bench;
 mod caption;
 mod data;
 mod demo;
+mod device;
 mod embed;
 mod eval;
 mod itm;
@@ -17,7 +18,9 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "vlalign",
     version,
-    about = "Train, evaluate and serve vision-language alignment models"
+    about = "Train, evaluate and serve vision-language alignment models (CLIP, the BLIP-2 Q-Former)",
+    after_help = "Model directories use the Hugging Face layout (config.json, model.safetensors, \
+                  tokenizer.json, preprocessor_config.json). Start with `vlalign demo`."
 )]
 pub struct Cli {
     /// Log progress (info level); RUST_LOG overrides.
@@ -29,41 +32,42 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The main job: generate shapes, train a tiny CLIP, evaluate, write plots and a model.
+    /// The main job: generate shapes, train a tiny CLIP (or, --stage qformer, a BLIP-2 Q-Former
+    /// on it), evaluate, write plots and a model directory.
     Demo(demo::Args),
     /// Generate data sets.
     #[command(subcommand)]
     Data(data::Command),
-    /// Train from a config (TOML).
+    /// Train from a config (TOML): a CLIP ([model]) or a BLIP-2 Q-Former ([qformer]).
     Train(train::Args),
-    /// Zero-shot and retrieval metrics of a model on a manifest.
+    /// Metrics of a model on a manifest: zero-shot and retrieval (CLIP); ITC and ITM-reranked
+    /// retrieval and caption accuracy (Q-Former).
     Eval(eval::Args),
     /// L2-normalised image and/or text embeddings from a CLIP model directory.
     Embed(embed::Args),
-    /// Zero-shot classification of images over a list of labels.
+    /// Zero-shot classification of images over a list of labels (CLIP).
     Zeroshot(zeroshot::Args),
-    /// ITM match probability and ITC score of an image against texts (a Q-Former directory).
+    /// ITM match probability and ITC score of an image against texts (Q-Former).
     Itm(itm::Args),
     /// Captions from a Q-Former's ITG head (greedy or beam search).
     Caption(caption::Args),
-    /// The images that best match a text (ITC, optionally reranked by ITM).
+    /// The images that best match a text, by ITC, optionally reranked by ITM (Q-Former).
     Retrieve(retrieve::Args),
     /// Speed of the reference workloads.
     Bench(bench::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let device = candle_core::Device::Cpu;
     match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Data(c) => data::run(c),
-        Command::Train(a) => train::run(a, &device),
-        Command::Eval(a) => eval::run(a, &device),
-        Command::Bench(a) => bench::run(a, &device),
-        Command::Embed(a) => embed::run(a, &device),
-        Command::Zeroshot(a) => zeroshot::run(a, &device),
-        Command::Itm(a) => itm::run(a, &device),
-        Command::Caption(a) => caption::run(a, &device),
-        Command::Retrieve(a) => retrieve::run(a, &device),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Embed(a) => embed::run(a),
+        Command::Zeroshot(a) => zeroshot::run(a),
+        Command::Itm(a) => itm::run(a),
+        Command::Caption(a) => caption::run(a),
+        Command::Retrieve(a) => retrieve::run(a),
     }
 }

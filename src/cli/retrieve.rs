@@ -5,11 +5,19 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use serde_json::json;
 use vlalign::data::image::load_rgb;
 use vlalign::data::manifest;
-use vlalign::qformer_pipeline::{topk_rows, QformerPipeline};
+use vlalign::infer::Pipeline;
+
+use super::device::DeviceOpt;
+
+/// How ITC's candidates are reranked.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Rerank {
+    /// By ITM match logit + ITC score (LAVIS's rerank).
+    Itm,
+}
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,15 +30,17 @@ pub struct Args {
     /// A directory of images (png/jpg/jpeg/webp) or a manifest (.jsonl/.csv/.tsv).
     #[arg(long)]
     images: PathBuf,
-    /// `itm`: rerank ITC's best candidates (4 × --top, at least 16) by ITM + ITC.
-    #[arg(long)]
-    rerank: Option<String>,
+    /// Rerank ITC's best candidates (4 × --top, at least 16) by ITM + ITC.
+    #[arg(long, value_enum)]
+    rerank: Option<Rerank>,
     /// How many images to list.
     #[arg(long, default_value_t = 5)]
     top: usize,
     /// Print one JSON object: {"query", "rerank", "results": [{"image", "score", "itc", "itm"?}]}.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: DeviceOpt,
 }
 
 fn image_paths(src: &Path) -> Result<Vec<PathBuf>> {
@@ -53,12 +63,7 @@ fn image_paths(src: &Path) -> Result<Vec<PathBuf>> {
     bail!("--images {}: no such directory or manifest", src.display())
 }
 
-pub fn run(a: Args, device: &Device) -> Result<()> {
-    let rerank = match a.rerank.as_deref() {
-        None => false,
-        Some("itm") => true,
-        Some(o) => bail!("--rerank {o:?}: the only reranker is \"itm\""),
-    };
+pub fn run(a: Args) -> Result<()> {
     if a.query.trim().is_empty() {
         bail!("--query is empty");
     }
@@ -66,26 +71,24 @@ pub fn run(a: Args, device: &Device) -> Result<()> {
     if paths.is_empty() {
         bail!("--images {}: no images found", a.images.display());
     }
-    let p = QformerPipeline::load(&a.model, device)?;
+    let p = Pipeline::load(&a.model, &a.device.resolve()?)?.into_qformer("`vlalign retrieve`")?;
     let images = paths
         .iter()
         .map(|path| load_rgb(path))
         .collect::<vlalign::error::Result<Vec<_>>>()?;
     let emb = p.image_embeds(&images)?;
     let itc = p.itc_scores(&p.itc_image(&emb)?, &p.itc_text(&[a.query.as_str()])?)?; // [N, 1]
-    let itc_t = itc.t()?.contiguous()?;
-    let itc_v: Vec<f32> = itc_t.squeeze(0)?.to_vec1()?;
+    let itc: Vec<f32> = itc.squeeze(1)?.to_vec1()?;
     let top = a.top.max(1).min(paths.len());
-    let mut results: Vec<(usize, f32, Option<f32>)> = if rerank {
-        let k = (4 * top).max(16).min(paths.len());
-        let cand = topk_rows(&itc_t, k)?.remove(0);
-        let pairs: Vec<(usize, &str)> = cand.iter().map(|&i| (i, a.query.as_str())).collect();
-        cand.iter()
-            .zip(p.match_logits(&emb, &pairs)?)
-            .map(|(&i, m)| (i, m + itc_v[i], Some(m)))
-            .collect()
-    } else {
-        (0..paths.len()).map(|i| (i, itc_v[i], None)).collect()
+    let mut results: Vec<(usize, f32, Option<f32>)> = match a.rerank {
+        Some(Rerank::Itm) => {
+            let k = (4 * top).max(16).min(paths.len());
+            p.rerank(&emb, &itc, k, |i| (i, a.query.as_str()))?
+                .into_iter()
+                .map(|r| (r.index, r.score, Some(r.itm)))
+                .collect()
+        }
+        None => (0..paths.len()).map(|i| (i, itc[i], None)).collect(),
     };
     results.sort_by(|x, y| y.1.total_cmp(&x.1));
     results.truncate(top);
@@ -93,16 +96,17 @@ pub fn run(a: Args, device: &Device) -> Result<()> {
         let list: Vec<_> = results
             .iter()
             .map(|&(i, s, m)| {
-                let mut o = json!({"image": paths[i], "score": s, "itc": itc_v[i]});
+                let mut o = json!({"image": paths[i], "score": s, "itc": itc[i]});
                 if let Some(m) = m {
                     o["itm"] = json!(m);
                 }
                 o
             })
             .collect();
+        let rerank = a.rerank.map(|Rerank::Itm| "itm");
         println!(
             "{}",
-            json!({"query": a.query, "rerank": a.rerank, "results": list})
+            json!({"query": a.query, "rerank": rerank, "results": list})
         );
     } else {
         for &(i, s, _) in &results {

@@ -3,15 +3,15 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use candle_core::Device;
-use vlalign::config::TrainConfig;
-use vlalign::train::qformer_task::QformerTask;
-use vlalign::train::setup;
-use vlalign::train::trainer::{self, RunOptions};
+use vlalign::train::build::Run;
+use vlalign::train::config::TrainConfig;
+use vlalign::train::trainer::RunOptions;
+
+use super::device::DeviceOpt;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Training config (TOML), e.g. configs/clip-tiny.toml.
+    /// Training config (TOML), e.g. configs/clip-tiny.toml or configs/qformer-tiny.toml.
     #[arg(long)]
     config: PathBuf,
     /// Overrides data.source: "shapes", a manifest (.jsonl/.csv/.tsv) or tar shards.
@@ -23,21 +23,23 @@ pub struct Args {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
-    /// Overrides train.steps.
+    /// Overrides train.steps (the warm-up is cut to at most a fifth of it).
     #[arg(long)]
     steps: Option<u64>,
     /// Print one JSON object with the run's summary at the end.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: DeviceOpt,
 }
 
-pub fn run(a: Args, device: &Device) -> Result<()> {
+pub fn run(a: Args) -> Result<()> {
     let mut cfg = TrainConfig::from_file(&a.config)?;
     if let Some(d) = a.data {
         cfg.data.source = d;
     }
     if let Some(s) = a.steps {
-        cfg.train.steps = s;
+        cfg.set_steps(s);
     }
     let out = a.out.unwrap_or_else(|| {
         let stem = a
@@ -52,20 +54,7 @@ pub fn run(a: Args, device: &Device) -> Result<()> {
         resume: a.resume,
         progress: true,
     };
-    let r = if cfg.qformer.is_some() {
-        let mut task = QformerTask::new(&cfg, device)?;
-        let size = task.config.vision.image_size();
-        let source = setup::source_for(&cfg, size)?;
-        let loader =
-            setup::loader_for(&cfg, task.processor.clone(), task.tokenizer.clone(), source);
-        trainer::run(&mut task, &cfg, &opts, loader, None)?
-    } else {
-        let size = cfg.clip().map_err(anyhow::Error::msg)?.image_size;
-        let source = setup::source_for(&cfg, size)?;
-        let mut task = setup::clip_task(&cfg, device)?;
-        let loader = setup::clip_loader(&cfg, &task, source);
-        trainer::run(&mut task, &cfg, &opts, loader, None)?
-    };
+    let r = Run::new(cfg, &a.device.resolve()?)?.train(&opts, None)?;
     if a.json {
         println!(
             "{}",

@@ -3,9 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use candle_core::Device;
 use serde_json::json;
-use vlalign::pipeline::ClipPipeline;
+use vlalign::infer::zeroshot::classify;
+use vlalign::infer::Pipeline;
+
+use super::device::DeviceOpt;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,6 +29,8 @@ pub struct Args {
     /// Print one JSON object: {"template", "labels", "images": [{"path", "predictions": [{"label", "prob", "logit"}]}]}.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: DeviceOpt,
 }
 
 /// Splits `a,b,c`, trimming blanks; an empty list or an empty label is an error.
@@ -41,7 +45,7 @@ fn parse_labels(s: &str) -> Result<Vec<String>> {
     Ok(labels)
 }
 
-pub fn run(a: Args, device: &Device) -> Result<()> {
+pub fn run(a: Args) -> Result<()> {
     let labels = parse_labels(&a.labels)?;
     if !a.template.contains("{}") {
         bail!(
@@ -49,47 +53,30 @@ pub fn run(a: Args, device: &Device) -> Result<()> {
             a.template
         );
     }
-    let p = ClipPipeline::load(&a.model, device)?;
-    let prompts: Vec<String> = labels.iter().map(|l| a.template.replace("{}", l)).collect();
-    let text = p.embed_texts(&prompts)?;
+    let p = Pipeline::load(&a.model, &a.device.resolve()?)?.into_clip("`vlalign zeroshot`")?;
     let images = p.embed_image_files(&a.image)?;
-    let scale = p.model.logit_scale_exp()?;
-    let logits = (images.matmul(&text.t()?)? * scale as f64)?;
-    let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
-    let logits = logits.to_vec2::<f32>()?;
-    let top = if a.top == 0 {
-        labels.len()
-    } else {
-        a.top.min(labels.len())
-    };
-    let mut results = Vec::new();
-    for ((path, pr), lg) in a.image.iter().zip(&probs).zip(&logits) {
-        let mut order: Vec<usize> = (0..labels.len()).collect();
-        order.sort_by(|&i, &j| pr[j].total_cmp(&pr[i]));
-        order.truncate(top);
-        results.push((
-            path,
-            order
-                .into_iter()
-                .map(|i| (&labels[i], pr[i], lg[i]))
-                .collect::<Vec<_>>(),
-        ));
-    }
+    let results = classify(
+        &p,
+        &images,
+        &labels,
+        std::slice::from_ref(&a.template),
+        a.top,
+    )?;
     if a.json {
         let obj = json!({
             "template": a.template,
             "labels": labels,
-            "images": results.iter().map(|(path, preds)| json!({
+            "images": a.image.iter().zip(&results).map(|(path, preds)| json!({
                 "path": path,
-                "predictions": preds.iter().map(|(l, p, g)| json!({"label": l, "prob": p, "logit": g})).collect::<Vec<_>>(),
+                "predictions": preds.iter().map(|p| json!({"label": p.label, "prob": p.prob, "logit": p.logit})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
         println!("{obj}");
     } else {
-        for (path, preds) in &results {
+        for (path, preds) in a.image.iter().zip(&results) {
             println!("{}", path.display());
-            for (l, pr, _) in preds {
-                println!("  {:6.2}%  {l}", pr * 100.0);
+            for p in preds {
+                println!("  {:6.2}%  {}", p.prob * 100.0, p.label);
             }
         }
     }

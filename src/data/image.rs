@@ -157,7 +157,7 @@ impl ImageProcessor {
 
     /// Reads `preprocessor_config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let raw: RawConfig = crate::error::read_json(path)?;
+        let raw: RawConfig = crate::io::read_json(path)?;
         Self::from_raw(raw).map_err(|m| Error::config(path, m))
     }
 
@@ -369,7 +369,7 @@ pub fn processor_for_dir(dir: &Path) -> Result<Option<(ImageProcessor, PathBuf)>
     }
     let path = dir.join("processor_config.json");
     if path.is_file() {
-        let value: serde_json::Value = crate::error::read_json(&path)?;
+        let value: serde_json::Value = crate::io::read_json(&path)?;
         if let Some(section) = value.get("image_processor") {
             let raw: RawConfig = serde_json::from_value(section.clone())
                 .map_err(|e| Error::config(&path, format!("image_processor: {e}")))?;
@@ -378,6 +378,21 @@ pub fn processor_for_dir(dir: &Path) -> Result<Option<(ImageProcessor, PathBuf)>
         }
     }
     Ok(None)
+}
+
+/// Saves an image as PNG, naming the file on failure.
+pub fn save_png(path: &Path, img: &RgbImage) -> Result<()> {
+    image::save_buffer(
+        path,
+        &img.data,
+        img.width as u32,
+        img.height as u32,
+        image::ExtendedColorType::Rgb8,
+    )
+    .map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
 }
 
 /// Preprocesses decoded images into one `[N, 3, H, W]` tensor.

@@ -11,16 +11,18 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use super::batch::{Batch, CaptionTruth};
 use super::image::{decode_rgb, load_rgb, ImageProcessor, RgbImage};
 use super::manifest::Entry;
 use super::resample::resize_rgb8;
-use super::shapes::{self, SceneTruth, ShapesConfig};
-use super::text::{TextTokenizer, TokenBatch};
+use super::shapes::{self, ShapesConfig};
+use super::text::TextTokenizer;
 use super::webdataset;
 use crate::error::{Error, Result};
+use crate::rng;
 
 /// Where training samples come from.
 #[derive(Clone)]
@@ -66,61 +68,10 @@ pub struct LoaderConfig {
     pub shuffle_buffer: usize,
 }
 
-/// One batch, ready for a model: pixels `[B, 3, H, W]` and padded token ids.
-#[derive(Clone, Debug)]
-pub struct Batch {
-    pub pixels: Vec<f32>,
-    pub hw: (usize, usize),
-    pub tokens: TokenBatch,
-    pub captions: Vec<String>,
-    /// For generated shapes, each sample's scene and caption claims (None for read data).
-    pub truths: Vec<Option<SceneTruth>>,
-    /// Samples skipped while filling this batch, each with the reason.
-    pub skipped: Vec<String>,
-    /// Samples consumed from the stream once this batch is done (the position to resume at).
-    pub position: u64,
-}
-
-impl Batch {
-    pub fn len(&self) -> usize {
-        self.captions.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.captions.is_empty()
-    }
-
-    /// Samples `range` as a batch of their own (an accumulation micro-batch).
-    pub fn rows(&self, range: std::ops::Range<usize>) -> Batch {
-        let per = 3 * self.hw.0 * self.hw.1;
-        Batch {
-            pixels: self.pixels[range.start * per..range.end * per].to_vec(),
-            hw: self.hw,
-            tokens: TokenBatch {
-                ids: self.tokens.ids[range.clone()].to_vec(),
-                mask: self.tokens.mask[range.clone()].to_vec(),
-            },
-            captions: self.captions[range.clone()].to_vec(),
-            truths: self.truths[range].to_vec(),
-            skipped: Vec::new(),
-            position: self.position,
-        }
-    }
-
-    /// The pixels as a `[B, 3, H, W]` tensor on `device`.
-    pub fn pixel_tensor(
-        &self,
-        device: &candle_core::Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        let (h, w) = self.hw;
-        candle_core::Tensor::from_slice(&self.pixels, (self.len(), 3, h, w), device)
-    }
-}
-
 /// A sample at a stream position: the decoded image and caption, or why it was skipped.
 type Sample = (
     u64,
-    std::result::Result<(RgbImage, String, Option<SceneTruth>), String>,
+    std::result::Result<(RgbImage, String, Option<Arc<dyn CaptionTruth>>), String>,
 );
 /// A raw (undecoded) batch from the tar stream, with the stream position after it.
 type RawBatch = (u64, Vec<(u64, webdataset::RawSample)>);
@@ -138,8 +89,7 @@ impl Prep {
         match self.augment {
             Augment::None => self.processor.preprocess(img),
             Augment::RandomResizedCrop { scale } => {
-                let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5eed_a06e);
-                rng.set_stream(position);
+                let mut rng = rng::stream(self.seed, rng::AUGMENT, position);
                 let (h, w) = self
                     .processor
                     .output_size()
@@ -249,8 +199,7 @@ fn random_resized_crop(img: &RgbImage, scale: (f32, f32), rng: &mut ChaCha8Rng) 
 
 /// The permutation of epoch `epoch` over `n` items (Fisher–Yates from the seed).
 fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0e90c4);
-    rng.set_stream(epoch);
+    let mut rng = rng::stream(seed, rng::EPOCH_ORDER, epoch);
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         order.swap(i, rng.random_range(0..=i));
@@ -263,7 +212,14 @@ fn map_sample(source: &Source, seed: u64, pos: u64, order: &mut (u64, Vec<usize>
     match source {
         Source::Shapes(cfg) => {
             let s = shapes::generate(cfg, seed, pos);
-            (pos, Ok((s.image, s.caption, Some(s.truth))))
+            (
+                pos,
+                Ok((
+                    s.image,
+                    s.caption,
+                    Some(Arc::new(s.truth) as Arc<dyn CaptionTruth>),
+                )),
+            )
         }
         Source::Manifest(entries) => {
             let n = entries.len() as u64;
@@ -395,8 +351,7 @@ fn stream_tar(
     let mut pending: Vec<(u64, webdataset::RawSample)> = Vec::new();
     let mut k = 0usize;
     for epoch in 0.. {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7a5);
-        rng.set_stream(epoch);
+        let mut rng = rng::stream(seed, rng::TAR_SHUFFLE, epoch);
         let order = epoch_order(shards.len(), seed, epoch);
         let mut buf: Vec<webdataset::RawSample> = Vec::new();
         let mut stop = false;
@@ -472,7 +427,7 @@ mod tests {
     #[test]
     fn random_resized_crop_stays_inside() {
         let img = RgbImage::new(40, 30, vec![1; 40 * 30 * 3]);
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut rng = crate::rng::stream(0, 0, 0);
         for _ in 0..100 {
             let c = random_resized_crop(&img, (0.3, 1.0), &mut rng);
             assert!(c.width <= 40 && c.height <= 30 && c.width > 0 && c.height > 0);

@@ -40,7 +40,7 @@ fn resolve(root: &Path, p: &str) -> PathBuf {
 /// Reads a manifest; the format follows the extension (`.jsonl`/`.json` or `.csv`/`.tsv`).
 /// A malformed line is an error naming the file and line: it is found before training starts.
 pub fn read(path: &Path) -> Result<Vec<Entry>> {
-    let text = crate::error::read_to_string(path)?;
+    let text = crate::io::read_to_string(path)?;
     let root = path.parent().unwrap_or(Path::new("."));
     let ext = path
         .extension()

@@ -3,11 +3,12 @@
 //! seed and an index. A fixed list of colour–shape pairs never appears in training data, so
 //! zero-shot accuracy on them measures compositional generalisation.
 
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::image::RgbImage;
+use crate::rng;
 
 /// Colour names and their base RGB (jittered per object).
 pub const COLORS: [(&str, [u8; 3]); 8] = [
@@ -215,11 +216,17 @@ impl SceneTruth {
     }
 }
 
-/// The RNG of sample `index` under `seed`: samples are independent of generation order.
-fn sample_rng(seed: u64, index: u64) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(index);
-    rng
+impl crate::data::batch::CaptionTruth for SceneTruth {
+    fn caption_fits(&self, other: &dyn crate::data::batch::CaptionTruth) -> bool {
+        other
+            .as_any()
+            .downcast_ref::<SceneTruth>()
+            .is_some_and(|o| SceneTruth::caption_fits(self, o))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,9 +279,6 @@ fn object_count(cfg: &ShapesConfig, rng: &mut ChaCha8Rng) -> usize {
     hi
 }
 
-/// Stream of the shape choices, separate from the layout's so that twins can share a layout.
-const SHAPE_STREAM_SALT: u64 = 0x5a4e_5e5a_11ce_d00d;
-
 /// Draws a shape for `color` allowed by `pairs`, different from `avoid` when given.
 fn draw_shape(
     rng: &mut ChaCha8Rng,
@@ -297,7 +301,7 @@ fn generate_inner(
     // With twins, samples 2k and 2k+1 share layout, colours, sizes, background and caption
     // template, and differ only in their shapes.
     let layout_index = if cfg.twins { index / 2 } else { index };
-    let mut rng = sample_rng(seed, layout_index);
+    let mut rng = rng::stream(seed, rng::SHAPES_SCENE, layout_index);
     let n = object_count(cfg, &mut rng);
     let mut positions: Vec<usize> = (0..POSITIONS.len()).collect();
     // Partial Fisher–Yates: distinct positions for the objects.
@@ -329,7 +333,7 @@ fn generate_inner(
     }
     if forced.is_none() {
         let shapes_of = |i: u64, avoid: Option<&[usize]>| -> Vec<usize> {
-            let mut r = sample_rng(seed ^ SHAPE_STREAM_SALT, i);
+            let mut r = rng::stream(seed, rng::SHAPES_SHAPE, i);
             objects
                 .iter()
                 .enumerate()

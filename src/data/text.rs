@@ -59,7 +59,7 @@ impl TextTokenizer {
             .parent()
             .map(|d| d.join("tokenizer_config.json"))
             .filter(|p| p.is_file())
-            .map(|p| crate::error::read_json::<serde_json::Value>(&p))
+            .map(|p| crate::io::read_json::<serde_json::Value>(&p))
             .transpose()?
             .and_then(|cfg| match cfg.get("pad_token") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),

@@ -1,18 +1,9 @@
-//! Evaluation on embeddings: zero-shot classification with prompt templates and image–text
-//! retrieval. Pure functions of L2-normalised embeddings, plus the shapes and manifest drivers.
+//! Evaluation: metrics of a model over a labelled image–caption set — zero-shot accuracy with
+//! prompt templates, image–text retrieval recall, and for Q-Formers ITM-reranked retrieval and
+//! caption word accuracy. Pure functions of embeddings and scores, plus the drivers that run a
+//! pipeline over an [`report::EvalSet`]. Imports infer, data and below; never train or the CLI.
 
 pub mod qformer;
 pub mod report;
 pub mod retrieval;
 pub mod zeroshot;
-
-use candle_core::Tensor;
-
-use crate::data::image::RgbImage;
-use crate::error::Result;
-
-/// Anything that maps images and texts into the joint space (L2-normalised rows).
-pub trait Embedder {
-    fn embed_images(&self, images: &[RgbImage]) -> Result<Tensor>;
-    fn embed_texts(&self, texts: &[String]) -> Result<Tensor>;
-}

@@ -5,11 +5,12 @@
 
 use serde::Serialize;
 
+use super::report::EvalSet;
 use super::retrieval::{from_scores, from_similarity, RetrievalMetrics};
 use crate::data::image::RgbImage;
-use crate::data::shapes::{COLORS, SHAPES};
+use crate::data::shapes::{self, COLORS, SHAPES};
 use crate::error::{Error, Result};
-use crate::qformer_pipeline::{topk_rows, QformerPipeline};
+use crate::infer::QformerPipeline;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct QformerRetrieval {
@@ -43,20 +44,16 @@ pub fn retrieval(
     let itc = from_similarity(&s);
 
     let mut i2t = vec![vec![OUTSIDE; n]; n];
-    for (i, top) in topk_rows(&sims, k)?.into_iter().enumerate() {
-        let pairs: Vec<(usize, &str)> = top.iter().map(|&j| (i, captions[j].as_str())).collect();
-        for (&j, m) in top.iter().zip(p.match_logits(&emb, &pairs)?) {
-            i2t[i][j] = m + s[i][j];
+    for (i, row) in s.iter().enumerate() {
+        for r in p.rerank(&emb, row, k, |j| (i, captions[j].as_str()))? {
+            i2t[i][r.index] = r.score;
         }
     }
     let mut t2i = vec![vec![OUTSIDE; n]; n];
-    for (j, top) in topk_rows(&sims.t()?.contiguous()?, k)?
-        .into_iter()
-        .enumerate()
-    {
-        let pairs: Vec<(usize, &str)> = top.iter().map(|&i| (i, captions[j].as_str())).collect();
-        for (&i, m) in top.iter().zip(p.match_logits(&emb, &pairs)?) {
-            t2i[j][i] = m + s[i][j];
+    for (j, caption) in captions.iter().enumerate() {
+        let column: Vec<f32> = s.iter().map(|row| row[j]).collect();
+        for r in p.rerank(&emb, &column, k, |i| (i, caption.as_str()))? {
+            t2i[j][r.index] = r.score;
         }
     }
     Ok(QformerRetrieval {
@@ -108,6 +105,97 @@ pub fn caption_accuracy(
         .map(|c| c.text)
         .collect();
     Ok((word_accuracy(&texts, truths), texts))
+}
+
+/// What `vlalign eval --json` prints for a Q-Former directory. Caption figures are the share of
+/// colour and shape words that are right, on single-object images of seen shapes compositions
+/// and of held-out ones; absent when the set has no such image.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct QformerReport {
+    pub n_images: usize,
+    pub n_skipped: usize,
+    /// Candidates reranked per query.
+    pub k: usize,
+    pub itc: RetrievalMetrics,
+    pub itm_reranked: RetrievalMetrics,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption_seen_greedy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption_seen_beam: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_caption_seen: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption_unseen_greedy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption_unseen_beam: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_caption_unseen: Option<usize>,
+}
+
+/// Single-object images and the (colour, shape) of each.
+pub type CaptionGroup = (Vec<RgbImage>, Vec<(String, String)>);
+
+/// The single-object images of a set whose class is "COLOUR SHAPE", split into seen
+/// compositions and the held-out ones (`shapes::is_held_out`), each with its truths.
+pub fn caption_groups(set: &EvalSet) -> [CaptionGroup; 2] {
+    let mut groups: [CaptionGroup; 2] = Default::default();
+    for (img, class) in set.images.iter().zip(&set.classes) {
+        let Some((c, sh)) = class.as_deref().and_then(|c| c.split_once(' ')) else {
+            continue;
+        };
+        let g = usize::from(shapes::is_held_out(c, sh));
+        groups[g].0.push(img.clone());
+        groups[g].1.push((c.to_string(), sh.to_string()));
+    }
+    groups
+}
+
+/// (greedy, beam) caption word accuracy and the image count of a group; `None` when it is empty.
+fn group_scores(
+    p: &QformerPipeline,
+    (images, truths): &CaptionGroup,
+    beams: usize,
+    max_len: usize,
+) -> Result<Option<(f64, f64, usize)>> {
+    if images.is_empty() {
+        return Ok(None);
+    }
+    let emb = p.image_embeds(images)?;
+    let greedy = caption_accuracy(p, &emb, truths, 1, max_len)?.0;
+    let beam = caption_accuracy(p, &emb, truths, beams, max_len)?.0;
+    Ok(Some((greedy, beam, images.len())))
+}
+
+/// Retrieval by ITC and ITM-reranked over every pair of `set`, and caption word accuracy
+/// (greedy and `beams`-wide beam search, at most `max_len` tokens) on its single-object images.
+pub fn evaluate(
+    p: &QformerPipeline,
+    set: &EvalSet,
+    rerank_k: usize,
+    beams: usize,
+    max_len: usize,
+) -> Result<QformerReport> {
+    let r = retrieval(p, &set.images, &set.captions, rerank_k)?;
+    let mut report = QformerReport {
+        n_images: set.images.len(),
+        n_skipped: set.skipped.len(),
+        k: r.k,
+        itc: r.itc,
+        itm_reranked: r.itm_reranked,
+        ..Default::default()
+    };
+    let [seen, unseen] = caption_groups(set);
+    if let Some((greedy, beam, n)) = group_scores(p, &seen, beams, max_len)? {
+        report.caption_seen_greedy = Some(greedy);
+        report.caption_seen_beam = Some(beam);
+        report.n_caption_seen = Some(n);
+    }
+    if let Some((greedy, beam, n)) = group_scores(p, &unseen, beams, max_len)? {
+        report.caption_unseen_greedy = Some(greedy);
+        report.caption_unseen_beam = Some(beam);
+        report.n_caption_unseen = Some(n);
+    }
+    Ok(report)
 }
 
 #[cfg(test)]

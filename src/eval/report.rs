@@ -6,11 +6,12 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::retrieval::{retrieval, RetrievalMetrics};
-use super::zeroshot::{class_embeddings, topk_accuracy};
-use super::Embedder;
+use super::zeroshot::topk_accuracy;
 use crate::data::image::{load_rgb, RgbImage};
 use crate::data::manifest;
 use crate::error::{Error, Result};
+use crate::infer::zeroshot::class_embeddings;
+use crate::infer::Embedder;
 
 /// Images with captions and, for single-object images, their class.
 pub struct EvalSet {

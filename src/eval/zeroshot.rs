@@ -1,36 +1,9 @@
-//! Zero-shot classification (CLIP §3.1.4): a class is the normalised mean of the normalised
-//! embeddings of its prompts ("a photo of a {}." …); an image is assigned the most similar class.
+//! Zero-shot accuracy (CLIP §3.1.4): images are assigned the most similar class embedding
+//! (`infer::zeroshot::class_embeddings`); top-k accuracy counts the classes that score higher.
 
 use candle_core::{Tensor, D};
 
-use super::Embedder;
 use crate::error::{Error, Result};
-use crate::nn::ops::l2_normalize;
-
-/// `[C, D]` class embeddings from `templates` (each with `{}` for the class name).
-pub fn class_embeddings(
-    e: &dyn Embedder,
-    classes: &[String],
-    templates: &[String],
-) -> Result<Tensor> {
-    if classes.is_empty() {
-        return Err(Error::input(
-            "zero-shot classification needs at least one class",
-        ));
-    }
-    if templates.is_empty() || templates.iter().any(|t| !t.contains("{}")) {
-        return Err(Error::input(
-            "every prompt template needs a {} where the class name goes",
-        ));
-    }
-    let mut rows = Vec::with_capacity(classes.len());
-    for c in classes {
-        let prompts: Vec<String> = templates.iter().map(|t| t.replace("{}", c)).collect();
-        let emb = e.embed_texts(&prompts)?;
-        rows.push(l2_normalize(&emb.mean_keepdim(0)?)?);
-    }
-    Ok(Tensor::cat(&rows, 0)?)
-}
 
 /// Fraction of images whose label is among the `k` most similar classes, for each `k`.
 pub fn topk_accuracy(

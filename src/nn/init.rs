@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::init::{Init, NormalOrUniform};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 /// FNV-1a of the name: a stable per-tensor stream id.
@@ -20,8 +20,7 @@ fn name_stream(name: &str) -> u64 {
 /// Values of `init` for `shape` from the stream (`seed`, `name`), as float32 on the CPU.
 pub fn seeded_values(init: &Init, shape: &Shape, seed: u64, name: &str) -> Vec<f32> {
     let n = shape.elem_count();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(name_stream(name));
+    let mut rng = crate::rng::stream(seed, crate::rng::INIT, name_stream(name));
     let normal = |rng: &mut ChaCha8Rng, mean: f64, std: f64| -> f32 {
         // Box–Muller; u1 in (0, 1] keeps the log finite.
         let u1: f64 = 1.0 - rng.random::<f64>();
@@ -91,9 +90,7 @@ impl SimpleBackend for Seeded {
             Some(t) => t.to_dtype(dtype)?.to_device(dev)?,
             None => {
                 let values = seeded_values(&h, &s, self.seed, name);
-                Tensor::from_vec(values, s, &Device::Cpu)?
-                    .to_dtype(dtype)?
-                    .to_device(dev)?
+                Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?
             }
         };
         let var = Var::from_tensor(&t)?;

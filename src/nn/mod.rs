@@ -1,8 +1,10 @@
-//! Building blocks shared by the models: layer norm, activations, attention, masks.
+//! Building blocks shared by the models: linear layers, layer norm, activations, attention,
+//! patch embedding, the Q-Former attention masks and seeded initialisation.
 //!
-//! Every block has two paths. When gradients are needed (an input or a weight is tracked by
-//! candle's autograd) it is a differentiable composition of primitive ops; otherwise it uses
-//! candle's fused kernels, which are faster but have no backward (DESIGN.md §2, "Trap").
+//! LayerNorm, softmax and the GELUs run as our own fused CPU kernels (`fused`, float32), which
+//! have a backward pass; elsewhere (other dtypes or devices) a block uses candle's fast ops only
+//! when nothing it touches needs a gradient, and a differentiable composition of primitives when
+//! something does (candle's fast ops have no backward: DESIGN.md §2, "Trap").
 
 pub mod activation;
 pub mod attention;

@@ -22,6 +22,53 @@ pub const CLIP_LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_092;
 pub const SIGLIP_LOGIT_SCALE_INIT: f64 = std::f64::consts::LN_10;
 pub const SIGLIP_LOGIT_BIAS_INIT: f64 = -10.0;
 
+/// Which contrastive loss a CLIP trains with (`train.loss` in a config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ContrastiveLoss {
+    /// CLIP's symmetric InfoNCE ([`clip_loss`]).
+    #[default]
+    #[serde(rename = "infonce")]
+    InfoNce,
+    /// SigLIP's pairwise sigmoid loss ([`siglip_loss`]), with a learned bias.
+    #[serde(rename = "siglip")]
+    SigLip,
+}
+
+impl ContrastiveLoss {
+    /// The initial log temperature: ln(1/0.07) for InfoNCE, ln 10 for SigLIP.
+    pub fn logit_scale_init(self) -> f64 {
+        match self {
+            ContrastiveLoss::InfoNce => CLIP_LOGIT_SCALE_INIT,
+            ContrastiveLoss::SigLip => SIGLIP_LOGIT_SCALE_INIT,
+        }
+    }
+
+    /// The initial logit bias, for the losses that learn one.
+    pub fn logit_bias_init(self) -> Option<f64> {
+        match self {
+            ContrastiveLoss::InfoNce => None,
+            ContrastiveLoss::SigLip => Some(SIGLIP_LOGIT_BIAS_INIT),
+        }
+    }
+
+    /// The loss over L2-normalised `[B, D]` features; `logit_bias` is required by SigLIP.
+    pub fn loss(
+        self,
+        image: &Tensor,
+        text: &Tensor,
+        logit_scale: &Tensor,
+        logit_bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        match self {
+            ContrastiveLoss::InfoNce => clip_loss(image, text, logit_scale),
+            ContrastiveLoss::SigLip => match logit_bias {
+                Some(b) => siglip_loss(image, text, logit_scale, b),
+                None => candle_core::bail!("the SigLIP loss needs a logit bias"),
+            },
+        }
+    }
+}
+
 /// `exp(t) · I Tᵀ`: `[B_img, B_txt]`.
 pub fn logits(image: &Tensor, text: &Tensor, logit_scale: &Tensor) -> Result<Tensor> {
     image.matmul(&text.t()?)?.broadcast_mul(&logit_scale.exp()?)

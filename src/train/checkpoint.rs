@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::AdamW;
 use super::task::Task;
 use crate::error::{Error, Result};
-use crate::model_dir::{write_dir_atomic, write_json};
+use crate::io::{write_dir_atomic, write_json};
 
 /// `trainer_state.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -98,7 +98,7 @@ pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
     if !last.is_file() {
         return Ok(None);
     }
-    let rel = crate::error::read_to_string(&last)?;
+    let rel = crate::io::read_to_string(&last)?;
     let dir = run.join(rel.trim());
     if !dir.join("trainer_state.json").is_file() {
         return Err(Error::input(format!(
@@ -111,5 +111,5 @@ pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
 }
 
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
-    crate::error::read_json(dir.join("trainer_state.json"))
+    crate::io::read_json(dir.join("trainer_state.json"))
 }

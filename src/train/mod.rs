@@ -1,13 +1,15 @@
-//! Training: one loop over a [`task::Task`] (CLIP now; the Q-Former and distillation later),
-//! AdamW with weight-decay groups, warm-up + cosine schedule, clipping, accumulation,
-//! checkpoints that resume bit-exactly.
+//! Training: a config ([`config`]) is built into a run ([`build`]: the task and its data), which
+//! one loop ([`trainer`]) trains — AdamW with weight-decay groups, warm-up + cosine schedule,
+//! clipping, exact accumulation, checkpoints that resume bit-exactly. Each objective family is a
+//! [`task::Task`] under [`tasks`]: CLIP pretraining, BLIP-2 stage 1.
 
+pub mod build;
 pub mod checkpoint;
-pub mod clip_task;
+pub mod config;
 pub mod optim;
 pub mod plot;
-pub mod qformer_task;
 pub mod schedule;
-pub mod setup;
 pub mod task;
+pub mod tasks;
+pub mod tokenizer;
 pub mod trainer;

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 
 /// Gradients by variable name.
 /// Gradients by variable name, in sorted order: the clipping norm sums them in this order, so
@@ -49,7 +49,11 @@ pub struct AdamW {
 
 impl AdamW {
     /// Sorted by name, so the state file and the update order do not depend on hash order.
+    /// There must be at least one variable.
     pub fn new(mut vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        if vars.is_empty() {
+            candle_core::bail!("AdamW got no variables to train");
+        }
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let params = vars
             .into_iter()
@@ -116,7 +120,8 @@ impl AdamW {
             out.insert(format!("exp_avg.{}", p.name), p.m.clone());
             out.insert(format!("exp_avg_sq.{}", p.name), p.v.clone());
         }
-        out.insert("step".into(), Tensor::new(self.step as f64, &Device::Cpu)?);
+        let device = self.params[0].var.device();
+        out.insert("step".into(), Tensor::new(self.step as f64, device)?);
         Ok(out)
     }
 
@@ -191,7 +196,7 @@ mod tests {
 
     #[test]
     fn clipping_bounds_the_global_norm() {
-        let dev = Device::Cpu;
+        let dev = candle_core::Device::Cpu;
         let mut g: Grads = Grads::new();
         g.insert("a".into(), Tensor::new(&[3f32, 0.0], &dev).unwrap());
         g.insert("b".into(), Tensor::new(&[4f32], &dev).unwrap());

@@ -1,30 +1,117 @@
-//! What the trainer needs from a training objective. CLIP pretraining is one task; the
-//! Q-Former stages and distillation are others — the loop is never copied.
+//! What the trainer needs from a training objective ([`Task`]), and the plumbing every task
+//! shares ([`TaskParts`]): its trainable variables, its frozen tensors, the inputs' tokenizer and
+//! preprocessing, and the files that make its model directory. CLIP pretraining and BLIP-2
+//! stage 1 are tasks; the loop is never copied.
 
+use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::Var;
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
 
 use super::optim::Grads;
-use crate::data::loader::Batch;
-use crate::error::Result;
+use crate::data::batch::Batch;
+use crate::data::image::ImageProcessor;
+use crate::data::text::TextTokenizer;
+use crate::error::{Error, Result};
+use crate::io::model_files::{write_model_files, ModelFiles};
 
 /// The loss of one optimiser step and its logged parts.
 #[derive(Clone, Debug, Default)]
 pub struct LossTerms {
     pub total: f32,
-    /// Named parts (e.g. `itc`, `itm`, `itg`), logged separately.
+    /// Named parts (e.g. `itc`, `itm`, `itg`), logged and plotted separately; the names are
+    /// the task's [`Task::loss_names`].
     pub parts: Vec<(String, f32)>,
 }
 
+/// Files shipped in a model directory besides the standard ones: (name, bytes).
+pub type ExtraFiles = Vec<(String, Vec<u8>)>;
+
+/// What every task holds besides its model and objective.
+pub struct TaskParts {
+    /// The trainable variables, by checkpoint (HF) name.
+    pub varmap: VarMap,
+    /// Tensors stored in the model directory but never trained (BLIP-2's frozen image encoder).
+    pub frozen: HashMap<String, Tensor>,
+    pub processor: ImageProcessor,
+    pub tokenizer: TextTokenizer,
+    /// Extra files written into model directories (e.g. tokenizer_config.json).
+    pub extra_files: ExtraFiles,
+    pub device: Device,
+}
+
+impl TaskParts {
+    /// Trainable variables by name (sorted by the optimiser, not here).
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// The variable `name`, if the task has one.
+    pub fn var(&self, name: &str) -> Option<Var> {
+        self.varmap
+            .data()
+            .lock()
+            .expect("varmap lock")
+            .get(name)
+            .cloned()
+    }
+
+    /// Adds the gradient of every trainable variable found in `grads` into `into`.
+    pub fn collect(&self, grads: &GradStore, into: &mut Grads) -> Result<()> {
+        for (name, var) in self.varmap.data().lock().expect("varmap lock").iter() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                match into.get_mut(name) {
+                    Some(acc) => *acc = (&*acc + g)?,
+                    None => {
+                        into.insert(name.clone(), g.clone());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a model directory's files into the existing directory `dir`: `config` as
+    /// `config.json`, the preprocessing, the tokenizer, the extra files, and the frozen and
+    /// trainable tensors as `model.safetensors`.
+    pub fn write_model(&self, dir: &Path, config: serde_json::Value) -> Result<()> {
+        let mut tensors = self.frozen.clone();
+        for (k, v) in self.vars() {
+            tensors.insert(k, v.as_tensor().clone());
+        }
+        let files = ModelFiles {
+            config,
+            preprocessor: self.processor.to_hf_json(),
+            tokenizer_json: self.tokenizer.json_bytes(),
+            extra: &self.extra_files,
+        };
+        write_model_files(dir, &files, &tensors)
+    }
+
+    /// Loads the trainable variables from a model directory this task wrote.
+    pub fn load_weights(&mut self, dir: &Path) -> Result<()> {
+        let path = dir.join("model.safetensors");
+        self.varmap
+            .load(&path)
+            .map_err(|e| Error::weights(&path, e.to_string()))
+    }
+}
+
 pub trait Task {
-    /// Trainable variables by checkpoint (HF) name.
-    fn vars(&self) -> Vec<(String, Var)>;
+    /// The shared plumbing.
+    fn parts(&self) -> &TaskParts;
+    fn parts_mut(&mut self) -> &mut TaskParts;
 
     /// Gradients of one optimiser step over `micro` (the accumulation micro-batches, together
     /// one large batch) and the loss terms. A task whose loss couples samples (contrastive
     /// losses) must make the accumulated gradient equal the large-batch one.
     fn grads(&mut self, micro: &[Batch], step: u64) -> Result<(Grads, LossTerms)>;
+
+    /// The names of the loss terms [`Task::grads`] reports.
+    fn loss_names(&self) -> &'static [&'static str];
 
     /// Runs after every optimiser step: clamp the temperature, update momentum encoders, ….
     fn after_step(&mut self) -> Result<()> {
@@ -36,9 +123,21 @@ pub trait Task {
         Vec::new()
     }
 
+    /// The model directory's `config.json` (the family's HF schema).
+    fn hf_config(&self) -> serde_json::Value;
+
+    /// Trainable variables by checkpoint (HF) name.
+    fn vars(&self) -> Vec<(String, Var)> {
+        self.parts().vars()
+    }
+
     /// Writes the model directory files (HF layout) into the existing directory `dir`.
-    fn write_model(&self, dir: &Path) -> Result<()>;
+    fn write_model(&self, dir: &Path) -> Result<()> {
+        self.parts().write_model(dir, self.hf_config())
+    }
 
     /// Loads trainable weights from a model directory this task wrote.
-    fn load_weights(&mut self, dir: &Path) -> Result<()>;
+    fn load_weights(&mut self, dir: &Path) -> Result<()> {
+        self.parts_mut().load_weights(dir)
+    }
 }

@@ -9,11 +9,12 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::checkpoint::{self, TrainerState};
+use super::config::TrainConfig;
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::task::Task;
-use crate::config::TrainConfig;
-use crate::data::loader::{Batch, Loader};
+use crate::data::batch::Batch;
+use crate::data::loader::Loader;
 use crate::error::{Error, Result};
 
 pub struct RunOptions {
@@ -89,7 +90,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     if !path.is_file() {
         return Ok(());
     }
-    let text = crate::error::read_to_string(path)?;
+    let text = crate::io::read_to_string(path)?;
     let kept: String = text
         .lines()
         .filter(|l| {
@@ -130,7 +131,7 @@ pub fn run<T: Task>(
         let state = checkpoint::load_state(ck)?;
         task.load_weights(ck)?;
         let p = ck.join("optimizer.safetensors");
-        let st = candle_core::safetensors::load(&p, &candle_core::Device::Cpu)
+        let st = candle_core::safetensors::load(&p, &task.parts().device)
             .map_err(|e| Error::weights(&p, e.to_string()))?;
         opt.load_state(&st)
             .map_err(|e| Error::weights(&p, e.to_string()))?;
@@ -291,8 +292,8 @@ pub fn run<T: Task>(
         pb.finish_and_clear();
     }
     let model_dir = opts.run_dir.join("model");
-    crate::model_dir::write_dir_atomic(&model_dir, |tmp| task.write_model(tmp))?;
-    plot_metrics(&opts.run_dir)?;
+    crate::io::write_dir_atomic(&model_dir, |tmp| task.write_model(tmp))?;
+    plot_metrics(&opts.run_dir, task.loss_names())?;
     if skipped > 0 {
         eprintln!("{skipped} samples were skipped (unreadable or corrupt); see warnings above");
     }
@@ -308,10 +309,11 @@ pub fn run<T: Task>(
     })
 }
 
-/// `loss.png` (loss terms and learning rate) and `metrics.png` (evaluation and other scalars).
-pub fn plot_metrics(run: &Path) -> Result<()> {
+/// `loss.png` (the loss and its terms `loss_names`), `metrics.png` (evaluations) and
+/// `logit_scale.png`, from `metrics.jsonl`.
+pub fn plot_metrics(run: &Path, loss_names: &[&str]) -> Result<()> {
     let path = run.join("metrics.jsonl");
-    let text = crate::error::read_to_string(&path)?;
+    let text = crate::io::read_to_string(&path)?;
     let mut series: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
@@ -335,13 +337,7 @@ pub fn plot_metrics(run: &Path) -> Result<()> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     };
-    let loss = pick(&|k| {
-        k == "loss"
-            || k == "contrastive"
-            || k.starts_with("itc")
-            || k.starts_with("itm")
-            || k.starts_with("itg")
-    });
+    let loss = pick(&|k| k == "loss" || loss_names.contains(&k));
     super::plot::line_chart(&run.join("loss.png"), "training loss", "step", &loss)?;
     let evals = pick(&|k| k.starts_with("eval/"));
     if !evals.is_empty() {

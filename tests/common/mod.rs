@@ -67,3 +67,93 @@ pub fn assert_same_weights(a: &std::path::Path, b: &std::path::Path) {
         assert!(x == y, "{k} differs after resuming");
     }
 }
+
+/// Runs the `vlalign` binary of this build.
+pub fn vlalign(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vlalign"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The one JSON object a successful `--json` run prints.
+pub fn json(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "failed: {}", stderr(o));
+    serde_json::from_slice(&o.stdout).expect("stdout is one JSON object")
+}
+
+/// A user error: exit code 1 and exactly one `error:` line on stderr, containing `needle`, and
+/// no panic.
+pub fn assert_user_error(o: &std::process::Output, needle: &str) {
+    let e = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "exit code; stderr: {e}");
+    let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {e:?}");
+    assert!(
+        errors[0].contains(needle),
+        "{needle:?} not in the error line {e:?}"
+    );
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+/// Largest relative difference between two gradient sets over the same tensors (|a − b| over
+/// max |a|, the scale floored at 1e-3).
+pub fn grads_rel_diff(a: &vlalign::train::optim::Grads, b: &vlalign::train::optim::Grads) -> f32 {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "same tensors get gradients"
+    );
+    a.iter()
+        .map(|(k, g)| {
+            let d = (g - &b[k]).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = g
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            d.to_scalar::<f32>().unwrap() / scale.max(1e-3)
+        })
+        .fold(0.0, f32::max)
+}
+
+/// The L2 norm of one gradient.
+pub fn grad_norm(g: &Tensor) -> f32 {
+    g.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Trains `cfg` into `dir` on the CPU (resuming when asked), as `vlalign train` does.
+pub fn train(
+    cfg: &vlalign::train::config::TrainConfig,
+    dir: &std::path::Path,
+    resume: bool,
+) -> vlalign::train::trainer::RunReport {
+    let opts = vlalign::train::trainer::RunOptions {
+        run_dir: dir.to_path_buf(),
+        resume,
+        progress: false,
+    };
+    vlalign::train::build::Run::new(cfg.clone(), &Device::Cpu)
+        .unwrap()
+        .train(&opts, None)
+        .unwrap()
+}
+
+/// [`assert_user_error`], and stderr holds nothing else.
+pub fn assert_only_error(o: &std::process::Output, needle: &str) {
+    assert_user_error(o, needle);
+    assert_eq!(stderr(o).trim().lines().count(), 1, "{}", stderr(o));
+}

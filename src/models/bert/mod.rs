@@ -15,7 +15,7 @@ pub use config::BertConfig;
 use layers::{FeedForward, PostLnAttention};
 
 use crate::error::Error;
-use crate::models::weights::Weights;
+use crate::io::Weights;
 use crate::nn::{linear, mask, LayerNorm, Linear};
 
 /// `encoder.layer.{i}`: self-attention then feed-forward, each post-LN.
@@ -99,9 +99,8 @@ impl Bert {
     /// Loads a model directory (`config.json` + safetensors) as `BertModel` stores it, or a task
     /// model (`BertForMaskedLM`, ...) whose encoder sits under `bert.`; task heads are ignored.
     pub fn load(dir: &Path, device: &Device) -> crate::error::Result<Self> {
-        let cfg_path = dir.join("config.json");
-        let cfg: BertConfig = crate::error::read_json(&cfg_path)?;
-        cfg.validate().map_err(|m| Error::config(&cfg_path, m))?;
+        let md = crate::models::ModelDir::open(dir)?;
+        let cfg = md.bert("loading a BERT encoder")?.clone();
         let w = Weights::open(dir)?;
         let names = w.names();
         let prefixed = !names

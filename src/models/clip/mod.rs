@@ -17,7 +17,6 @@ use crate::nn::{linear_no_bias, Linear};
 pub use config::{ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use text::ClipText;
 
-use crate::data::text::TokenBatch;
 pub use vision::ClipVision;
 
 /// Which towers a checkpoint holds (from `model_type` in its config.json).
@@ -116,13 +115,14 @@ impl Clip {
         proj.forward(&vision.forward(pixels)?.1)
     }
 
-    /// `get_text_features`: projected pooled text features, not normalised. `[B, P]`.
-    pub fn text_features(&self, batch: &TokenBatch) -> Result<Tensor> {
+    /// `get_text_features`: projected pooled text features of a padded batch (`input_ids`,
+    /// `attention_mask`), not normalised. `[B, P]`.
+    pub fn text_features(&self, ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<Tensor> {
         let (text, proj) = match (&self.text, &self.text_projection) {
             (Some(t), Some(p)) => (t, p),
             _ => candle_core::bail!("this checkpoint has no text tower"),
         };
-        proj.forward(&text.forward(batch)?.1)
+        proj.forward(&text.forward(ids, mask)?.1)
     }
 
     /// exp(logit_scale) as a float; 100 (CLIP's cap) for a single-tower checkpoint.

@@ -8,7 +8,6 @@ use candle_nn::{Embedding, Module, VarBuilder};
 use super::config::ClipTextConfig;
 use super::encoder::{Encoder, EncoderShape};
 use super::vision::normal;
-use crate::data::text::TokenBatch;
 use crate::nn::attention::MASKED;
 use crate::nn::LayerNorm;
 
@@ -53,11 +52,10 @@ impl ClipText {
         &self.cfg
     }
 
-    /// The position each row is pooled at, as transformers decides it from `eos_token_id`.
-    pub fn pool_positions(&self, batch: &TokenBatch) -> Vec<usize> {
-        batch
-            .ids
-            .iter()
+    /// The position each row of `ids` is pooled at, as transformers decides it from
+    /// `eos_token_id`.
+    pub fn pool_positions(&self, ids: &[Vec<u32>]) -> Vec<usize> {
+        ids.iter()
             .map(|row| {
                 if self.cfg.eos_token_id == 2 {
                     // Legacy configs: argmax of the ids (torch.argmax returns the first maximum).
@@ -73,20 +71,27 @@ impl ClipText {
             .collect()
     }
 
-    /// Checks the batch fits this tower: ids below `vocab_size`, length within the context.
-    pub fn check_batch(&self, batch: &TokenBatch) -> std::result::Result<(), String> {
-        let t = batch.seq_len();
+    /// Checks a padded batch (`input_ids`, `attention_mask`: 1 = token, 0 = padding) fits this
+    /// tower: ids below `vocab_size`, length within the context, rows of one length.
+    pub fn check_batch(
+        &self,
+        ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+    ) -> std::result::Result<(), String> {
+        let t = seq_len(ids);
         if t == 0 || t > self.cfg.max_position_embeddings {
             return Err(format!(
                 "token sequence length {t} is outside 1..={} (text_config.max_position_embeddings)",
                 self.cfg.max_position_embeddings
             ));
         }
-        if batch.ids.iter().any(|r| r.len() != t) || batch.mask.iter().any(|r| r.len() != t) {
+        if ids.len() != mask.len()
+            || ids.iter().any(|r| r.len() != t)
+            || mask.iter().any(|r| r.len() != t)
+        {
             return Err("token batch rows have different lengths".into());
         }
-        if let Some(&bad) = batch
-            .ids
+        if let Some(&bad) = ids
             .iter()
             .flatten()
             .find(|&&i| i as usize >= self.cfg.vocab_size)
@@ -102,10 +107,10 @@ impl ClipText {
 
     /// Additive attention mask `[B, 1, T, T]`: position j is visible from i when j ≤ i and j is
     /// not padding (transformers' `create_causal_mask` with an attention mask).
-    fn mask(&self, batch: &TokenBatch, dev: &Device) -> Result<Tensor> {
-        let (b, t) = (batch.len(), batch.seq_len());
+    fn mask(&self, mask: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
+        let (b, t) = (mask.len(), seq_len(mask));
         let mut m = vec![0f32; b * t * t];
-        for (r, pad) in batch.mask.iter().enumerate() {
+        for (r, pad) in mask.iter().enumerate() {
             for i in 0..t {
                 for j in 0..t {
                     if j > i || pad[j] == 0 {
@@ -117,22 +122,22 @@ impl ClipText {
         Tensor::from_vec(m, (b, 1, t, t), dev)
     }
 
-    /// `(last_hidden_state, pooled)` for a padded batch.
-    pub fn forward(&self, batch: &TokenBatch) -> Result<(Tensor, Tensor)> {
-        self.check_batch(batch).map_err(candle_core::Error::Msg)?;
+    /// `(last_hidden_state, pooled)` for a padded batch (`input_ids`, `attention_mask`).
+    pub fn forward(&self, ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+        self.check_batch(ids, mask)
+            .map_err(candle_core::Error::Msg)?;
         let dev = self.position_embedding.device();
-        let (b, t) = (batch.len(), batch.seq_len());
-        let ids = ids_tensor(batch, dev)?;
+        let (b, t) = (ids.len(), seq_len(ids));
         let x = self
             .token_embedding
-            .forward(&ids)?
+            .forward(&ids_tensor(ids, dev)?)?
             .broadcast_add(&self.position_embedding.narrow(0, 0, t)?.unsqueeze(0)?)?;
-        let mask = self.mask(batch, dev)?.to_dtype(x.dtype())?;
+        let mask = self.mask(mask, dev)?.to_dtype(x.dtype())?;
         let last =
             self.final_layer_norm
                 .forward(&self.encoder.forward(&x, Some(&mask), None)?)?;
         let rows: Vec<u32> = self
-            .pool_positions(batch)
+            .pool_positions(ids)
             .into_iter()
             .enumerate()
             .map(|(r, p)| (r * t + p) as u32)
@@ -149,8 +154,13 @@ impl ClipText {
     }
 }
 
-/// `[B, T]` u32 ids of a batch.
-pub fn ids_tensor(batch: &TokenBatch, dev: &Device) -> Result<Tensor> {
-    let flat: Vec<u32> = batch.ids.iter().flatten().copied().collect();
-    Tensor::from_vec(flat, (batch.len(), batch.seq_len()), dev)
+/// The length of the rows of a padded batch.
+fn seq_len(rows: &[Vec<u32>]) -> usize {
+    rows.first().map_or(0, Vec::len)
+}
+
+/// `[B, T]` u32 ids of a padded batch.
+pub fn ids_tensor(ids: &[Vec<u32>], dev: &Device) -> Result<Tensor> {
+    let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+    Tensor::from_vec(flat, (ids.len(), seq_len(ids)), dev)
 }

@@ -168,6 +168,34 @@ impl Blip2Config {
         Ok(cfg)
     }
 
+    /// The `config.json` of a stage-1 model directory: HF's `Blip2Config` for
+    /// `Blip2ForImageTextRetrieval`, with a CLIP tower's config as `vision_config` when the
+    /// frozen encoder is one.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let vision = match &self.vision {
+            VisionConfig::Clip(c) => {
+                let mut v = serde_json::to_value(c).expect("config serialises");
+                v["model_type"] = "clip_vision_model".into();
+                v
+            }
+            VisionConfig::Blip2(c) => {
+                let mut v = serde_json::to_value(c).expect("config serialises");
+                v["model_type"] = "blip_2_vision_model".into();
+                v
+            }
+        };
+        let mut q = serde_json::to_value(&self.qformer).expect("config serialises");
+        q["model_type"] = "blip_2_qformer".into();
+        serde_json::json!({
+            "architectures": ["Blip2ForImageTextRetrieval"],
+            "model_type": "blip-2",
+            "num_query_tokens": self.num_query_tokens,
+            "image_text_hidden_size": self.image_text_hidden_size,
+            "qformer_config": q,
+            "vision_config": vision,
+        })
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let q = &self.qformer;
         validate_tower(

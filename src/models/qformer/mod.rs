@@ -6,7 +6,9 @@
 //! LAVIS's names (`cls.predictions.*`, decoder tied to the word embeddings), and a CLIP vision
 //! tower in place of `Blip2VisionModel` (see config.rs).
 
+pub mod clip_tower;
 pub mod config;
+pub mod from_bert;
 pub mod layer;
 pub mod vision;
 
@@ -19,9 +21,8 @@ pub use config::{Blip2Config, QformerConfig, VisionConfig};
 use layer::QformerLayer;
 use vision::Blip2Vision;
 
-use crate::error::Error;
+use crate::io::Weights;
 use crate::models::clip::vision::{normal, ClipVision};
-use crate::models::weights::Weights;
 use crate::nn::mask::{self, QformerMode};
 use crate::nn::{linear, ops::l2_normalize, LayerNorm, Linear};
 
@@ -118,15 +119,23 @@ impl Blip2Qformer {
         })
     }
 
-    /// Loads a model directory: `config.json` (`Blip2Config`) and safetensors.
+    /// Loads a Q-Former model directory (`Blip2Config` + safetensors).
     pub fn load(dir: &Path, device: &Device) -> crate::error::Result<Self> {
-        let cfg_path = dir.join("config.json");
-        let v: serde_json::Value = crate::error::read_json(&cfg_path)?;
-        let cfg = Blip2Config::from_json(&v).map_err(|m| Error::config(&cfg_path, m))?;
+        let md = crate::models::ModelDir::open(dir)?;
+        Self::load_weights(dir, md.qformer("loading a Q-Former")?, device)
+    }
+
+    /// Builds the model of `cfg` from the safetensors of `dir`, with the ITG head when they hold
+    /// one; every stored tensor must be used (LAVIS's `temp` aside).
+    pub fn load_weights(
+        dir: &Path,
+        cfg: &Blip2Config,
+        device: &Device,
+    ) -> crate::error::Result<Self> {
         let w = Weights::open(dir)?;
         let lm = w.names().iter().any(|n| n == "cls.predictions.bias");
         w.build(DType::F32, device, &["position_ids", "temp"], |vb| {
-            Self::new(vb, &cfg, lm)
+            Self::new(vb, cfg, lm)
         })
     }
 

@@ -8,40 +8,29 @@
 //! over micro-batches this is exactly the large-batch gradient. Unlike open_clip, the
 //! temperature is live only in the first pass, so its gradient is counted once, not K times.
 
-use std::path::Path;
+use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use super::optim::Grads;
-use super::task::{LossTerms, Task};
+use crate::data::batch::Batch;
 use crate::data::image::ImageProcessor;
-use crate::data::loader::Batch;
 use crate::data::text::TextTokenizer;
-use crate::error::{Error, Result};
-use crate::model_dir::{write_clip_files, ClipDirContents};
+use crate::error::Result;
+use crate::infer::ClipPipeline;
 use crate::models::clip::{Clip, ClipConfig, ClipLayout};
 use crate::nn::ops::l2_normalize;
-use crate::objectives::contrastive::{
-    clip_loss, siglip_loss, CLIP_LOGIT_SCALE_MAX, SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT,
-};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ContrastiveLoss {
-    InfoNce,
-    Sigmoid,
-}
+use crate::objectives::contrastive::{ContrastiveLoss, CLIP_LOGIT_SCALE_MAX};
+use crate::train::config::ModelSpec;
+use crate::train::optim::Grads;
+use crate::train::task::{ExtraFiles, LossTerms, Task, TaskParts};
+use crate::train::tokenizer::{clip_special_ids, tokenizer_for};
 
 pub struct ClipTask {
-    pub varmap: VarMap,
+    pub parts: TaskParts,
     pub model: Clip,
     pub loss: ContrastiveLoss,
     pub config: ClipConfig,
-    pub processor: ImageProcessor,
-    pub tokenizer: TextTokenizer,
-    /// Extra files written into model directories (e.g. tokenizer_config.json).
-    pub extra_files: Vec<(String, Vec<u8>)>,
-    device: Device,
 }
 
 impl ClipTask {
@@ -51,7 +40,7 @@ impl ClipTask {
         loss: ContrastiveLoss,
         processor: ImageProcessor,
         tokenizer: TextTokenizer,
-        extra_files: Vec<(String, Vec<u8>)>,
+        extra_files: ExtraFiles,
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
@@ -59,86 +48,87 @@ impl ClipTask {
         let vb = crate::nn::init::seeded_var_builder(&varmap, seed, DType::F32, device);
         let scale_init = match loss {
             ContrastiveLoss::InfoNce => config.logit_scale_init_value,
-            ContrastiveLoss::Sigmoid => SIGLIP_LOGIT_SCALE_INIT,
+            ContrastiveLoss::SigLip => loss.logit_scale_init(),
         };
         vb.get_with_hints((), "logit_scale", candle_nn::Init::Const(scale_init))?;
-        if loss == ContrastiveLoss::Sigmoid {
-            vb.get_with_hints(
-                (),
-                "logit_bias",
-                candle_nn::Init::Const(SIGLIP_LOGIT_BIAS_INIT),
-            )?;
+        if let Some(bias) = loss.logit_bias_init() {
+            vb.get_with_hints((), "logit_bias", candle_nn::Init::Const(bias))?;
         }
         let model = Clip::new(vb, &config, ClipLayout::Full)?;
         Ok(Self {
-            varmap,
+            parts: TaskParts {
+                varmap,
+                frozen: HashMap::new(),
+                processor,
+                tokenizer,
+                extra_files,
+                device: device.clone(),
+            },
             model,
             loss,
             config,
-            processor,
-            tokenizer,
-            extra_files,
-            device: device.clone(),
         })
     }
 
+    /// A fresh CLIP of the `[model]` section `spec`, its tokenizer and the CLIP preprocessing at
+    /// its image size; `seed` fixes the initial weights.
+    pub fn from_spec(
+        spec: &ModelSpec,
+        loss: ContrastiveLoss,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let (tok, extra) = tokenizer_for(&spec.tokenizer, spec.context_length)?;
+        let (bos, eos, pad) = clip_special_ids(&spec.tokenizer, &tok)?;
+        let config = spec.clip_config(tok.vocab_size(), bos, eos, pad);
+        let processor = ImageProcessor::clip_default(spec.image_size);
+        Self::new(config, loss, processor, tok, extra, seed, device)
+    }
+
     /// The current weights, detached, as an inference pipeline (fast fused ops, no graph).
-    pub fn pipeline(&self) -> Result<crate::pipeline::ClipPipeline> {
+    pub fn pipeline(&self) -> Result<ClipPipeline> {
         let tensors = self
             .vars()
             .into_iter()
             .map(|(k, v)| (k, v.as_tensor().detach()))
             .collect();
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &self.device);
+        let device = &self.parts.device;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let model = Clip::new(vb, &self.config, ClipLayout::Full)?;
-        Ok(crate::pipeline::ClipPipeline::from_parts(
+        Ok(ClipPipeline::from_parts(
             model,
-            Some(self.tokenizer.clone()),
-            Some(self.processor.clone()),
-            &self.device,
+            Some(self.parts.tokenizer.clone()),
+            Some(self.parts.processor.clone()),
+            device,
         ))
     }
 
     /// L2-normalised (image, text) features of a batch.
     pub fn features(&self, b: &Batch) -> Result<(Tensor, Tensor)> {
-        let img = l2_normalize(&self.model.image_features(&b.pixel_tensor(&self.device)?)?)?;
-        let txt = l2_normalize(&self.model.text_features(&b.tokens)?)?;
+        let pixels = b.pixel_tensor(&self.parts.device)?;
+        let img = l2_normalize(&self.model.image_features(&pixels)?)?;
+        let txt = l2_normalize(&self.model.text_features(&b.tokens.ids, &b.tokens.mask)?)?;
         Ok((img, txt))
     }
 
     fn loss_of(&self, img: &Tensor, txt: &Tensor, scale: &Tensor) -> Result<Tensor> {
-        Ok(match self.loss {
-            ContrastiveLoss::InfoNce => clip_loss(img, txt, scale)?,
-            ContrastiveLoss::Sigmoid => {
-                let bias = self
-                    .model
-                    .logit_bias
-                    .as_ref()
-                    .expect("sigmoid task has a bias");
-                siglip_loss(img, txt, scale, bias)?
-            }
-        })
-    }
-
-    fn collect(&self, grads: &candle_core::backprop::GradStore, into: &mut Grads) -> Result<()> {
-        for (name, var) in self.varmap.data().lock().expect("varmap lock").iter() {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                match into.get_mut(name) {
-                    Some(acc) => *acc = (&*acc + g)?,
-                    None => {
-                        into.insert(name.clone(), g.clone());
-                    }
-                }
-            }
-        }
-        Ok(())
+        Ok(self
+            .loss
+            .loss(img, txt, scale, self.model.logit_bias.as_ref())?)
     }
 }
 
 impl Task for ClipTask {
-    fn vars(&self) -> Vec<(String, Var)> {
-        let data = self.varmap.data().lock().expect("varmap lock");
-        data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    fn parts(&self) -> &TaskParts {
+        &self.parts
+    }
+
+    fn parts_mut(&mut self) -> &mut TaskParts {
+        &mut self.parts
+    }
+
+    fn loss_names(&self) -> &'static [&'static str] {
+        &["contrastive"]
     }
 
     fn grads(&mut self, micro: &[Batch], _step: u64) -> Result<(Grads, LossTerms)> {
@@ -153,7 +143,7 @@ impl Task for ClipTask {
             let (img, txt) = self.features(&micro[0])?;
             let loss = self.loss_of(&img, &txt, &scale)?;
             loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-            self.collect(&loss.backward()?, &mut grads)?;
+            self.parts.collect(&loss.backward()?, &mut grads)?;
         } else {
             // Pass 1: every micro-batch's features, graphs dropped.
             let mut cached = Vec::with_capacity(micro.len());
@@ -182,7 +172,7 @@ impl Task for ClipTask {
                 };
                 let loss = self.loss_of(&Tensor::cat(&imgs, 0)?, &Tensor::cat(&txts, 0)?, &s)?;
                 first.get_or_insert(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-                self.collect(&loss.backward()?, &mut grads)?;
+                self.parts.collect(&loss.backward()?, &mut grads)?;
             }
             loss_value = first.unwrap_or(f32::NAN);
         }
@@ -197,8 +187,7 @@ impl Task for ClipTask {
 
     fn after_step(&mut self) -> Result<()> {
         // CLIP §2.5: the temperature is clipped to keep logits ≤ 100.
-        let data = self.varmap.data().lock().expect("varmap lock");
-        if let Some(v) = data.get("logit_scale") {
+        if let Some(v) = self.parts.var("logit_scale") {
             let clamped = v.as_tensor().clamp(0.0, CLIP_LOGIT_SCALE_MAX)?;
             v.set(&clamped)?;
         }
@@ -213,29 +202,7 @@ impl Task for ClipTask {
         out
     }
 
-    fn write_model(&self, dir: &Path) -> Result<()> {
-        let tensors = self
-            .vars()
-            .into_iter()
-            .map(|(k, v)| (k, v.as_tensor().clone()))
-            .collect();
-        let contents = ClipDirContents {
-            config: &self.config,
-            processor: &self.processor,
-            tokenizer_json: self.tokenizer.json_bytes(),
-        };
-        write_clip_files(dir, &contents, &tensors)?;
-        for (name, bytes) in &self.extra_files {
-            let p = dir.join(name);
-            std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))?;
-        }
-        Ok(())
-    }
-
-    fn load_weights(&mut self, dir: &Path) -> Result<()> {
-        let path = dir.join("model.safetensors");
-        self.varmap
-            .load(&path)
-            .map_err(|e| Error::weights(&path, e.to_string()))
+    fn hf_config(&self) -> serde_json::Value {
+        self.config.to_hf_json()
     }
 }

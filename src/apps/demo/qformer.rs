@@ -8,22 +8,20 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::Device;
 use serde::Serialize;
 
-use crate::config::TrainConfig;
+use super::{clip, retrieval_pairs, DemoOptions, EVAL_SEED};
 use crate::data::image::RgbImage;
-use crate::data::shapes::{self, PairSet, ShapesConfig, ShapesSample};
-use crate::demo::{self, class_set, DemoOptions, EVAL_SEED, RETRIEVAL_PAIRS};
+use crate::data::shapes::{PairSet, ShapesSample};
+use crate::data::shapes_files::class_set;
 use crate::error::{Error, Result};
 use crate::eval::qformer::{caption_accuracy, retrieval, QformerRetrieval};
-use crate::qformer_pipeline::QformerPipeline;
-use crate::train::qformer_task::QformerTask;
-use crate::train::setup;
-use crate::train::trainer::{self, RunOptions};
+use crate::infer::QformerPipeline;
+use crate::train::build::Run;
+use crate::train::trainer::RunOptions;
 
 /// The stage-1 configuration, compiled in so the binary runs from anywhere.
-pub const QFORMER_TINY_TOML: &str = include_str!("../configs/qformer-tiny.toml");
+pub const QFORMER_TINY_TOML: &str = include_str!("../../../configs/qformer-tiny.toml");
 
 /// ITC candidates reranked by ITM per query.
 const RERANK_K: usize = 10;
@@ -31,15 +29,6 @@ const RERANK_K: usize = 10;
 const BEAMS: usize = 3;
 /// Most caption tokens generated.
 const MAX_LEN: usize = 16;
-
-pub struct QformerDemoOptions {
-    /// The demo's run directory: the CLIP is read from (or trained into) `out/model`, the
-    /// Q-Former run goes to `out/qformer`.
-    pub out: PathBuf,
-    pub resume: bool,
-    pub steps: Option<u64>,
-    pub progress: bool,
-}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct CaptionExample {
@@ -93,7 +82,9 @@ fn caption_scores(
     Ok((greedy_acc, beam_acc, examples))
 }
 
-pub fn run(opts: &QformerDemoOptions) -> Result<QformerDemoReport> {
+/// Trains and evaluates stage 1; `opts.config` replaces configs/qformer-tiny.toml (its
+/// `qformer.vision_model` is set to the CLIP in `opts.out/model` either way).
+pub fn run(opts: &DemoOptions) -> Result<QformerDemoReport> {
     let t0 = Instant::now();
     let clip_dir = opts.out.join("model");
     if !clip_dir.join("model.safetensors").is_file() {
@@ -101,46 +92,36 @@ pub fn run(opts: &QformerDemoOptions) -> Result<QformerDemoReport> {
             "no CLIP at {}: running the CLIP demo first",
             clip_dir.display()
         );
-        demo::run(&DemoOptions {
+        clip::run(&DemoOptions {
             out: opts.out.clone(),
             config: None,
             resume: opts.resume,
             steps: None,
             progress: opts.progress,
+            device: opts.device.clone(),
         })?;
     }
     let t_stage = Instant::now();
-    let mut cfg = TrainConfig::from_toml(QFORMER_TINY_TOML)
-        .map_err(|m| Error::config("configs/qformer-tiny.toml", m))?;
-    if let Some(q) = cfg.qformer.as_mut() {
-        q.vision_model = clip_dir.to_string_lossy().into_owned();
-    }
-    if let Some(s) = opts.steps {
-        cfg.train.steps = s;
-        cfg.train.warmup_steps = cfg.train.warmup_steps.min(s / 5);
-    }
-    let device = Device::Cpu;
-    let mut task = QformerTask::new(&cfg, &device)?;
-    let size = task.config.vision.image_size();
-    let source = setup::source_for(&cfg, size)?;
-    let loader = setup::loader_for(&cfg, task.processor.clone(), task.tokenizer.clone(), source);
+    let mut cfg = opts.config("configs/qformer-tiny.toml", QFORMER_TINY_TOML)?;
+    cfg.qformer
+        .as_mut()
+        .ok_or_else(|| {
+            Error::input("the Q-Former demo's config must train a Q-Former ([qformer])")
+        })?
+        .vision_model = clip_dir.to_string_lossy().into_owned();
+    let mut run = Run::new(cfg, &opts.device)?;
+    let size = run.task.image_size();
     let run_opts = RunOptions {
         run_dir: opts.out.join("qformer"),
         resume: opts.resume,
         progress: opts.progress,
     };
     let t_train = Instant::now();
-    let report = trainer::run(&mut task, &cfg, &run_opts, loader, None)?;
+    let report = run.train(&run_opts, None)?;
     let train_seconds = t_train.elapsed().as_secs_f64();
 
-    let p = QformerPipeline::load(&report.model_dir, &device)?;
-    let mixed = ShapesConfig {
-        image_size: size,
-        ..ShapesConfig::default()
-    };
-    let pairs: Vec<ShapesSample> = (0..RETRIEVAL_PAIRS as u64)
-        .map(|i| shapes::generate(&mixed, EVAL_SEED + 2, i))
-        .collect();
+    let p = QformerPipeline::load(&report.model_dir, &opts.device)?;
+    let pairs = retrieval_pairs(size);
     let captions: Vec<String> = pairs.iter().map(|s| s.caption.clone()).collect();
     let retrieval = retrieval(&p, &images(&pairs), &captions, RERANK_K)?;
     let seen = class_set(size, PairSet::Seen, 3, EVAL_SEED);

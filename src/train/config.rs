@@ -1,13 +1,14 @@
 //! Training configuration (TOML). Every key is documented in the presets under `configs/`;
 //! unknown keys are errors naming the key and line.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::models::clip::{ClipConfig, ClipTextConfig, ClipVisionConfig};
 use crate::nn::Activation;
+pub use crate::objectives::contrastive::ContrastiveLoss;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,8 +37,8 @@ pub struct QformerSpec {
     /// `"random"` or a BERT model directory (e.g. MiniLM-L6, `tools/fetch_minilm.sh`) to start
     /// the Q-Former from, as BLIP-2 starts from BERT-base; with a BERT, hidden_size, layers,
     /// heads, intermediate_size and activation come from it, and the tokenizer should be its own.
-    #[serde(default = "random")]
-    pub init: String,
+    #[serde(default)]
+    pub init: QformerInit,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
@@ -52,11 +53,75 @@ pub struct QformerSpec {
     pub max_text_len: usize,
     /// `"shapes"` (word-level shapes vocabulary) or a BERT `tokenizer.json`; a [DEC] token is
     /// appended to the vocabulary for ITG either way.
-    pub tokenizer: String,
+    pub tokenizer: TokenizerSpec,
 }
 
-fn random() -> String {
-    "random".into()
+/// Where the Q-Former's weights start: `"random"`, or any other string, a BERT model directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum QformerInit {
+    #[default]
+    Random,
+    Bert(PathBuf),
+}
+
+impl From<String> for QformerInit {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "random" => QformerInit::Random,
+            _ => QformerInit::Bert(PathBuf::from(s)),
+        }
+    }
+}
+
+impl From<QformerInit> for String {
+    fn from(i: QformerInit) -> Self {
+        match i {
+            QformerInit::Random => "random".into(),
+            QformerInit::Bert(p) => p.to_string_lossy().into_owned(),
+        }
+    }
+}
+
+/// The tokenizer a model trains with: `"shapes"` (word-level over the shapes vocabulary),
+/// `"clip"` (the bundled OpenAI CLIP BPE), or any other string, a path to a `tokenizer.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum TokenizerSpec {
+    Shapes,
+    Clip,
+    File(PathBuf),
+}
+
+impl From<String> for TokenizerSpec {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "shapes" => TokenizerSpec::Shapes,
+            "clip" => TokenizerSpec::Clip,
+            _ => TokenizerSpec::File(PathBuf::from(s)),
+        }
+    }
+}
+
+impl From<TokenizerSpec> for String {
+    fn from(t: TokenizerSpec) -> Self {
+        match t {
+            TokenizerSpec::Shapes => "shapes".into(),
+            TokenizerSpec::Clip => "clip".into(),
+            TokenizerSpec::File(p) => p.to_string_lossy().into_owned(),
+        }
+    }
+}
+
+/// Training-time image augmentation (`data.augment`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AugmentKind {
+    /// The deterministic eval preprocessing.
+    #[default]
+    None,
+    /// torchvision's RandomResizedCrop with `data.crop_scale`, as open_clip trains.
+    RandomResizedCrop,
 }
 
 /// A CLIP architecture (converted to HF's `CLIPConfig` once the tokenizer is known).
@@ -79,7 +144,7 @@ pub struct ModelSpec {
     pub hidden_act: Activation,
     /// `"shapes"` (word-level over the shapes vocabulary), `"clip"` (the bundled OpenAI BPE),
     /// or a path to a tokenizer.json.
-    pub tokenizer: String,
+    pub tokenizer: TokenizerSpec,
 }
 
 fn default_act() -> Activation {
@@ -96,8 +161,8 @@ pub struct DataSpec {
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
     /// `"none"` or `"random_resized_crop"`.
-    #[serde(default = "default_augment")]
-    pub augment: String,
+    #[serde(default)]
+    pub augment: AugmentKind,
     #[serde(default = "default_crop_scale")]
     pub crop_scale: [f32; 2],
     #[serde(default = "default_buffer")]
@@ -120,9 +185,6 @@ fn default_workers() -> usize {
 }
 fn default_prefetch() -> usize {
     2
-}
-fn default_augment() -> String {
-    "none".into()
 }
 fn default_crop_scale() -> [f32; 2] {
     [0.9, 1.0]
@@ -161,8 +223,8 @@ pub struct TrainSpec {
     #[serde(default)]
     pub seed: u64,
     /// `"infonce"` (CLIP) or `"siglip"`.
-    #[serde(default = "infonce")]
-    pub loss: String,
+    #[serde(default)]
+    pub loss: ContrastiveLoss,
     pub checkpoint_every: u64,
     #[serde(default = "two")]
     pub keep_checkpoints: usize,
@@ -186,9 +248,6 @@ fn beta2() -> f64 {
 fn eps() -> f64 {
     1e-6
 }
-fn infonce() -> String {
-    "infonce".into()
-}
 fn two() -> usize {
     2
 }
@@ -198,7 +257,7 @@ fn ten() -> u64 {
 
 impl TrainConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = crate::error::read_to_string(path)?;
+        let text = crate::io::read_to_string(path)?;
         Self::from_toml(&text).map_err(|m| Error::config(path, m))
     }
 
@@ -211,6 +270,13 @@ impl TrainConfig {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// `--steps N`: trains `N` steps, with the warm-up cut to at most a fifth of them so that a
+    /// short run still reaches its full learning rate.
+    pub fn set_steps(&mut self, steps: u64) {
+        self.train.steps = steps;
+        self.train.warmup_steps = self.train.warmup_steps.min(steps / 5);
     }
 
     /// The CLIP section, for CLIP tasks.
@@ -274,12 +340,6 @@ impl TrainConfig {
     }
 
     fn validate_data_train(d: &DataSpec, t: &TrainSpec) -> std::result::Result<(), String> {
-        if !["none", "random_resized_crop"].contains(&d.augment.as_str()) {
-            return Err(format!(
-                "data.augment = {:?}: use \"none\" or \"random_resized_crop\"",
-                d.augment
-            ));
-        }
         if !(0.0 < d.crop_scale[0] && d.crop_scale[0] <= d.crop_scale[1] && d.crop_scale[1] <= 1.0)
         {
             return Err(format!(
@@ -306,12 +366,6 @@ impl TrainConfig {
         {
             return Err(format!(
                 "data.shapes_object_weights needs {counts} non-negative weights (one per object count), not all zero"
-            ));
-        }
-        if !["infonce", "siglip"].contains(&t.loss.as_str()) {
-            return Err(format!(
-                "train.loss = {:?}: use \"infonce\" or \"siglip\"",
-                t.loss
             ));
         }
         if t.batch_size < 2 {
@@ -404,7 +458,8 @@ checkpoint_every = 5
     fn parses_with_defaults() {
         let c = TrainConfig::from_toml(TINY).unwrap();
         assert_eq!(c.data.workers, 2);
-        assert_eq!(c.train.loss, "infonce");
+        assert_eq!(c.train.loss, ContrastiveLoss::InfoNce);
+        assert_eq!(c.data.augment, AugmentKind::None);
         let again = TrainConfig::from_toml(&c.to_toml()).unwrap();
         assert_eq!(again, c);
     }
@@ -426,5 +481,21 @@ checkpoint_every = 5
         let e = TrainConfig::from_toml(&TINY.replace("[data]\nsource = \"shapes\"", "[data]"))
             .unwrap_err();
         assert!(e.contains("source"), "{e}");
+        // Choices are enums: a bad value names the accepted ones.
+        let e = TrainConfig::from_toml(&TINY.replace("lr = 1e-3", "lr = 1e-3\nloss = \"triplet\""))
+            .unwrap_err();
+        assert!(
+            e.contains("triplet") && e.contains("infonce") && e.contains("siglip"),
+            "{e}"
+        );
+        let e = TrainConfig::from_toml(&TINY.replace(
+            "source = \"shapes\"",
+            "source = \"shapes\"\naugment = \"flip\"",
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("flip") && e.contains("random_resized_crop"),
+            "{e}"
+        );
     }
 }

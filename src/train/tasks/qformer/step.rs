@@ -5,7 +5,7 @@
 //! 1. ITC features of every pair without a graph; the ITC loss over the whole batch gives the
 //!    temperature's gradient and the loss gradient at each feature; the hard negatives are drawn
 //!    from the whole batch's similarities (LAVIS `blip2_qformer.py`), never a caption known to
-//!    be true of the image (see `caption_true_of` in qformer_task.rs).
+//!    be true of the image (see `caption_true_of` in mod.rs).
 //! 2. Every micro-batch is split into [`SHARDS`] shards that run on parallel threads; a shard
 //!    recomputes its features with a graph and backpropagates `features · cached gradient`, its
 //!    ITM rows (its positives and both their negatives) and its ITG rows, each sum divided by
@@ -22,7 +22,7 @@ use std::ops::Range;
 use candle_core::{Tensor, Var};
 
 use super::QformerTask;
-use crate::data::loader::Batch;
+use crate::data::batch::Batch;
 use crate::error::{Error, Result};
 use crate::objectives::itc::itc_loss;
 use crate::objectives::itg::{decoder_ids, itg_loss_sum, itg_target_count};
@@ -100,7 +100,7 @@ impl QformerTask {
         let txt = self.model.itc_text_features(
             &self
                 .model
-                .text_output(&Tensor::new(ids, &self.device)?, &mask)?,
+                .text_output(&Tensor::new(ids, &self.parts.device)?, &mask)?,
         )?;
         Ok((img, txt))
     }
@@ -129,11 +129,11 @@ impl QformerTask {
         let (ids, mask) = trimmed(&ids, &mask);
         let idx = Tensor::new(
             image_of.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            &self.device,
+            &self.parts.device,
         )?;
         let logits = self.model.itm_logits(
             &rows.image.index_select(&idx, 0)?,
-            &Tensor::new(ids, &self.device)?,
+            &Tensor::new(ids, &self.parts.device)?,
             &mask,
         )?;
         let itm = (itm_loss_sum(&logits, &labels)? / c.itm_rows)?;
@@ -145,14 +145,14 @@ impl QformerTask {
         let dec = decoder_ids(&ids, self.dec_id);
         let itg_logits = self.model.itg_logits(
             &rows.image.narrow(0, start, n)?,
-            &Tensor::new(dec.clone(), &self.device)?,
+            &Tensor::new(dec.clone(), &self.parts.device)?,
             &mask,
         )?;
         let itg = (itg_loss_sum(&itg_logits, &dec, &mask)?.0 / c.itg_tokens)?;
 
         let total = ((itc + &itm)? + &itg)?;
         let mut grads = Grads::new();
-        self.collect(&total.backward()?, &mut grads)?;
+        self.parts.collect(&total.backward()?, &mut grads)?;
         Ok((grads, scalar(&itm)?, scalar(&itg)?))
     }
 
@@ -163,7 +163,10 @@ impl QformerTask {
         let mut bounds = Vec::with_capacity(micro.len());
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
         for b in micro {
-            images.push(self.model.image_embeds(&b.pixel_tensor(&self.device)?)?);
+            images.push(
+                self.model
+                    .image_embeds(&b.pixel_tensor(&self.parts.device)?)?,
+            );
             bounds.push(ids.len()..ids.len() + b.len());
             ids.extend(b.tokens.ids.iter().cloned());
             mask.extend(b.tokens.mask.iter().cloned());
@@ -194,7 +197,7 @@ impl QformerTask {
         let itc = itc_loss(img.as_tensor(), txt.as_tensor(), temp)?;
         let itc_grads = itc.backward()?;
         let mut grads = Grads::new();
-        self.collect(&itc_grads, &mut grads)?;
+        self.parts.collect(&itc_grads, &mut grads)?;
         let missing = || Error::input("ITC gave no gradient for its features");
         let image_grad = itc_grads.get(img.as_tensor()).ok_or_else(missing)?.clone();
         let text_grad = itc_grads.get(txt.as_tensor()).ok_or_else(missing)?.clone();

@@ -1,7 +1,7 @@
 //! A Q-Former model directory ready for inference: the model, its tokenizer and image
 //! preprocessing, and what the `itm`, `caption` and `retrieve` verbs compute with them — ITC
-//! features, ITM match probabilities and ITG captions by greedy or beam search (BLIP-2 §3.2;
-//! LAVIS `blip2_qformer.py` `generate` uses beam search over the same ITG head).
+//! features and scores, ITM logits and match probabilities (BLIP-2 §3.2). Captions are in
+//! generate.rs, ITM reranking in rank.rs.
 
 use std::path::{Path, PathBuf};
 
@@ -11,12 +11,15 @@ use crate::data::image::{processor_for_dir, ImageProcessor, RgbImage};
 use crate::data::text::{TextTokenizer, TokenBatch};
 use crate::error::{Error, Result};
 use crate::models::qformer::Blip2Qformer;
+use crate::models::ModelDir;
 use crate::nn::ops::softmax_last;
 use crate::objectives::itc::max_over_queries;
 use crate::objectives::ops::log_softmax;
 
-/// Images per forward pass of the image encoder.
-const BATCH: usize = 64;
+use super::generate::{self, Generated};
+
+/// Images (or texts, or pairs) per forward pass.
+pub(super) const BATCH: usize = 64;
 
 pub struct QformerPipeline {
     pub model: Blip2Qformer,
@@ -28,23 +31,16 @@ pub struct QformerPipeline {
     pub device: Device,
 }
 
-/// One generated caption with its mean token log-probability.
-#[derive(Clone, Debug)]
-pub struct Caption {
-    pub text: String,
-    pub ids: Vec<u32>,
-    pub score: f32,
-}
-
 impl QformerPipeline {
+    /// Loads a Q-Former model directory; any other kind is an error.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::input(format!(
-                "model directory {} does not exist",
-                dir.display()
-            )));
-        }
-        let model = Blip2Qformer::load(dir, device)?;
+        Self::from_dir(&ModelDir::open(dir)?, device)
+    }
+
+    /// Loads an opened model directory, which must hold a Q-Former.
+    pub fn from_dir(md: &ModelDir, device: &Device) -> Result<Self> {
+        let dir = md.path.as_path();
+        let model = Blip2Qformer::load_weights(dir, md.qformer("the Q-Former pipeline")?, device)?;
         let q = &model.config().qformer;
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
@@ -172,6 +168,7 @@ impl QformerPipeline {
         Ok(p.i((.., 1))?.to_vec1()?)
     }
 
+    /// Tokens never generated: padding, unknown, the start tokens, [MASK] and [DEC].
     fn banned(&self) -> Vec<u32> {
         let mut b: Vec<u32> = [
             "<|pad|>",
@@ -196,7 +193,7 @@ impl QformerPipeline {
     }
 
     /// Next-token log-probabilities `[B, V]` after `seqs` (each starting with [DEC]) for the
-    /// image-feature rows `image` (one per sequence).
+    /// image-feature rows `image` (one per sequence), banned tokens at −∞.
     fn next_logprobs(&self, image: &Tensor, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         let t = seqs[0].len();
         let ids = Tensor::new(seqs.to_vec(), &self.device)?;
@@ -215,16 +212,16 @@ impl QformerPipeline {
         Ok(lp)
     }
 
-    fn finish(&self, ids: Vec<u32>, score: f32) -> Result<Caption> {
+    fn finish(&self, g: Generated) -> Result<Caption> {
         Ok(Caption {
-            text: self.tokenizer.decode(&ids)?,
-            ids,
-            score,
+            text: self.tokenizer.decode(&g.ids)?,
+            ids: g.ids,
+            score: g.score,
         })
     }
 
-    /// Captions for image-feature rows `[N, tokens, E]`: greedy when `beams == 1`, else beam
-    /// search keeping `beams` hypotheses and choosing by mean token log-probability.
+    /// Captions from the ITG head for image-feature rows `[N, tokens, E]`: greedy when
+    /// `beams == 1`, else beam search keeping `beams` hypotheses (generate.rs).
     pub fn caption(
         &self,
         image_embeds: &Tensor,
@@ -246,124 +243,34 @@ impl QformerPipeline {
         let max_len = max_len
             .min(self.model.config().qformer.max_position_embeddings - 1)
             .max(1);
+        let eos = self.eos();
         let n = image_embeds.dim(0)?;
         let mut out = Vec::with_capacity(n);
         if beams <= 1 {
             for s in (0..n).step_by(BATCH) {
                 let k = BATCH.min(n - s);
                 let img = image_embeds.narrow(0, s, k)?;
-                out.extend(self.greedy(&img, dec, max_len)?);
+                let next = |seqs: &[Vec<u32>]| self.next_logprobs(&img, seqs);
+                for g in generate::greedy(k, dec, eos, max_len, next)? {
+                    out.push(self.finish(g)?);
+                }
             }
         } else {
             for i in 0..n {
-                out.push(self.beam(&image_embeds.narrow(0, i, 1)?, dec, beams, max_len)?);
+                let img = image_embeds.narrow(0, i, 1)?;
+                let next =
+                    |seqs: &[Vec<u32>]| self.next_logprobs(&img.repeat((seqs.len(), 1, 1))?, seqs);
+                out.push(self.finish(generate::beam(dec, eos, beams, max_len, next)?)?);
             }
         }
         Ok(out)
     }
-
-    fn greedy(&self, image: &Tensor, dec: u32, max_len: usize) -> Result<Vec<Caption>> {
-        let k = image.dim(0)?;
-        let eos = self.eos();
-        let mut seqs = vec![vec![dec]; k];
-        let mut done = vec![false; k];
-        let mut logp = vec![0f32; k];
-        let mut lens = vec![0usize; k];
-        for _ in 0..max_len {
-            let lp = self.next_logprobs(image, &seqs)?;
-            for (r, row) in lp.iter().enumerate() {
-                let (best, &v) = row
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .expect("non-empty vocabulary");
-                let tok = if done[r] {
-                    eos.unwrap_or(best as u32)
-                } else {
-                    best as u32
-                };
-                if !done[r] {
-                    logp[r] += v;
-                    lens[r] += 1;
-                    done[r] = Some(tok) == eos;
-                }
-                seqs[r].push(tok);
-            }
-            if done.iter().all(|&d| d) {
-                break;
-            }
-        }
-        seqs.into_iter()
-            .enumerate()
-            .map(|(r, s)| {
-                let ids: Vec<u32> = s[1..=lens[r]]
-                    .iter()
-                    .copied()
-                    .filter(|&t| Some(t) != eos)
-                    .collect();
-                self.finish(ids, logp[r] / lens[r].max(1) as f32)
-            })
-            .collect()
-    }
-
-    fn beam(&self, image: &Tensor, dec: u32, beams: usize, max_len: usize) -> Result<Caption> {
-        let eos = self.eos();
-        // (tokens after [DEC], summed log-probability, finished)
-        let mut hyps: Vec<(Vec<u32>, f32, bool)> = vec![(Vec::new(), 0.0, false)];
-        let norm = |h: &(Vec<u32>, f32, bool)| h.1 / h.0.len().max(1) as f32;
-        for _ in 0..max_len {
-            let alive: Vec<usize> = (0..hyps.len()).filter(|&i| !hyps[i].2).collect();
-            if alive.is_empty() {
-                break;
-            }
-            let seqs: Vec<Vec<u32>> = alive
-                .iter()
-                .map(|&i| {
-                    std::iter::once(dec)
-                        .chain(hyps[i].0.iter().copied())
-                        .collect()
-                })
-                .collect();
-            let rows = image.repeat((alive.len(), 1, 1))?;
-            let lp = self.next_logprobs(&rows, &seqs)?;
-            let mut cands: Vec<(Vec<u32>, f32, bool)> =
-                hyps.iter().filter(|h| h.2).cloned().collect();
-            for (a, &i) in alive.iter().enumerate() {
-                let mut order: Vec<usize> = (0..lp[a].len()).collect();
-                order.sort_by(|&x, &y| lp[a][y].total_cmp(&lp[a][x]));
-                for &tok in order.iter().take(beams) {
-                    if !lp[a][tok].is_finite() {
-                        continue;
-                    }
-                    let mut ids = hyps[i].0.clone();
-                    ids.push(tok as u32);
-                    let fin = Some(tok as u32) == eos;
-                    cands.push((ids, hyps[i].1 + lp[a][tok], fin));
-                }
-            }
-            cands.sort_by(|x, y| norm(y).total_cmp(&norm(x)));
-            cands.truncate(beams);
-            hyps = cands;
-        }
-        let best = hyps
-            .into_iter()
-            .max_by(|x, y| norm(x).total_cmp(&norm(y)))
-            .expect("at least one hypothesis");
-        let score = norm(&best);
-        let ids = best.0.into_iter().filter(|&t| Some(t) != eos).collect();
-        self.finish(ids, score)
-    }
 }
 
-/// Row-wise top-k indices of a `[N, M]` score tensor, best first.
-pub fn topk_rows(scores: &Tensor, k: usize) -> Result<Vec<Vec<usize>>> {
-    let s: Vec<Vec<f32>> = scores.to_dtype(DType::F32)?.to_vec2()?;
-    Ok(s.iter()
-        .map(|row| {
-            let mut idx: Vec<usize> = (0..row.len()).collect();
-            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-            idx.truncate(k);
-            idx
-        })
-        .collect())
+/// One generated caption with its mean token log-probability.
+#[derive(Clone, Debug)]
+pub struct Caption {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub score: f32,
 }

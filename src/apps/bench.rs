@@ -11,19 +11,20 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde::Serialize;
 
-use crate::config::ModelSpec;
+use crate::data::batch::Batch;
 use crate::data::image::ImageProcessor;
-use crate::data::loader::Batch;
 use crate::data::text::{TextTokenizer, TokenBatch};
 use crate::error::Result;
-use crate::models::clip::{ClipLayout, ClipVision, ClipVisionConfig};
+use crate::models::clip::{ClipVision, ClipVisionConfig};
 use crate::nn::Activation;
-use crate::train::clip_task::{ClipTask, ContrastiveLoss};
+use crate::objectives::contrastive::ContrastiveLoss;
+use crate::train::config::{ModelSpec, TokenizerSpec};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::task::Task;
+use crate::train::tasks::clip::ClipTask;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
@@ -35,7 +36,7 @@ pub struct BenchReport {
 }
 
 /// The clip-tiny architecture of the benchmark.
-pub fn clip_tiny_bench_spec() -> ModelSpec {
+fn clip_tiny_bench_spec() -> ModelSpec {
     ModelSpec {
         image_size: 64,
         patch_size: 8,
@@ -50,7 +51,7 @@ pub fn clip_tiny_bench_spec() -> ModelSpec {
         context_length: 32,
         projection_dim: 256,
         hidden_act: Activation::QuickGelu,
-        tokenizer: "shapes".into(),
+        tokenizer: TokenizerSpec::Shapes,
     }
 }
 
@@ -61,8 +62,8 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// A random batch of `b` images and `b` texts of length `ctx` over `vocab` (EOS = vocab − 1 last).
-pub fn random_batch(b: usize, size: usize, ctx: usize, vocab: u32, seed: u64) -> Batch {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+fn random_batch(b: usize, size: usize, ctx: usize, vocab: u32, seed: u64) -> Batch {
+    let mut rng = crate::rng::stream(seed, crate::rng::BENCH_INPUTS, 0);
     let pixels = (0..b * 3 * size * size)
         .map(|_| rng.random_range(-2.0f32..2.0))
         .collect();
@@ -87,8 +88,8 @@ pub fn random_batch(b: usize, size: usize, ctx: usize, vocab: u32, seed: u64) ->
     }
 }
 
-/// Median milliseconds of `iters` clip-tiny train steps (after `warmup` untimed ones).
-pub fn train_step(warmup: usize, iters: usize, device: &Device) -> Result<Vec<f64>> {
+/// Milliseconds of `iters` clip-tiny train steps (after `warmup` untimed ones).
+fn train_step(warmup: usize, iters: usize, device: &Device) -> Result<Vec<f64>> {
     let spec = clip_tiny_bench_spec();
     let vocab = 1000u32;
     let cfg = spec.clip_config(vocab as usize, 0, vocab - 1, 0);
@@ -126,19 +127,9 @@ pub fn train_step(warmup: usize, iters: usize, device: &Device) -> Result<Vec<f6
 }
 
 /// Milliseconds of ViT-B/32 forward passes on 8 images of 224².
-pub fn vit_b32(warmup: usize, iters: usize, device: &Device) -> Result<Vec<f64>> {
-    let cfg = ClipVisionConfig {
-        hidden_size: 768,
-        intermediate_size: 3072,
-        projection_dim: 512,
-        num_hidden_layers: 12,
-        num_attention_heads: 12,
-        num_channels: 3,
-        image_size: 224,
-        patch_size: 32,
-        hidden_act: Activation::QuickGelu,
-        layer_norm_eps: 1e-5,
-    };
+fn vit_b32(warmup: usize, iters: usize, device: &Device) -> Result<Vec<f64>> {
+    // transformers' default CLIPVisionConfig is ViT-B/32 (width 768, 12 layers, patch 32, 224²).
+    let cfg = ClipVisionConfig::default();
     // Random weights, then detached: the inference path (fused kernels, no autograd graph).
     let varmap = VarMap::new();
     ClipVision::new(VarBuilder::from_varmap(&varmap, DType::F32, device), &cfg)?;
@@ -160,7 +151,6 @@ pub fn vit_b32(warmup: usize, iters: usize, device: &Device) -> Result<Vec<f64>>
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
-    let _ = ClipLayout::Full;
     Ok(times)
 }
 

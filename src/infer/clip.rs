@@ -1,16 +1,18 @@
 //! A loaded CLIP model directory ready for inference: model, tokenizer and image processor,
-//! turning files and strings into L2-normalised embeddings in batches.
+//! turning files and strings into L2-normalised embeddings in batches (CLIP §2.5: the joint
+//! space is the L2-normalised projections).
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::Embedder;
 use crate::data::image::{load_rgb, processor_for_dir, ImageProcessor, RgbImage};
 use crate::data::text::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::model_dir::{ModelDir, ModelKind};
+use crate::io::Weights;
 use crate::models::clip::Clip;
-use crate::models::weights::Weights;
+use crate::models::ModelDir;
 use crate::nn::ops::l2_normalize;
 
 /// Inputs per forward pass.
@@ -25,13 +27,19 @@ pub struct ClipPipeline {
 }
 
 impl ClipPipeline {
+    /// Loads a CLIP model directory; any other kind is an error.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let md = ModelDir::open(dir)?;
-        let ModelKind::Clip(cfg, layout) = md.kind;
+        Self::from_dir(&ModelDir::open(dir)?, device)
+    }
+
+    /// Loads an opened model directory, which must hold a CLIP.
+    pub fn from_dir(md: &ModelDir, device: &Device) -> Result<Self> {
+        let dir = md.path.as_path();
+        let (cfg, layout) = md.clip("the CLIP pipeline")?;
         let weights = Weights::open(dir)?;
         // Older checkpoints carry the non-persistent `position_ids` buffers.
         let model = weights.build(DType::F32, device, &["position_ids"], |vb| {
-            Clip::new(vb, &cfg, layout)
+            Clip::new(vb, cfg, layout)
         })?;
         let tokenizer = match &model.text {
             None => None,
@@ -160,8 +168,9 @@ impl ClipPipeline {
                 .text
                 .as_ref()
                 .expect("tokenizer implies a text tower");
-            text.check_batch(&enc.batch).map_err(Error::Input)?;
-            let f = self.model.text_features(&enc.batch)?;
+            let b = &enc.batch;
+            text.check_batch(&b.ids, &b.mask).map_err(Error::Input)?;
+            let f = self.model.text_features(&b.ids, &b.mask)?;
             out.push(l2_normalize(&f)?);
         }
         self.cat(out)
@@ -187,7 +196,7 @@ fn short(s: &str) -> String {
     out
 }
 
-impl crate::eval::Embedder for ClipPipeline {
+impl Embedder for ClipPipeline {
     fn embed_images(&self, images: &[RgbImage]) -> Result<Tensor> {
         self.embed_rgb(images)
     }

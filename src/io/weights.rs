@@ -29,7 +29,7 @@ impl Weights {
         let paths: Vec<PathBuf> = if single.is_file() {
             vec![single]
         } else if index.is_file() {
-            let idx: serde_json::Value = crate::error::read_json(&index)?;
+            let idx: serde_json::Value = super::json::read_json(&index)?;
             let map = idx
                 .get("weight_map")
                 .and_then(|m| m.as_object())

@@ -1,0 +1,6 @@
+//! Whole jobs built from the layers below: the demo (DESIGN.md §5), which trains and reports on
+//! the built-in shapes data, and the benchmark of the reference workloads. The CLI calls these
+//! and prints their reports.
+
+pub mod bench;
+pub mod demo;

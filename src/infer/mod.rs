@@ -1,0 +1,88 @@
+//! Inference over a model directory: one [`Pipeline`] per [`ModelKind`], each turning files and
+//! strings into what the verbs print — embeddings, zero-shot predictions, ITM/ITC scores,
+//! reranked retrieval, captions. Imports models, data, objectives, nn and io; never train, eval,
+//! apps or the CLI.
+
+pub mod clip;
+pub mod generate;
+pub mod qformer;
+pub mod rank;
+pub mod zeroshot;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+pub use clip::ClipPipeline;
+pub use qformer::QformerPipeline;
+
+use crate::data::image::RgbImage;
+use crate::error::{Error, Result};
+use crate::models::{ModelDir, ModelKind};
+
+/// Anything that maps images and texts into the joint space (L2-normalised rows).
+pub trait Embedder {
+    fn embed_images(&self, images: &[RgbImage]) -> Result<Tensor>;
+    fn embed_texts(&self, texts: &[String]) -> Result<Tensor>;
+}
+
+/// A loaded model directory, ready for inference; which one follows from its [`ModelKind`].
+pub enum Pipeline {
+    Clip(ClipPipeline),
+    Qformer(QformerPipeline),
+}
+
+impl Pipeline {
+    /// Opens `dir` and loads the pipeline of its kind on `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let md = ModelDir::open(dir)?;
+        match &md.kind {
+            ModelKind::Clip(..) => Ok(Pipeline::Clip(ClipPipeline::from_dir(&md, device)?)),
+            ModelKind::Qformer(_) => Ok(Pipeline::Qformer(QformerPipeline::from_dir(&md, device)?)),
+            other => Err(Error::input(format!(
+                "{} holds a {} model, which no vlalign verb runs (CLIP and BLIP-2 Q-Former \
+                 directories do)",
+                dir.display(),
+                other.name()
+            ))),
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        match self {
+            Pipeline::Clip(p) => &p.dir,
+            Pipeline::Qformer(p) => &p.dir,
+        }
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match self {
+            Pipeline::Clip(_) => "CLIP",
+            Pipeline::Qformer(_) => "BLIP-2 Q-Former",
+        }
+    }
+
+    fn wrong(&self, what: &str, wanted: &str) -> Error {
+        Error::input(format!(
+            "{} holds a {} model; {what} needs {wanted}",
+            self.dir().display(),
+            self.kind_name()
+        ))
+    }
+
+    /// The CLIP pipeline; `what` (e.g. "`vlalign embed`") names the caller in the error.
+    pub fn into_clip(self, what: &str) -> Result<ClipPipeline> {
+        match self {
+            Pipeline::Clip(p) => Ok(p),
+            other => Err(other.wrong(what, "a CLIP model directory")),
+        }
+    }
+
+    /// The Q-Former pipeline; `what` names the caller in the error.
+    pub fn into_qformer(self, what: &str) -> Result<QformerPipeline> {
+        match self {
+            Pipeline::Qformer(p) => Ok(p),
+            other => Err(other.wrong(what, "a BLIP-2 Q-Former directory")),
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Zero-shot classification (CLIP §3.1.4): a class is the normalised mean of the normalised
+//! embeddings of its prompts ("a photo of a {}." …); an image's logits over the classes are
+//! exp(logit_scale) · cosine, and its probabilities their softmax.
+
+use candle_core::Tensor;
+
+use super::clip::ClipPipeline;
+use super::Embedder;
+use crate::error::{Error, Result};
+use crate::nn::ops::l2_normalize;
+
+/// `[C, D]` class embeddings from `templates` (each with `{}` for the class name).
+pub fn class_embeddings(
+    e: &dyn Embedder,
+    classes: &[String],
+    templates: &[String],
+) -> Result<Tensor> {
+    if classes.is_empty() {
+        return Err(Error::input(
+            "zero-shot classification needs at least one class",
+        ));
+    }
+    if templates.is_empty() || templates.iter().any(|t| !t.contains("{}")) {
+        return Err(Error::input(
+            "every prompt template needs a {} where the class name goes",
+        ));
+    }
+    let mut rows = Vec::with_capacity(classes.len());
+    for c in classes {
+        let prompts: Vec<String> = templates.iter().map(|t| t.replace("{}", c)).collect();
+        let emb = e.embed_texts(&prompts)?;
+        rows.push(l2_normalize(&emb.mean_keepdim(0)?)?);
+    }
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// One label's score for one image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prediction {
+    pub label: String,
+    pub prob: f32,
+    pub logit: f32,
+}
+
+/// Each image's labels, most probable first, the best `top` of them (0: all).
+pub fn classify(
+    p: &ClipPipeline,
+    images: &Tensor,
+    labels: &[String],
+    templates: &[String],
+    top: usize,
+) -> Result<Vec<Vec<Prediction>>> {
+    let classes = class_embeddings(p, labels, templates)?;
+    let scale = p.model.logit_scale_exp()?;
+    let logits = (images.matmul(&classes.t()?)? * scale as f64)?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+    let logits = logits.to_vec2::<f32>()?;
+    let top = if top == 0 {
+        labels.len()
+    } else {
+        top.min(labels.len())
+    };
+    Ok(probs
+        .iter()
+        .zip(&logits)
+        .map(|(pr, lg)| {
+            super::rank::topk(pr, top)
+                .into_iter()
+                .map(|i| Prediction {
+                    label: labels[i].clone(),
+                    prob: pr[i],
+                    logit: lg[i],
+                })
+                .collect()
+        })
+        .collect())
+}

@@ -1,0 +1,5 @@
+//! The training tasks: one per objective family, each a [`crate::train::task::Task`] run by the
+//! one trainer loop.
+
+pub mod clip;
+pub mod qformer;
