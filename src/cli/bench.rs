@@ -1,14 +1,31 @@
-//! `vlalign bench [--json]`
+//! `vlalign bench [--suite default|vit-b32] [--batch N] [--json]`
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use super::device::DeviceOpt;
+
+/// Which workloads are timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Suite {
+    /// clip-tiny train step (batch 64) and ViT-B/32 image embedding (batch 8), as the PyTorch
+    /// twin tools/reference/bench_torch.py.
+    Default,
+    /// ViT-B/32 CLIP training (AdamW, text context 77) and image embedding at --batch: the GPU
+    /// workload of tools/device-check.sh.
+    VitB32,
+}
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Timed iterations of each workload (after 2 untimed).
     #[arg(long, default_value_t = 10)]
     iters: usize,
+    /// The workloads.
+    #[arg(long, value_enum, default_value_t = Suite::Default)]
+    suite: Suite,
+    /// Batch size of the vit-b32 suite.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
     /// End with one JSON object: {"train_step_ms", "vit_b32_batch8_ms", ...} (medians).
     #[arg(long)]
     json: bool,
@@ -17,7 +34,27 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let r = vlalign::apps::bench::run(a.iters.max(1), &a.device.resolve()?)?;
+    let device = a.device.resolve()?;
+    if a.suite == Suite::VitB32 {
+        if !(2..=65536).contains(&a.batch) {
+            bail!("--batch must be between 2 and 65536");
+        }
+        let r = vlalign::apps::bench::run_vit_b32(a.iters.max(1), a.batch, &device)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "ViT-B/32 CLIP training (batch {}, fwd+bwd+AdamW): median {:.1} ms, {:.1} samples/s",
+                r.batch, r.train_step_ms, r.train_samples_per_s
+            );
+            println!(
+                "ViT-B/32 image embedding (batch {}):            median {:.1} ms, {:.1} images/s",
+                r.batch, r.embed_ms, r.embed_images_per_s
+            );
+        }
+        return Ok(());
+    }
+    let r = vlalign::apps::bench::run(a.iters.max(1), &device)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

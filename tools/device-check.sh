@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# The GPU check, for a machine with an NVIDIA GPU (CUDA 13.0 driver, python3 with PyTorch and
+# transformers; no network). It receives the repository with target/cuda/release/vlalign (from
+# tools/build-cuda.sh) and the committed fixtures, and:
+#   (a) CUDA vs CPU parity: `embed` on the CLIP fixture and `itm` on the Q-Former fixture on
+#       --device cuda within 1e-4 of the same binary on --device cpu;
+#   (b) a short clip-tiny training on CUDA whose per-step losses equal the CPU run's within 1e-3;
+#   (c) ViT-B/32 CLIP training throughput (batch 256, AdamW, text context 77) and image-embedding
+#       throughput, vlalign beside PyTorch (tools/reference/bench_torch_gpu.py) on the same GPU,
+#       with peak GPU memory; one JSON line.
+# Exits non-zero on any mismatch. Output under ${OUT:-/tmp/device-check}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device-check}
+mkdir -p "$OUT"
+BIN=${VLALIGN_CUDA_BIN:-target/cuda/release/vlalign}
+BATCH=${BENCH_BATCH:-256}
+# The device under test; CHECK_DEVICE=cpu dry-runs the plumbing on a machine without a GPU.
+DEV=${CHECK_DEVICE:-cuda}
+fail=0
+say() { echo "device-check: $*" >&2; }
+
+# The binary travels xz-compressed (the kernels it embeds make it ~66 MB; 9 MB compressed).
+if [ ! -x "$BIN" ] && [ -f target/cuda/vlalign.xz ]; then
+    mkdir -p "$(dirname "$BIN")"
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        target/cuda/vlalign.xz "$BIN" && chmod +x "$BIN"
+fi
+
+# The libraries the binary links: the driver's libcuda.so.1, and cuBLAS 13, cuRAND 10, NVRTC 13
+# and the CUDA 13 runtime, which PyTorch's cu130 wheels carry (else a CUDA toolkit's).
+site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true)
+dirs=""
+for d in $site; do dirs="$dirs $d/nvidia/cu13/lib $d/nvidia/cublas/lib $d/nvidia/curand/lib $d/nvidia/cuda_nvrtc/lib $d/nvidia/cuda_runtime/lib"; done
+dirs="$dirs /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib"
+for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudart.so.13; do
+    ldconfig -p 2>/dev/null | grep -q "$lib " && continue
+    for d in $dirs; do
+        if [ -e "$d/$lib" ]; then
+            case ":${LD_LIBRARY_PATH:-}:" in *":$d:"*) ;; *) export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;; esac
+            break
+        fi
+    done
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2 || true
+if ! "$BIN" --version >/dev/null; then
+    say "cannot run $BIN (LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-})"
+    ldd "$BIN" >&2
+    exit 1
+fi
+
+# Largest |a - b| between two JSON documents' numbers at the same places.
+maxdiff() {
+    python3 - "$1" "$2" <<'PY'
+import json, sys
+def nums(v):
+    if isinstance(v, bool) or v is None: return []
+    if isinstance(v, (int, float)): return [float(v)]
+    if isinstance(v, dict): return [x for k in sorted(v) for x in nums(v[k])]
+    if isinstance(v, list): return [x for e in v for x in nums(e)]
+    return []
+a, b = (nums(json.load(open(p))) for p in sys.argv[1:3])
+assert len(a) == len(b) and a, (len(a), len(b))
+print(max(abs(x - y) for x, y in zip(a, b)))
+PY
+}
+
+check() { # name value tolerance
+    if python3 -c "import sys; sys.exit(0 if float('$2') <= $3 else 1)"; then
+        say "ok   $1: $2 <= $3"
+    else
+        say "FAIL $1: $2 > $3"
+        fail=1
+    fi
+}
+
+# (a) parity
+texts=(--text "a photo of a cat" "A large RED circle on the left, and a small blue square at the top!" "x")
+for dev in cpu $DEV; do
+    timeout 120 "$BIN" embed --model tests/fixtures/clip-b --image tests/fixtures/clip-b-images/img0.png \
+        tests/fixtures/clip-b-images/img1.png "${texts[@]}" --json --device $dev >"$OUT/embed-$dev.json" || fail=1
+    timeout 120 "$BIN" itm --model tests/fixtures/qformer-a --image tests/fixtures/qformer-a-images/img0.png \
+        --text "a red circle" "the blue square on the left" "a big green star" --json --device $dev \
+        >"$OUT/itm-$dev.json" || fail=1
+done
+check "embed clip-b $DEV vs cpu (max abs diff)" "$(maxdiff "$OUT/embed-cpu.json" "$OUT/embed-$DEV.json" || echo inf)" 1e-4
+check "itm qformer-a $DEV vs cpu (max abs diff)" "$(maxdiff "$OUT/itm-cpu.json" "$OUT/itm-$DEV.json" || echo inf)" 1e-4
+
+# Trains the config $2 for $3 steps on the CPU and on $DEV, into $OUT/$1-cpu and $OUT/$1-$DEV.
+train_both() {
+    for dev in cpu $DEV; do
+        rm -rf "$OUT/$1-$dev"
+        timeout 180 "$BIN" train --config "$2" --steps "$3" --out "$OUT/$1-$dev" --device $dev --json \
+            >"$OUT/$1-$dev.json" 2>"$OUT/$1-$dev.log" || { fail=1; tail -5 "$OUT/$1-$dev.log" >&2; }
+    done
+}
+
+# (b) a short clip-tiny training, per-step losses
+sed 's/^log_every = .*/log_every = 1/' configs/clip-tiny.toml >"$OUT/clip-tiny-log1.toml"
+train_both train "$OUT/clip-tiny-log1.toml" 5
+losses=$(python3 - "$OUT" "$DEV" <<'PY'
+import json, sys
+d, dev = sys.argv[1:3]
+def losses(dev):
+    return [json.loads(l)["loss"] for l in open(f"{d}/train-{dev}/metrics.jsonl") if "loss" in json.loads(l)]
+c, g = losses("cpu"), losses(dev)
+print("cpu ", " ".join(f"{x:.6f}" for x in c), file=sys.stderr)
+print(dev, " ".join(f"{x:.6f}" for x in g), file=sys.stderr)
+print(max(abs(x - y) for x, y in zip(c, g)) if len(c) == len(g) == 5 else "inf")
+PY
+)
+check "clip-tiny 5 steps, loss $DEV vs cpu (max abs diff)" "${losses:-inf}" 1e-3
+
+# (b') BLIP-2 stage 1 (ITC + ITM + ITG, two shards on threads) on the clip-a fixture's tower
+sed -e 's/^log_every = .*/log_every = 1/' -e 's|^vision_model = .*|vision_model = "tests/fixtures/clip-a"|' \
+    configs/qformer-tiny.toml >"$OUT/qformer-log1.toml"
+train_both q "$OUT/qformer-log1.toml" 3
+qlosses=$(python3 - "$OUT" "$DEV" <<'PY'
+import json, sys
+d, dev = sys.argv[1:3]
+def terms(run):
+    rows = [json.loads(l) for l in open(f"{d}/q-{run}/metrics.jsonl")]
+    return [r[k] for r in rows if "loss" in r for k in ("itc", "itm", "itg")]
+c, g = terms("cpu"), terms(dev)
+print("cpu ", " ".join(f"{x:.5f}" for x in c), file=sys.stderr)
+print(dev, " ".join(f"{x:.5f}" for x in g), file=sys.stderr)
+print(max(abs(x - y) for x, y in zip(c, g)) if len(c) == len(g) == 9 else "inf")
+PY
+)
+check "qformer-tiny 3 steps, ITC/ITM/ITG $DEV vs cpu (max abs diff)" "${qlosses:-inf}" 1e-3
+
+# (c) throughput beside PyTorch, with peak GPU memory sampled by nvidia-smi
+peak_of() { # command... ; prints the command's stdout, leaves the peak MiB in $OUT/peak
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$OUT/mem.log" 2>/dev/null &
+    local smi=$!
+    "$@"
+    local rc=$?
+    kill $smi 2>/dev/null
+    wait $smi 2>/dev/null
+    sort -n "$OUT/mem.log" | tail -1 >"$OUT/peak"
+    return $rc
+}
+ours=$(peak_of timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters 10 --device "$DEV" --json) || fail=1
+ours_peak=$(cat "$OUT/peak" 2>/dev/null || echo 0)
+theirs=$(timeout 240 python3 tools/reference/bench_torch_gpu.py --batch "$BATCH" --iters 10) || fail=1
+python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" <<'PY'
+import json, sys
+o, t, peak = json.loads(sys.argv[1]) or {}, json.loads(sys.argv[2]) or {}, float(sys.argv[3] or 0)
+r = {"gpu": t.get("gpu"), "torch": t.get("torch"), "batch": o.get("batch"),
+     "vlalign_train_f32_samples_per_s": o.get("train_samples_per_s"),
+     "vlalign_embed_f32_images_per_s": o.get("embed_images_per_s"),
+     "vlalign_peak_gpu_gib": round(peak / 1024, 2),
+     "torch_train_f32_samples_per_s": t.get("train_f32_samples_per_s"),
+     "torch_train_bf16_samples_per_s": t.get("train_bf16_samples_per_s"),
+     "torch_embed_f32_images_per_s": t.get("embed_f32_images_per_s"),
+     "torch_embed_bf16_images_per_s": t.get("embed_bf16_images_per_s"),
+     "torch_train_f32_peak_gib": t.get("train_f32_peak_gib"),
+     "torch_train_bf16_peak_gib": t.get("train_bf16_peak_gib")}
+r["vlalign"], r["torch_all"] = o, t
+if o and t:
+    r["train_f32_ratio_vs_torch_f32"] = o["train_samples_per_s"] / t["train_f32_samples_per_s"]
+    r["train_f32_ratio_vs_torch_bf16"] = o["train_samples_per_s"] / t["train_bf16_samples_per_s"]
+    r["embed_f32_ratio_vs_torch_f32"] = o["embed_images_per_s"] / t["embed_f32_images_per_s"]
+print(json.dumps(r))
+PY
+if [ $fail -ne 0 ]; then say "FAILED"; else say "all checks passed"; fi
+exit $fail
