@@ -2,12 +2,15 @@
 # The GPU check, for a machine with an NVIDIA GPU (CUDA 13.0 driver, python3 with PyTorch and
 # transformers; no network). It receives the repository with target/cuda/release/vlalign (from
 # tools/build-cuda.sh) and the committed fixtures, and:
+#   (a0) the fused CUDA kernels (LayerNorm, softmax, GELUs, bias; fused.cu) against candle's
+#       compositions, values and gradients;
 #   (a) CUDA vs CPU parity: `embed` on the CLIP fixture and `itm` on the Q-Former fixture on
 #       --device cuda within 1e-4 of the same binary on --device cpu;
 #   (b) a short clip-tiny training on CUDA whose per-step losses equal the CPU run's within 1e-3;
 #   (c) ViT-B/32 CLIP training throughput (batch 256, AdamW, text context 77) and image-embedding
 #       throughput, vlalign beside PyTorch (tools/reference/bench_torch_gpu.py) on the same GPU,
-#       with peak GPU memory; one JSON line.
+#       with peak GPU memory, and again with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1);
+#       one JSON line.
 # Exits non-zero on any mismatch. Output under ${OUT:-/tmp/device-check}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +76,19 @@ check() { # name value tolerance
         fail=1
     fi
 }
+
+# (a0) the fused kernels (LayerNorm, softmax, GELUs, bias) against candle's compositions on the
+#      device, values and gradients
+timeout 120 "$BIN" bench --suite kernels --device "$DEV" --json >"$OUT/kernels.json" || fail=1
+kernels=$(python3 - "$OUT/kernels.json" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["kernels"]
+for r in rows:
+    print(f"  {r['op']:12} values {r['value']:.2e}  gradients {r['grad']:.2e}", file=sys.stderr)
+print(max(max(r["value"] * 10, r["grad"]) for r in rows))
+PY
+)
+check "fused kernels vs compositions (max of 10 x value, gradient relative diff)" "${kernels:-inf}" 1e-4
 
 # (a) parity
 texts=(--text "a photo of a cat" "A large RED circle on the left, and a small blue square at the top!" "x")
@@ -142,10 +158,19 @@ peak_of() { # command... ; prints the command's stdout, leaves the peak MiB in $
 }
 ours=$(peak_of timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters 10 --device "$DEV" --json) || fail=1
 ours_peak=$(cat "$OUT/peak" 2>/dev/null || echo 0)
+# The CUDA fused kernels (fused.cu) run only with VLALIGN_FUSED_CUDA=1 until this check has
+# verified them on a GPU: (a0) above checks them against the compositions; this times them.
+say "ViT-B/32 with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1):"
+fused=$(VLALIGN_FUSED_CUDA=1 peak_of timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters 10 \
+    --device "$DEV" --json) || fail=1
+fused_peak=$(cat "$OUT/peak" 2>/dev/null || echo 0)
+echo "${fused:-null}" >&2
+say "peak MiB $fused_peak"
 theirs=$(timeout 240 python3 tools/reference/bench_torch_gpu.py --batch "$BATCH" --iters 10) || fail=1
-python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" <<'PY'
+python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" "${fused:-null}" "$fused_peak" <<'PY'
 import json, sys
 o, t, peak = json.loads(sys.argv[1]) or {}, json.loads(sys.argv[2]) or {}, float(sys.argv[3] or 0)
+f, fpeak = json.loads(sys.argv[4]) or {}, float(sys.argv[5] or 0)
 r = {"gpu": t.get("gpu"), "torch": t.get("torch"), "batch": o.get("batch"),
      "vlalign_train_f32_samples_per_s": o.get("train_samples_per_s"),
      "vlalign_embed_f32_images_per_s": o.get("embed_images_per_s"),
@@ -156,7 +181,10 @@ r = {"gpu": t.get("gpu"), "torch": t.get("torch"), "batch": o.get("batch"),
      "torch_embed_bf16_images_per_s": t.get("embed_bf16_images_per_s"),
      "torch_train_f32_peak_gib": t.get("train_f32_peak_gib"),
      "torch_train_bf16_peak_gib": t.get("train_bf16_peak_gib")}
-r["vlalign"], r["torch_all"] = o, t
+r["vlalign_fused_train_f32_samples_per_s"] = f.get("train_samples_per_s")
+r["vlalign_fused_embed_f32_images_per_s"] = f.get("embed_images_per_s")
+r["vlalign_fused_peak_gpu_gib"] = round(fpeak / 1024, 2)
+r["vlalign"], r["vlalign_fused"], r["torch_all"] = o, f, t
 if o and t:
     r["train_f32_ratio_vs_torch_f32"] = o["train_samples_per_s"] / t["train_f32_samples_per_s"]
     r["train_f32_ratio_vs_torch_bf16"] = o["train_samples_per_s"] / t["train_bf16_samples_per_s"]

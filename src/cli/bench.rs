@@ -13,6 +13,9 @@ enum Suite {
     /// ViT-B/32 CLIP training (AdamW, text context 77) and image embedding at --batch: the GPU
     /// workload of tools/device-check.sh.
     VitB32,
+    /// No timing: the fused kernels (LayerNorm, softmax, GELUs, bias) against candle's
+    /// compositions on --device, values and gradients (relative max differences).
+    Kernels,
 }
 
 #[derive(clap::Args)]
@@ -35,6 +38,21 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let device = a.device.resolve()?;
+    if a.suite == Suite::Kernels {
+        let r = vlalign::nn::fused::check_against_compositions(&device, (64, 77, 768))?;
+        if a.json {
+            let rows: Vec<_> = r
+                .iter()
+                .map(|(op, v, g)| serde_json::json!({"op": op, "value": v, "grad": g}))
+                .collect();
+            println!("{}", serde_json::json!({"kernels": rows}));
+        } else {
+            for (op, v, g) in r {
+                println!("{op:12} values {v:.2e}  gradients {g:.2e} (relative max differences)");
+            }
+        }
+        return Ok(());
+    }
     if a.suite == Suite::VitB32 {
         if !(2..=65536).contains(&a.batch) {
             bail!("--batch must be between 2 and 65536");

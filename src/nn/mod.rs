@@ -9,6 +9,8 @@
 pub mod activation;
 pub mod attention;
 pub mod fused;
+#[cfg(feature = "cuda")]
+mod fused_cuda;
 pub mod init;
 pub mod layer_norm;
 pub mod linear;
