@@ -126,6 +126,46 @@ fn directory_problems_are_clear() {
     assert!(e.contains("text_config.hidden_size (30)"), "{e}");
 }
 
+/// A model with a NaN or infinite weight would score every input the same (and rank every truth
+/// first); it is refused at load, naming the tensor. Config values that make every output NaN
+/// are refused by name too.
+#[test]
+fn non_finite_weights_and_nan_making_configs_are_refused() {
+    for bad in [f32::NAN, f32::INFINITY] {
+        let dir = edited("nan-weight", |t| {
+            let w = &t["vision_model.post_layernorm.weight"];
+            let mut v = w.to_vec1::<f32>().unwrap();
+            v[3] = bad;
+            t.insert(
+                "vision_model.post_layernorm.weight".into(),
+                Tensor::from_vec(v, w.shape(), &Device::Cpu).unwrap(),
+            );
+        });
+        let e = load_err(&dir);
+        assert!(
+            e.contains("`vision_model.post_layernorm.weight`")
+                && e.contains("non-finite")
+                && e.contains("element 3"),
+            "{e}"
+        );
+    }
+    let dir = scratch("nan-eps");
+    copy_dir(&fixture("clip-a"), &dir);
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v["vision_config"]["layer_norm_eps"] = serde_json::json!(-10.0);
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("vision_config.layer_norm_eps (-10)"), "{e}");
+    copy_dir(&fixture("clip-a"), &dir);
+    let pre = std::fs::read_to_string(dir.join("preprocessor_config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&pre).unwrap();
+    v["rescale_factor"] = serde_json::json!(0.0);
+    std::fs::write(dir.join("preprocessor_config.json"), v.to_string()).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("rescale_factor"), "{e}");
+}
+
 /// Every kind is decided by `ModelDir::open` from config.json; a verb that needs another kind,
 /// or a directory of a kind vlalign does not run, gets one error naming what was found.
 #[test]

@@ -329,6 +329,67 @@ fn tar_shards_stream_and_skip_bad_samples() {
     assert!(e.to_string().contains("shard-02.tar"), "{e}");
 }
 
+/// Two runs into one directory: the second is refused while the first holds the directory's
+/// lock (an OS lock, so a killed run leaves none behind); they used to overwrite each other.
+#[test]
+fn one_writer_per_run_directory() {
+    let dir = scratch("locked-run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let held = std::fs::File::create(dir.join(".lock")).unwrap();
+    held.try_lock().unwrap();
+    let opts = RunOptions {
+        run_dir: dir.clone(),
+        resume: false,
+        progress: false,
+    };
+    let e = Run::new(tiny(), &Device::Cpu)
+        .unwrap()
+        .train(&opts, None)
+        .expect_err("a locked run directory is refused")
+        .to_string();
+    assert!(e.contains("in use by another vlalign run"), "{e}");
+    drop(held);
+    let mut cfg = tiny();
+    cfg.train.steps = 1;
+    let r = common::train(&cfg, &dir, false);
+    assert_eq!(r.steps, 1, "free again once the holder is gone");
+}
+
+/// A manifest whose every image is missing (paths relative to the wrong folder, say) ends the
+/// run with an error naming a cause once a whole epoch gave nothing usable; it used to spin.
+#[test]
+fn training_stops_when_no_sample_is_usable() {
+    let dir = scratch("barren");
+    let entries: Vec<Entry> = (0..20)
+        .map(|i| Entry {
+            image: dir.join(format!("missing-{i}.png")),
+            caption: "a red circle".into(),
+            objects: None,
+        })
+        .collect();
+    let m = dir.join("m.jsonl");
+    vlalign::data::manifest::write_jsonl(&m, &dir, &entries).unwrap();
+    let mut cfg = tiny();
+    cfg.data.source = m.to_string_lossy().into_owned();
+    let opts = RunOptions {
+        run_dir: dir.join("run"),
+        resume: false,
+        progress: false,
+    };
+    let t0 = std::time::Instant::now();
+    let e = Run::new(cfg, &Device::Cpu)
+        .unwrap()
+        .train(&opts, None)
+        .expect_err("training on unreadable data must fail")
+        .to_string();
+    assert!(
+        e.contains("no usable sample") && e.contains("missing-"),
+        "{e}"
+    );
+    assert!(t0.elapsed().as_secs() < 60, "took {:?}", t0.elapsed());
+    assert!(!dir.join("run/model").exists(), "nothing is written");
+}
+
 #[test]
 fn train_survives_kill_minus_9_and_resumes() {
     let dir = scratch("kill9");

@@ -17,6 +17,9 @@ enum Pairs {
     HeldOut,
 }
 
+/// The most images one `data shapes` call writes.
+const MAX_IMAGES: usize = 10_000_000;
+
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Generate the synthetic shapes image–caption set: DIR/images/*.png and DIR/manifest.jsonl
@@ -59,8 +62,18 @@ pub fn run(c: Command) -> Result<()> {
             bail!("--objects must be between 1 and 5 (there are 5 positions)");
         }
     }
-    if a.image_size < 16 {
-        bail!("--image-size must be at least 16");
+    if !(16..=1024).contains(&a.image_size) {
+        bail!("--image-size must be between 16 and 1024");
+    }
+    if a.n > MAX_IMAGES {
+        bail!("--n {}: at most {MAX_IMAGES} images", a.n);
+    }
+    let manifest = a.out.join("manifest.jsonl");
+    if manifest.exists() {
+        bail!(
+            "{} exists; choose another --out (data shapes never overwrites a data set)",
+            manifest.display()
+        );
     }
     let cfg = ShapesConfig {
         image_size: a.image_size,
@@ -70,10 +83,9 @@ pub fn run(c: Command) -> Result<()> {
         twins: false,
         object_weights: Vec::new(),
     };
-    let samples: Vec<_> = (0..a.n as u64)
-        .map(|i| shapes::generate(&cfg, a.seed, i))
-        .collect();
-    let m = write_shapes_dir(&a.out, &samples)?;
-    eprintln!("wrote {} images and {}", samples.len(), m.display());
+    // Generated and written one at a time: memory stays flat for any --n.
+    let samples = (0..a.n as u64).map(|i| shapes::generate(&cfg, a.seed, i));
+    let m = write_shapes_dir(&a.out, samples)?;
+    eprintln!("wrote {} images and {}", a.n, m.display());
     Ok(())
 }

@@ -39,7 +39,7 @@ pub fn run(a: Args) -> Result<()> {
         cfg.data.source = d;
     }
     if let Some(s) = a.steps {
-        cfg.set_steps(s);
+        cfg.set_steps(s).map_err(anyhow::Error::msg)?;
     }
     let out = a.out.unwrap_or_else(|| {
         let stem = a

@@ -35,6 +35,48 @@ impl RgbImage {
     }
 }
 
+/// PIL's decompression-bomb threshold (`Image.MAX_IMAGE_PIXELS`): the largest image decoded
+/// unless `VLALIGN_MAX_IMAGE_PIXELS` says otherwise.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 89_478_485;
+/// Longest side over shortest side: beyond it a shortest-edge resize would make a huge image
+/// of a tiny file (a 1 × 200000 strip becomes 224 × 44.8 M).
+pub const MAX_ASPECT_RATIO: usize = 100;
+/// The largest side a preprocessor may resize or crop to.
+pub const MAX_PREPROCESS_SIDE: usize = 8192;
+/// The largest image file read (`--image /dev/zero` must not read forever).
+pub const MAX_IMAGE_FILE_BYTES: u64 = 1 << 30;
+
+/// The pixel limit in force: `VLALIGN_MAX_IMAGE_PIXELS` when set to a number, else
+/// [`DEFAULT_MAX_IMAGE_PIXELS`].
+pub fn max_image_pixels() -> u64 {
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var("VLALIGN_MAX_IMAGE_PIXELS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MAX_IMAGE_PIXELS)
+    })
+}
+
+/// Refuses, from the header alone, an image too large or too elongated to decode safely.
+pub fn check_dimensions(w: usize, h: usize) -> std::result::Result<(), String> {
+    if w == 0 || h == 0 {
+        return Err("image has no pixels".into());
+    }
+    let limit = max_image_pixels();
+    if (w as u64).saturating_mul(h as u64) > limit {
+        return Err(format!(
+            "{w}x{h} is more than {limit} pixels (set VLALIGN_MAX_IMAGE_PIXELS to allow it)"
+        ));
+    }
+    if w.max(h) > MAX_ASPECT_RATIO * w.min(h) {
+        return Err(format!(
+            "{w}x{h} is more elongated than {MAX_ASPECT_RATIO}:1; crop it first"
+        ));
+    }
+    Ok(())
+}
+
 /// Decodes PNG, JPEG or WebP bytes (format sniffed from the content) into RGB the way
 /// transformers' `convert_to_rgb` does: grayscale and palette are expanded, and an image with
 /// transparency is alpha-composited onto white (PIL's `alpha_composite`, integer arithmetic).
@@ -44,18 +86,32 @@ pub fn decode_rgb(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
         msg,
     };
     if super::jpeg::is_jpeg(bytes) {
-        let (w, h, data) = super::jpeg::decode(bytes).map_err(err)?;
+        let (w, h, data) = super::jpeg::decode(bytes, check_dimensions).map_err(err)?;
         return Ok(RgbImage::new(w, h, data));
     }
-    let reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| err(e.to_string()))?;
-    if reader.format().is_none() {
+    let reader = || {
+        image::ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| err(e.to_string()))
+    };
+    let mut decoder = reader()?;
+    if decoder.format().is_none() {
         return Err(err(
             "unknown format; PNG, JPEG and WebP are supported".into()
         ));
     }
-    let img = reader.decode().map_err(|e| err(e.to_string()))?;
+    // The header's size first: a small file may claim a huge image.
+    let (hw, hh) = reader()?
+        .into_dimensions()
+        .map_err(|e| err(e.to_string()))?;
+    check_dimensions(hw as usize, hh as usize).map_err(err)?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(hw);
+    limits.max_image_height = Some(hh);
+    // Decoded RGBA at 16 bits per channel, with room for the decoder's own buffers.
+    limits.max_alloc = Some((hw as u64) * (hh as u64) * 8 * 2 + (64 << 20));
+    decoder.limits(limits);
+    let img = decoder.decode().map_err(|e| err(e.to_string()))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
         return Err(err("image has no pixels".into()));
@@ -84,8 +140,23 @@ fn composite_on_white(c: u32, a: u32) -> u8 {
     ((((t >> 8) + t) >> 8) >> 7).min(255) as u8
 }
 
-/// Reads and decodes an image file.
+/// Reads and decodes an image file: a regular file of at most [`MAX_IMAGE_FILE_BYTES`] (not a
+/// device, FIFO or directory, which could block or never end).
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let refuse = |msg: String| Error::Image {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    if meta.len() > MAX_IMAGE_FILE_BYTES {
+        return Err(refuse(format!(
+            "{} bytes; image files of at most {MAX_IMAGE_FILE_BYTES} bytes are read",
+            meta.len()
+        )));
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     decode_rgb(&bytes, path)
 }
@@ -208,6 +279,21 @@ impl ImageProcessor {
             }
             None => (224, 224),
         };
+        // Every size of the pipeline bounds an allocation.
+        let sides = match size {
+            Resize::ShortestEdge(n) => vec![("size", n)],
+            Resize::Exact(h, w) => vec![("size", h), ("size", w)],
+        };
+        for (key, v) in sides
+            .into_iter()
+            .chain([("crop_size", crop.0), ("crop_size", crop.1)])
+        {
+            if v == 0 || v > MAX_PREPROCESS_SIDE {
+                return Err(format!(
+                    "`{key}` of {v} pixels: use 1 to {MAX_PREPROCESS_SIDE}"
+                ));
+            }
+        }
         let resample = raw.resample.unwrap_or(3);
         let filter = Filter::from_pil(resample).ok_or_else(|| {
             format!("resample = {resample} is not supported (2 = bilinear, 3 = bicubic)")
@@ -219,18 +305,25 @@ impl ImageProcessor {
             Some(v) => Err(format!("`{key}` has {} values, expected 3", v.len())),
         };
         let std = triple(raw.image_std, OPENAI_CLIP_STD, "image_std")?;
-        if std.iter().any(|&s| s <= 0.0) {
+        if std.iter().any(|&s| !(s.is_finite() && s > 0.0)) {
             return Err("`image_std` values must be positive".into());
+        }
+        let mean = triple(raw.image_mean, OPENAI_CLIP_MEAN, "image_mean")?;
+        if mean.iter().any(|m| !m.is_finite()) {
+            return Err("`image_mean` values must be finite".into());
+        }
+        let rescale = raw.rescale_factor.unwrap_or(1.0 / 255.0);
+        if !(rescale.is_finite() && rescale > 0.0) {
+            return Err(format!(
+                "`rescale_factor` ({rescale}) must be positive (1/255 maps 8-bit pixels to [0, 1])"
+            ));
         }
         Ok(Self {
             resize: raw.do_resize.unwrap_or(true).then_some(size),
             filter,
             crop: raw.do_center_crop.unwrap_or(!blip).then_some(crop),
-            rescale_factor: raw
-                .do_rescale
-                .unwrap_or(true)
-                .then_some(raw.rescale_factor.unwrap_or(1.0 / 255.0) as f32),
-            mean: triple(raw.image_mean, OPENAI_CLIP_MEAN, "image_mean")?,
+            rescale_factor: raw.do_rescale.unwrap_or(true).then_some(rescale as f32),
+            mean,
             std,
             normalize: raw.do_normalize.unwrap_or(true),
         })

@@ -52,7 +52,11 @@ unsafe extern "C-unwind" fn on_message(cinfo: &mut jpeg_common_struct, level: c_
 }
 
 /// Decodes to interleaved RGB8 `(width, height, data)`; grayscale is replicated to RGB.
-pub fn decode(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
+/// `check(width, height)` runs on the header, before any pixel is decoded or allocated.
+pub fn decode(
+    bytes: &[u8],
+    check: impl Fn(usize, usize) -> Result<(), String>,
+) -> Result<(usize, usize, Vec<u8>), String> {
     TRUNCATED.with(|t| t.set(false));
     let run = catch_unwind(AssertUnwindSafe(|| -> std::io::Result<_> {
         // SAFETY: jpeg_std_error fills every field of a zeroed manager.
@@ -60,7 +64,9 @@ pub fn decode(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
         unsafe { jpeg_std_error(&mut err) };
         err.error_exit = Some(on_fatal);
         err.emit_message = Some(on_message);
-        let mut rgb = mozjpeg::Decompress::with_err(err).from_mem(bytes)?.rgb()?;
+        let header = mozjpeg::Decompress::with_err(err).from_mem(bytes)?;
+        check(header.width(), header.height()).map_err(std::io::Error::other)?;
+        let mut rgb = header.rgb()?;
         let (w, h) = (rgb.width(), rgb.height());
         let px: Vec<[u8; 3]> = rgb.read_scanlines()?;
         rgb.finish()?;

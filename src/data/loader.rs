@@ -240,6 +240,8 @@ fn map_sample(source: &Source, seed: u64, pos: u64, order: &mut (u64, Vec<usize>
 pub struct Loader {
     outputs: Vec<Receiver<Result<Batch>>>,
     next: usize,
+    /// Samples per epoch when the source knows it.
+    epoch_len: Option<u64>,
     _threads: Vec<JoinHandle<()>>,
 }
 
@@ -256,6 +258,7 @@ impl Loader {
             return Err(Error::input("batch size must be at least 1"));
         }
         let workers = cfg.workers.max(1);
+        let epoch_len = source.epoch_len();
         let prep = Arc::new(Prep {
             processor,
             tokenizer,
@@ -324,8 +327,14 @@ impl Loader {
         Ok(Self {
             outputs,
             next: 0,
+            epoch_len,
             _threads: threads,
         })
+    }
+
+    /// Samples per epoch, when the source knows it without reading the data (manifests).
+    pub fn epoch_len(&self) -> Option<u64> {
+        self.epoch_len
     }
 
     /// The next batch in stream order.

@@ -41,6 +41,8 @@ fn resolve(root: &Path, p: &str) -> PathBuf {
 /// A malformed line is an error naming the file and line: it is found before training starts.
 pub fn read(path: &Path) -> Result<Vec<Entry>> {
     let text = crate::io::read_to_string(path)?;
+    // A byte-order mark, as some editors write, is not part of the first line.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let root = path.parent().unwrap_or(Path::new("."));
     let ext = path
         .extension()
@@ -48,8 +50,8 @@ pub fn read(path: &Path) -> Result<Vec<Entry>> {
         .unwrap_or("")
         .to_ascii_lowercase();
     let entries = match ext.as_str() {
-        "jsonl" | "json" => read_jsonl(&text, root, path)?,
-        "csv" | "tsv" => read_csv(&text, root, path)?,
+        "jsonl" | "json" => read_jsonl(text, root, path)?,
+        "csv" | "tsv" => read_csv(text, root, path)?,
         other => {
             return Err(Error::config(
                 path,
@@ -120,21 +122,47 @@ fn read_csv(text: &str, root: &Path, path: &Path) -> Result<Vec<Entry>> {
     Ok(out)
 }
 
-/// Writes a JSONL manifest with image paths relative to `root`.
-pub fn write_jsonl(path: &Path, root: &Path, entries: &[Entry]) -> Result<()> {
-    let mut f =
-        std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
-    for e in entries {
-        let rel = e.image.strip_prefix(root).unwrap_or(&e.image);
+/// Writes a JSONL manifest line by line, image paths relative to `root`: a manifest of any
+/// length without holding its entries.
+pub struct JsonlWriter {
+    f: std::io::BufWriter<std::fs::File>,
+    path: PathBuf,
+    root: PathBuf,
+}
+
+impl JsonlWriter {
+    pub fn create(path: &Path, root: &Path) -> Result<Self> {
+        let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            f: std::io::BufWriter::new(f),
+            path: path.to_path_buf(),
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn write(&mut self, e: &Entry) -> Result<()> {
+        let rel = e.image.strip_prefix(&self.root).unwrap_or(&e.image);
         let line = Line {
             image: rel.to_string_lossy().into_owned(),
             caption: e.caption.clone(),
             objects: e.objects.clone(),
         };
         let json = serde_json::to_string(&line).expect("manifest lines serialise");
-        writeln!(f, "{json}").map_err(|e| Error::io(path, e))?;
+        writeln!(self.f, "{json}").map_err(|e| Error::io(&self.path, e))
     }
-    f.flush().map_err(|e| Error::io(path, e))
+
+    pub fn finish(mut self) -> Result<()> {
+        self.f.flush().map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// Writes a JSONL manifest with image paths relative to `root`.
+pub fn write_jsonl(path: &Path, root: &Path, entries: &[Entry]) -> Result<()> {
+    let mut w = JsonlWriter::create(path, root)?;
+    for e in entries {
+        w.write(e)?;
+    }
+    w.finish()
 }
 
 #[cfg(test)]

@@ -2,10 +2,11 @@
 //! [`PairSet`], a fixed number of single-object images each) and the `images/*.png` +
 //! `manifest.jsonl` directory that `vlalign data shapes` writes and `vlalign eval` reads.
 
+use std::borrow::Borrow;
 use std::path::{Path, PathBuf};
 
 use super::image::save_png;
-use super::manifest::{self, Entry};
+use super::manifest::{Entry, JsonlWriter};
 use super::shapes::{self, PairSet, ShapesSample};
 use crate::error::{Error, Result};
 
@@ -29,21 +30,25 @@ pub fn class_set(size: usize, pairs: PairSet, per_class: usize, seed: u64) -> Ve
 }
 
 /// Writes samples as `dir/images/NNNNNN.png` plus `dir/manifest.jsonl` (with each sample's
-/// objects), and returns the manifest's path.
-pub fn write_shapes_dir(dir: &Path, samples: &[ShapesSample]) -> Result<PathBuf> {
+/// objects), one at a time (a stream of any length), and returns the manifest's path.
+pub fn write_shapes_dir<S: Borrow<ShapesSample>>(
+    dir: &Path,
+    samples: impl IntoIterator<Item = S>,
+) -> Result<PathBuf> {
     let images = dir.join("images");
     std::fs::create_dir_all(&images).map_err(|e| Error::io(&images, e))?;
-    let mut entries = Vec::with_capacity(samples.len());
-    for (i, s) in samples.iter().enumerate() {
+    let m = dir.join("manifest.jsonl");
+    let mut w = JsonlWriter::create(&m, dir)?;
+    for (i, s) in samples.into_iter().enumerate() {
+        let s = s.borrow();
         let p = images.join(format!("{:06}.png", i + 1));
         save_png(&p, &s.image)?;
-        entries.push(Entry {
+        w.write(&Entry {
             image: p,
             caption: s.caption.clone(),
             objects: Some(s.objects.clone()),
-        });
+        })?;
     }
-    let m = dir.join("manifest.jsonl");
-    manifest::write_jsonl(&m, dir, &entries)?;
+    w.finish()?;
     Ok(m)
 }

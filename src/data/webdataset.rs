@@ -7,8 +7,50 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// Expands brace patterns: numeric ranges keep the zero padding of the first bound.
+/// The largest tar member read (an image or a caption file).
+pub const MAX_MEMBER_BYTES: u64 = crate::data::image::MAX_IMAGE_FILE_BYTES;
+
+/// The most shard names one pattern may expand to (checked before any name is made).
+pub const MAX_SHARDS: u64 = 1_000_000;
+
+/// How many names `pattern` expands to, saturating (no name is built).
+fn expansion_count(pattern: &str) -> Result<u64> {
+    let Some(open) = pattern.find('{') else {
+        return Ok(1);
+    };
+    let Some(close) = pattern[open..].find('}').map(|c| open + c) else {
+        return Err(Error::input(format!(
+            "unclosed '{{' in shard pattern {pattern:?}"
+        )));
+    };
+    let body = &pattern[open + 1..close];
+    let here = match body.split_once("..") {
+        Some((a, b)) => match (a.parse::<u64>(), b.parse::<u64>()) {
+            (Ok(lo), Ok(hi)) if lo <= hi => (hi - lo).saturating_add(1),
+            _ => {
+                return Err(Error::input(format!(
+                    "bad range {{{body}}} in shard pattern {pattern:?}"
+                )))
+            }
+        },
+        None => body.split(',').count() as u64,
+    };
+    Ok(here.saturating_mul(expansion_count(&pattern[close + 1..])?))
+}
+
+/// Expands brace patterns: numeric ranges keep the zero padding of the first bound. A pattern
+/// of more than [`MAX_SHARDS`] names is refused before any is made.
 pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
+    let n = expansion_count(pattern)?;
+    if n > MAX_SHARDS {
+        return Err(Error::input(format!(
+            "shard pattern {pattern:?} names {n} files; at most {MAX_SHARDS}"
+        )));
+    }
+    expand_unchecked(pattern)
+}
+
+fn expand_unchecked(pattern: &str) -> Result<Vec<String>> {
     let Some(open) = pattern.find('{') else {
         return Ok(vec![pattern.to_string()]);
     };
@@ -38,7 +80,7 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
     };
     let mut out = Vec::new();
     for o in options {
-        for rest in expand_braces(tail)? {
+        for rest in expand_unchecked(tail)? {
             out.push(format!("{head}{o}{rest}"));
         }
     }
@@ -93,8 +135,17 @@ pub fn read_shard(path: &Path, mut f: impl FnMut(RawSample)) -> Result<()> {
             flush(path, &key, &mut image, &mut caption, &mut f);
             key = k;
         }
+        // A member's claimed size bounds what is read into memory.
+        let size = entry.header().size().unwrap_or(u64::MAX);
+        if size > MAX_MEMBER_BYTES {
+            f(Err(format!(
+                "{}:{name}: claims {size} bytes; members of at most {MAX_MEMBER_BYTES} are read",
+                path.display()
+            )));
+            continue;
+        }
         let mut bytes = Vec::new();
-        if let Err(e) = entry.read_to_end(&mut bytes) {
+        if let Err(e) = (&mut entry).take(MAX_MEMBER_BYTES).read_to_end(&mut bytes) {
             f(Err(format!("{}:{name}: unreadable: {e}", path.display())));
             continue;
         }
@@ -168,5 +219,16 @@ mod tests {
         assert!(expand_braces("s-{3..1}.tar").is_err());
         assert!(expand_braces("s-{1..3.tar").is_err());
         assert!(is_tar_pattern("s-{0000..0099}.tar") && !is_tar_pattern("m.jsonl"));
+        // Counted before anything is built: this used to expand 10^11 names.
+        let t = std::time::Instant::now();
+        let e = expand_braces("x-{0..99999999999}.tar")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("100000000000 files"), "{e}");
+        let e = expand_braces("{0..99999}-{0..99999}.tar")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("10000000000 files"), "{e}");
+        assert!(t.elapsed().as_millis() < 100);
     }
 }

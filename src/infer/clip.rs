@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::models::clip::Clip;
 use crate::models::ModelDir;
-use crate::nn::ops::l2_normalize;
+use crate::nn::ops::{ensure_finite, l2_normalize};
 
 /// Inputs per forward pass.
 pub const BATCH: usize = 32;
@@ -121,7 +121,9 @@ impl ClipPipeline {
             let f = self.model.image_features(&self.pixels(chunk)?)?;
             out.push(l2_normalize(&f)?);
         }
-        self.cat(out)
+        let e = self.cat(out)?;
+        ensure_finite(&e, &format!("{}: image embeddings", self.dir.display()))?;
+        Ok(e)
     }
 
     /// Normalised embeddings of image files, `[N, P]`; decoding errors name the file.
@@ -158,7 +160,7 @@ impl ClipPipeline {
                 if *cut {
                     tracing::warn!(
                         "text {:?} is longer than the model's context of {} tokens; truncated",
-                        short(t.as_ref()),
+                        super::short(t.as_ref()),
                         tok.context()
                     );
                 }
@@ -173,7 +175,9 @@ impl ClipPipeline {
             let f = self.model.text_features(&b.ids, &b.mask)?;
             out.push(l2_normalize(&f)?);
         }
-        self.cat(out)
+        let e = self.cat(out)?;
+        ensure_finite(&e, &format!("{}: text embeddings", self.dir.display()))?;
+        Ok(e)
     }
 
     fn cat(&self, parts: Vec<Tensor>) -> Result<Tensor> {
@@ -186,14 +190,6 @@ impl ClipPipeline {
         }
         Ok(Tensor::cat(&parts, 0)?)
     }
-}
-
-fn short(s: &str) -> String {
-    let mut out: String = s.chars().take(40).collect();
-    if s.chars().count() > 40 {
-        out.push('…');
-    }
-    out
 }
 
 impl Embedder for ClipPipeline {

@@ -115,6 +115,10 @@ pub fn beam(
                 cands.push((ids, hyps[i].1 + lp[a][tok], fin));
             }
         }
+        if cands.is_empty() {
+            // Every continuation is banned (−∞): keep the hypotheses as they are.
+            break;
+        }
         cands.sort_by(|x, y| mean_logp(y).total_cmp(&mean_logp(x)));
         cands.truncate(beams);
         hyps = cands;
@@ -163,5 +167,8 @@ mod tests {
         // Without an end-of-text token, decoding runs to max_len.
         let g = greedy(1, 0, None, 3, toy).unwrap();
         assert_eq!(g[0].ids.len(), 3);
+        // A model that bans every token ends the search with what it has, no panic.
+        let none = |seqs: &[Vec<u32>]| Ok(vec![vec![f32::NEG_INFINITY; 4]; seqs.len()]);
+        assert_eq!(beam(0, Some(1), 2, 5, none).unwrap().ids, Vec::<u32>::new());
     }
 }

@@ -20,6 +20,15 @@ use crate::data::image::RgbImage;
 use crate::error::{Error, Result};
 use crate::models::{ModelDir, ModelKind};
 
+/// The first 40 characters of `s` (an ellipsis when cut), to quote a user's text in a warning.
+pub(crate) fn short(s: &str) -> String {
+    let mut out: String = s.chars().take(40).collect();
+    if s.chars().nth(40).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// Anything that maps images and texts into the joint space (L2-normalised rows).
 pub trait Embedder {
     fn embed_images(&self, images: &[RgbImage]) -> Result<Tensor>;

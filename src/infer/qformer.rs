@@ -12,7 +12,7 @@ use crate::data::text::{TextTokenizer, TokenBatch};
 use crate::error::{Error, Result};
 use crate::models::qformer::Blip2Qformer;
 use crate::models::ModelDir;
-use crate::nn::ops::softmax_last;
+use crate::nn::ops::{ensure_finite, softmax_last};
 use crate::objectives::itc::max_over_queries;
 use crate::objectives::ops::log_softmax;
 
@@ -80,7 +80,9 @@ impl QformerPipeline {
         for chunk in images.chunks(BATCH) {
             parts.push(self.model.image_embeds(&self.pixels(chunk)?)?);
         }
-        Ok(Tensor::cat(&parts, 0)?)
+        let t = Tensor::cat(&parts, 0)?;
+        ensure_finite(&t, &format!("{}: image features", self.dir.display()))?;
+        Ok(t)
     }
 
     /// ITC image features `[N, Q, D]` (normalised) from image features.
@@ -94,7 +96,9 @@ impl QformerPipeline {
                     .itc_image_features(&self.model.query_output(&e)?)?,
             );
         }
-        Ok(Tensor::cat(&parts, 0)?)
+        let t = Tensor::cat(&parts, 0)?;
+        ensure_finite(&t, &format!("{}: ITC image features", self.dir.display()))?;
+        Ok(t)
     }
 
     /// Tokenises with truncation to the model's context; truncated texts are reported once per
@@ -109,9 +113,10 @@ impl QformerPipeline {
             .collect();
         if let Some(first) = cut.first() {
             tracing::warn!(
-                "{} text(s) truncated to {} tokens, e.g. {first:?}",
+                "{} text(s) truncated to {} tokens, e.g. {:?}",
                 cut.len(),
-                self.tokenizer.context()
+                self.tokenizer.context(),
+                super::short(first)
             );
         }
         Ok(enc.batch)
@@ -128,7 +133,9 @@ impl QformerPipeline {
                     .itc_text_features(&self.model.text_output(&ids, &b.mask)?)?,
             );
         }
-        Ok(Tensor::cat(&parts, 0)?)
+        let t = Tensor::cat(&parts, 0)?;
+        ensure_finite(&t, &format!("{}: ITC text features", self.dir.display()))?;
+        Ok(t)
     }
 
     /// ITC scores `[Ni, Nt]`: cosine maximised over queries, no temperature (as HF returns it).
@@ -147,7 +154,9 @@ impl QformerPipeline {
             let e = image_embeds.narrow(0, s, k)?;
             parts.push(self.model.itm_logits(&e, &ids, &b.mask)?);
         }
-        Ok(Tensor::cat(&parts, 0)?)
+        let t = Tensor::cat(&parts, 0)?;
+        ensure_finite(&t, &format!("{}: ITM logits", self.dir.display()))?;
+        Ok(t)
     }
 
     /// ITM match logits (class 1, LAVIS's rerank score) of `(image row, text)` pairs, the image
@@ -200,6 +209,7 @@ impl QformerPipeline {
         let mask = vec![vec![1u32; t]; seqs.len()];
         let logits = self.model.itg_logits(image, &ids, &mask)?;
         let last = logits.i((.., t - 1, ..))?.contiguous()?;
+        ensure_finite(&last, &format!("{}: ITG logits", self.dir.display()))?;
         let mut lp: Vec<Vec<f32>> = log_softmax(&last)?.to_dtype(DType::F32)?.to_vec2()?;
         let banned = self.banned();
         for row in &mut lp {

@@ -53,6 +53,7 @@ pub fn classify(
     let classes = class_embeddings(p, labels, templates)?;
     let scale = p.model.logit_scale_exp()?;
     let logits = (images.matmul(&classes.t()?)? * scale as f64)?;
+    crate::nn::ops::ensure_finite(&logits, "zero-shot logits")?;
     let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
     let logits = logits.to_vec2::<f32>()?;
     let top = if top == 0 {

@@ -21,8 +21,23 @@ pub fn write_f32(path: &Path, data: &[f32], rows: usize, cols: usize) -> Result<
     for v in data {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
-    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(&bytes).map_err(|e| Error::io(path, e))
+    // Written beside the target and renamed into place: a full disk or a kill leaves the old
+    // file (or none), never a truncated one.
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -140,7 +140,37 @@ impl Checked {
             .lock()
             .expect("weights lock poisoned")
             .insert(name.to_string());
+        let view = self.files.get(name)?;
+        if let Some(i) = first_non_finite(view.dtype(), view.data()) {
+            candle_core::bail!(
+                "tensor `{name}` holds a non-finite value (NaN or infinity) at element {i}: the \
+                 checkpoint is corrupt or diverged, and would score every input the same"
+            );
+        }
         self.files.load(name, dev)?.to_dtype(dtype)
+    }
+}
+
+/// The index of the first NaN or infinite element of stored float data (little-endian, as
+/// safetensors stores it); `None` for integer dtypes and all-finite data. Read from the mapped
+/// file, before anything is copied to a device.
+pub fn first_non_finite(dtype: safetensors::Dtype, bytes: &[u8]) -> Option<usize> {
+    use safetensors::Dtype;
+    match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+        Dtype::F64 => bytes.chunks_exact(8).position(|b| {
+            !f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]).is_finite()
+        }),
+        // Half precision: all exponent bits set means infinity or NaN.
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+        _ => None,
     }
 }
 
@@ -175,5 +205,42 @@ impl SimpleBackend for Checked {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.files.get(name).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_non_finite;
+    use safetensors::Dtype;
+
+    #[test]
+    fn non_finite_values_are_found_in_every_float_dtype() {
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        assert_eq!(
+            first_non_finite(Dtype::F32, &f32s(&[1.0, -2.0, 3e38])),
+            None
+        );
+        assert_eq!(
+            first_non_finite(Dtype::F32, &f32s(&[1.0, f32::NAN])),
+            Some(1)
+        );
+        assert_eq!(
+            first_non_finite(Dtype::F32, &f32s(&[f32::NEG_INFINITY])),
+            Some(0)
+        );
+        let f64s: Vec<u8> = [0.5f64, f64::INFINITY]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(first_non_finite(Dtype::F64, &f64s), Some(1));
+        // float16: 1.0 = 0x3c00, 65504 (max) = 0x7bff, inf = 0x7c00, NaN = 0x7e00.
+        let h = |v: &[u16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        assert_eq!(first_non_finite(Dtype::F16, &h(&[0x3c00, 0x7bff])), None);
+        assert_eq!(first_non_finite(Dtype::F16, &h(&[0x3c00, 0x7e00])), Some(1));
+        assert_eq!(first_non_finite(Dtype::F16, &h(&[0xfc00])), Some(0));
+        // bfloat16: 1.0 = 0x3f80, max = 0x7f7f, inf = 0x7f80, NaN = 0x7fc0.
+        assert_eq!(first_non_finite(Dtype::BF16, &h(&[0x3f80, 0x7f7f])), None);
+        assert_eq!(first_non_finite(Dtype::BF16, &h(&[0x7fc0])), Some(0));
+        assert_eq!(first_non_finite(Dtype::I64, &[0xff; 16]), None);
     }
 }

@@ -1,6 +1,6 @@
 //! Ops that pick candle's fused kernel for inference and a differentiable composition for training.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
 /// True when autograd tracks any of `ts`: the fused fast ops would silently drop its gradient.
 pub fn needs_grad(ts: &[&Tensor]) -> bool {
@@ -23,4 +23,42 @@ pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
 pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
     let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
     xs.broadcast_div(&norm)
+}
+
+/// Errors when `t` holds a NaN or an infinity, naming `what`: a non-finite result is never
+/// printed, ranked or saved (a NaN compares false with everything, so a ranking that counts
+/// better-scored candidates would call it perfect).
+pub fn ensure_finite(t: &Tensor, what: &str) -> crate::error::Result<()> {
+    // 0·x is 0 where x is finite and NaN where it is NaN or ±inf; NaN ≠ NaN.
+    let d = (t * 0.0)?;
+    let bad = d
+        .ne(&d)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if bad > 0.0 {
+        return Err(crate::error::Error::NonFinite(format!(
+            "{what}: {bad} of {} values are NaN or infinite (corrupt weights, a bad config value \
+             such as layer_norm_eps or rescale_factor, or a diverged model)",
+            t.elem_count()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn non_finite_results_are_errors() {
+        let dev = Device::Cpu;
+        assert!(ensure_finite(&Tensor::new(&[1f32, -3e38, 0.0], &dev).unwrap(), "x").is_ok());
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let t = Tensor::new(&[[1f32, bad], [2.0, 3.0]], &dev).unwrap();
+            let e = ensure_finite(&t, "scores").unwrap_err().to_string();
+            assert!(e.starts_with("scores: 1 of 4 values"), "{e}");
+        }
+    }
 }

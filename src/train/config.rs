@@ -255,6 +255,27 @@ fn ten() -> u64 {
     10
 }
 
+/// Bounds on the config values that size an allocation: far above any model this project
+/// trains (ViT-g is 1408 wide, 40 layers), far below what would exhaust memory by accident.
+const MAX_IMAGE_SIZE: usize = 4096;
+const MAX_WIDTH: usize = 16384;
+const MAX_LAYERS: usize = 256;
+const MAX_TOKENS: usize = 4096;
+const MAX_BATCH: usize = 65536;
+const MAX_ACCUM: usize = 4096;
+const MAX_WORKERS: usize = 256;
+const MAX_PREFETCH: usize = 64;
+const MAX_SHUFFLE: usize = 1 << 20;
+const MAX_STEPS: u64 = 1 << 40;
+
+/// `{section}.{key}` must be in `1..=max`.
+fn in_range(section: &str, key: &str, v: usize, max: usize) -> std::result::Result<(), String> {
+    if v == 0 || v > max {
+        return Err(format!("{section}.{key} ({v}) must be between 1 and {max}"));
+    }
+    Ok(())
+}
+
 impl TrainConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = crate::io::read_to_string(path)?;
@@ -274,9 +295,13 @@ impl TrainConfig {
 
     /// `--steps N`: trains `N` steps, with the warm-up cut to at most a fifth of them so that a
     /// short run still reaches its full learning rate.
-    pub fn set_steps(&mut self, steps: u64) {
+    pub fn set_steps(&mut self, steps: u64) -> std::result::Result<(), String> {
+        if steps == 0 || steps > MAX_STEPS {
+            return Err(format!("--steps {steps}: use 1 to {MAX_STEPS}"));
+        }
         self.train.steps = steps;
         self.train.warmup_steps = self.train.warmup_steps.min(steps / 5);
+        Ok(())
     }
 
     /// The CLIP section, for CLIP tasks.
@@ -290,20 +315,7 @@ impl TrainConfig {
         let (d, t) = (&self.data, &self.train);
         match (&self.model, &self.qformer) {
             (Some(m), None) => Self::validate_clip(m)?,
-            (None, Some(q)) => {
-                if q.num_attention_heads == 0
-                    || !q.hidden_size.is_multiple_of(q.num_attention_heads)
-                {
-                    return Err(format!(
-                        "qformer.hidden_size ({}) must be a multiple of qformer.num_attention_heads ({})",
-                        q.hidden_size, q.num_attention_heads
-                    ));
-                }
-                if q.num_query_tokens == 0 || q.cross_attention_frequency == 0 || q.max_text_len < 3
-                {
-                    return Err("qformer.num_query_tokens and cross_attention_frequency must be positive, max_text_len at least 3".into());
-                }
-            }
+            (None, Some(q)) => Self::validate_qformer(q)?,
             (Some(_), Some(_)) => {
                 return Err(
                     "give either [model] (a CLIP) or [qformer] (a BLIP-2 Q-Former), not both"
@@ -320,6 +332,21 @@ impl TrainConfig {
     }
 
     fn validate_clip(m: &ModelSpec) -> std::result::Result<(), String> {
+        for (key, v, max) in [
+            ("image_size", m.image_size, MAX_IMAGE_SIZE),
+            ("vision_width", m.vision_width, MAX_WIDTH),
+            ("vision_layers", m.vision_layers, MAX_LAYERS),
+            ("vision_heads", m.vision_heads, MAX_WIDTH),
+            ("vision_mlp", m.vision_mlp, 4 * MAX_WIDTH),
+            ("text_width", m.text_width, MAX_WIDTH),
+            ("text_layers", m.text_layers, MAX_LAYERS),
+            ("text_heads", m.text_heads, MAX_WIDTH),
+            ("text_mlp", m.text_mlp, 4 * MAX_WIDTH),
+            ("context_length", m.context_length, MAX_TOKENS),
+            ("projection_dim", m.projection_dim, MAX_WIDTH),
+        ] {
+            in_range("model", key, v, max)?;
+        }
         if m.patch_size == 0 || !m.image_size.is_multiple_of(m.patch_size) {
             return Err(format!(
                 "model.image_size ({}) must be a multiple of model.patch_size ({})",
@@ -336,10 +363,74 @@ impl TrainConfig {
                 ));
             }
         }
+        // The same rules as loading the model directory this config will write.
+        m.clip_config(2, 0, 1, 0)
+            .validate()
+            .map_err(|e| format!("[model] gives an invalid CLIP: {e}"))?;
+        if m.context_length < 2 {
+            return Err("model.context_length must be at least 2 (start and end of text)".into());
+        }
+        if m.image_size / m.patch_size > 256 {
+            return Err(format!(
+                "model.image_size / patch_size = {} patches a side; at most 256",
+                m.image_size / m.patch_size
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_qformer(q: &QformerSpec) -> std::result::Result<(), String> {
+        for (key, v, max) in [
+            ("hidden_size", q.hidden_size, MAX_WIDTH),
+            ("num_hidden_layers", q.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", q.num_attention_heads, MAX_WIDTH),
+            ("intermediate_size", q.intermediate_size, 4 * MAX_WIDTH),
+            (
+                "cross_attention_frequency",
+                q.cross_attention_frequency,
+                MAX_LAYERS,
+            ),
+            ("num_query_tokens", q.num_query_tokens, MAX_TOKENS),
+            ("embed_dim", q.embed_dim, MAX_WIDTH),
+            ("max_text_len", q.max_text_len, MAX_TOKENS),
+        ] {
+            in_range("qformer", key, v, max)?;
+        }
+        if !q.hidden_size.is_multiple_of(q.num_attention_heads) {
+            return Err(format!(
+                "qformer.hidden_size ({}) must be a multiple of qformer.num_attention_heads ({})",
+                q.hidden_size, q.num_attention_heads
+            ));
+        }
+        if q.max_text_len < 3 {
+            return Err("qformer.max_text_len must be at least 3".into());
+        }
+        if q.vision_drop_layers > MAX_LAYERS {
+            return Err(format!(
+                "qformer.vision_drop_layers ({}) is larger than any tower",
+                q.vision_drop_layers
+            ));
+        }
         Ok(())
     }
 
     fn validate_data_train(d: &DataSpec, t: &TrainSpec) -> std::result::Result<(), String> {
+        for (key, v, max) in [
+            ("data.workers", d.workers, MAX_WORKERS),
+            ("data.prefetch", d.prefetch, MAX_PREFETCH),
+            ("data.shuffle_buffer", d.shuffle_buffer, MAX_SHUFFLE),
+            ("train.batch_size", t.batch_size, MAX_BATCH),
+            ("train.accum_steps", t.accum_steps, MAX_ACCUM),
+            ("train.keep_checkpoints", t.keep_checkpoints, 1 << 20),
+        ] {
+            let (section, key) = key.split_once('.').expect("dotted key");
+            in_range(section, key, v, max)?;
+        }
+        if t.steps > MAX_STEPS || t.checkpoint_every > MAX_STEPS || t.log_every > MAX_STEPS {
+            return Err(format!(
+                "train.steps, checkpoint_every and log_every must be at most {MAX_STEPS}"
+            ));
+        }
         if !(0.0 < d.crop_scale[0] && d.crop_scale[0] <= d.crop_scale[1] && d.crop_scale[1] <= 1.0)
         {
             return Err(format!(
@@ -357,12 +448,14 @@ impl TrainConfig {
             );
         }
         let counts = d.shapes_max_objects - d.shapes_min_objects + 1;
+        let sum: f32 = d.shapes_object_weights.iter().sum();
         if !d.shapes_object_weights.is_empty()
             && (d.shapes_object_weights.len() != counts
                 || d.shapes_object_weights
                     .iter()
-                    .any(|&w| w.is_nan() || w < 0.0)
-                || d.shapes_object_weights.iter().sum::<f32>() <= 0.0)
+                    .any(|&w| !w.is_finite() || w < 0.0)
+                || !sum.is_finite()
+                || sum <= 0.0)
         {
             return Err(format!(
                 "data.shapes_object_weights needs {counts} non-negative weights (one per object count), not all zero"
@@ -378,11 +471,28 @@ impl TrainConfig {
                 "train.steps, accum_steps, checkpoint_every and log_every must be positive".into(),
             );
         }
-        if t.lr <= 0.0 || t.min_lr < 0.0 || t.min_lr > t.lr {
+        // Written so that NaN fails every check (a comparison with NaN is false).
+        if !(t.lr > 0.0 && t.lr <= 1.0) {
+            return Err(format!("train.lr ({}) must be in (0, 1]", t.lr));
+        }
+        if !(t.min_lr >= 0.0 && t.min_lr <= t.lr) {
             return Err(format!(
-                "train.lr ({}) must be positive and at least train.min_lr ({})",
-                t.lr, t.min_lr
+                "train.min_lr ({}) must be between 0 and train.lr ({})",
+                t.min_lr, t.lr
             ));
+        }
+        for (key, v) in [("beta1", t.beta1), ("beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("train.{key} ({v}) must be in [0, 1)"));
+            }
+        }
+        if !(t.eps > 0.0 && t.eps.is_finite()) {
+            return Err(format!("train.eps ({}) must be positive", t.eps));
+        }
+        for (key, v) in [("weight_decay", t.weight_decay), ("grad_clip", t.grad_clip)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("train.{key} ({v}) must be finite and not negative"));
+            }
         }
         Ok(())
     }
@@ -481,6 +591,73 @@ checkpoint_every = 5
         let e = TrainConfig::from_toml(&TINY.replace("[data]\nsource = \"shapes\"", "[data]"))
             .unwrap_err();
         assert!(e.contains("source"), "{e}");
+        // Optimiser values are finite and in range (NaN included).
+        for (key, bad) in [
+            ("lr = 1e-3", "lr = nan"),
+            ("lr = 1e-3", "lr = inf"),
+            ("lr = 1e-3", "lr = 1e9"),
+            ("lr = 1e-3", "lr = 1e-3\nmin_lr = nan"),
+            ("lr = 1e-3", "lr = 1e-3\nbeta1 = 1.0"),
+            ("lr = 1e-3", "lr = 1e-3\nbeta2 = -0.1"),
+            ("lr = 1e-3", "lr = 1e-3\neps = 0.0"),
+            ("weight_decay = 0.1", "weight_decay = nan"),
+            ("lr = 1e-3", "lr = 1e-3\ngrad_clip = inf"),
+        ] {
+            let e = TrainConfig::from_toml(&TINY.replace(key, bad)).unwrap_err();
+            let name = bad.rsplit('\n').next().unwrap().split(' ').next().unwrap();
+            assert!(e.contains(&format!("train.{name}")), "{bad}: {e}");
+        }
+        // Sizes that would panic or exhaust memory are refused by name.
+        for (key, bad, named) in [
+            ("text_width = 64", "text_width = 0", "model.text_width (0)"),
+            (
+                "vision_layers = 2",
+                "vision_layers = 0",
+                "model.vision_layers (0)",
+            ),
+            (
+                "image_size = 32",
+                "image_size = 65536",
+                "model.image_size (65536)",
+            ),
+            (
+                "batch_size = 8",
+                "batch_size = 1000000000",
+                "train.batch_size",
+            ),
+            (
+                "lr = 1e-3",
+                "lr = 1e-3\naccum_steps = 1000000000000000000",
+                "train.accum_steps",
+            ),
+            (
+                "source = \"shapes\"",
+                "source = \"shapes\"\nworkers = 1000000",
+                "data.workers",
+            ),
+            (
+                "source = \"shapes\"",
+                "source = \"shapes\"\nprefetch = 1000000000000",
+                "data.prefetch",
+            ),
+            (
+                "source = \"shapes\"",
+                "source = \"shapes\"\nshapes_object_weights = [inf, 1, 1]",
+                "shapes_object_weights",
+            ),
+            (
+                "source = \"shapes\"",
+                "source = \"shapes\"\nshapes_object_weights = [3e38, 3e38, 1]",
+                "shapes_object_weights",
+            ),
+        ] {
+            let e = TrainConfig::from_toml(&TINY.replace(key, bad)).unwrap_err();
+            assert!(e.contains(named), "{bad}: {e}");
+        }
+        let mut c = TrainConfig::from_toml(TINY).unwrap();
+        assert!(c.set_steps(0).unwrap_err().contains("--steps 0"));
+        c.set_steps(50).unwrap();
+        assert_eq!((c.train.steps, c.train.warmup_steps), (50, 2));
         // Choices are enums: a bad value names the accepted ones.
         let e = TrainConfig::from_toml(&TINY.replace("lr = 1e-3", "lr = 1e-3\nloss = \"triplet\""))
             .unwrap_err();

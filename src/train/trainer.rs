@@ -17,6 +17,10 @@ use crate::data::batch::Batch;
 use crate::data::loader::Loader;
 use crate::error::{Error, Result};
 
+/// Samples a stream of unknown length (tar shards) may yield with no usable batch before the
+/// run stops with an error.
+const BARREN_STREAM: u64 = 10_000;
+
 pub struct RunOptions {
     pub run_dir: PathBuf,
     /// Continue from `RUN/last` (a fresh start when there is none).
@@ -60,9 +64,30 @@ fn comparable(cfg: &TrainConfig) -> TrainConfig {
     c
 }
 
+/// Takes the run directory's lock for this process: an OS file lock on `RUN/.lock`, released
+/// when the returned file closes (also when the process is killed), so two runs can never write
+/// one directory at once.
+fn lock_run_dir(run: &Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(run).map_err(|e| Error::io(run, e))?;
+    let path = run.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::input(format!(
+            "{} is in use by another vlalign run; wait for it or choose another --out",
+            run.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    }
+}
+
 fn prepare_run_dir(cfg: &TrainConfig, opts: &RunOptions) -> Result<Option<PathBuf>> {
     let run = &opts.run_dir;
-    std::fs::create_dir_all(run).map_err(|e| Error::io(run, e))?;
     let cfg_path = run.join("config.toml");
     let last = checkpoint::latest(run)?;
     if !opts.resume && (last.is_some() || run.join("last").exists()) {
@@ -104,6 +129,24 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     std::fs::write(path, kept).map_err(|e| Error::io(path, e))
 }
 
+/// Refuses to save weights that are NaN or infinite: `last` only ever points at a finite
+/// checkpoint, and no model directory holds a diverged model.
+fn ensure_weights_finite(task: &dyn Task, step: u64) -> Result<()> {
+    for (name, var) in task.vars() {
+        crate::nn::ops::ensure_finite(
+            var.as_tensor(),
+            &format!("weights `{name}` after step {step}"),
+        )
+        .map_err(|e| {
+            Error::NonFinite(format!(
+                "{e}; stopping: nothing from this step is saved (the last checkpoint is \
+                     intact). Lower train.lr or raise warmup_steps."
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 pub fn run<T: Task>(
     task: &mut T,
     cfg: &TrainConfig,
@@ -112,6 +155,7 @@ pub fn run<T: Task>(
     mut eval: Option<EvalHook<T>>,
 ) -> Result<RunReport> {
     let t = &cfg.train;
+    let _lock = lock_run_dir(&opts.run_dir)?;
     let resume_from = prepare_run_dir(cfg, opts)?;
     let mut opt = AdamW::new(
         task.vars(),
@@ -166,6 +210,11 @@ pub fn run<T: Task>(
         total_steps: t.steps,
     };
     let mut loader = make_loader(position)?;
+    // Samples read with no usable batch before giving up: an epoch when the source knows its
+    // length, else a bound that any real stream passes.
+    let barren_limit = loader.epoch_len().unwrap_or(BARREN_STREAM).max(1);
+    let (mut barren, mut last_skip, mut warned_ratio) = (0u64, String::new(), false);
+    let start_position = position;
     let bar = (opts.progress && std::io::stderr().is_terminal()).then(|| {
         let pb = indicatif::ProgressBar::new(t.steps);
         pb.set_style(
@@ -187,6 +236,7 @@ pub fn run<T: Task>(
         // Gather the accumulation micro-batches, skipping what the loader could not read.
         let mut micro: Vec<Batch> = Vec::with_capacity(t.accum_steps);
         while micro.len() < t.accum_steps {
+            let before = position;
             let b = loader.next_batch()?;
             position = b.position;
             for why in &b.skipped {
@@ -196,10 +246,35 @@ pub fn run<T: Task>(
                     warned += 1;
                 }
             }
+            if let Some(why) = b.skipped.last() {
+                last_skip = why.clone();
+            }
             if b.len() >= 2 {
+                barren = 0;
                 micro.push(b);
-            } else if !b.is_empty() {
+            } else {
                 skipped += b.len() as u64;
+                // A source with no usable sample would otherwise be read forever.
+                barren += position.saturating_sub(before);
+                if barren >= barren_limit {
+                    return Err(Error::input(format!(
+                        "no usable sample in the last {barren} samples of the data (a whole \
+                         epoch or more; {skipped} skipped in all), e.g. {last_skip}; are the \
+                         image paths relative to the manifest's folder?"
+                    )));
+                }
+            }
+            let consumed = position.saturating_sub(start_position);
+            if !warned_ratio && consumed >= barren_limit.min(1000) && skipped * 2 > consumed {
+                warned_ratio = true;
+                tracing::warn!(
+                    "{skipped} of the first {consumed} samples were skipped (unreadable or \
+                     corrupt): most of the data is unusable"
+                );
+                eprintln!(
+                    "warning: {skipped} of the first {consumed} samples were skipped; most of \
+                     the data is unusable"
+                );
             }
         }
         let (mut grads, terms) = task.grads(&micro, step)?;
@@ -285,12 +360,14 @@ pub fn run<T: Task>(
                 config: cfg.to_toml(),
                 metrics: last_metrics.clone(),
             };
+            ensure_weights_finite(&*task, step)?;
             checkpoint::save(&opts.run_dir, &*task, &opt, &state, t.keep_checkpoints)?;
         }
     }
     if let Some(pb) = &bar {
         pb.finish_and_clear();
     }
+    ensure_weights_finite(&*task, step)?;
     let model_dir = opts.run_dir.join("model");
     crate::io::write_dir_atomic(&model_dir, |tmp| task.write_model(tmp))?;
     plot_metrics(&opts.run_dir, task.loss_names())?;

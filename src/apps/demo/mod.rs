@@ -47,7 +47,7 @@ impl DemoOptions {
             ));
         }
         if let Some(s) = self.steps {
-            cfg.set_steps(s);
+            cfg.set_steps(s).map_err(Error::input)?;
         }
         Ok(cfg)
     }

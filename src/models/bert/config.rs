@@ -45,6 +45,7 @@ impl BertConfig {
             self.hidden_size,
             self.num_attention_heads,
             self.num_hidden_layers,
+            self.layer_norm_eps,
         )
     }
 }

@@ -116,7 +116,15 @@ pub fn validate_tower(
     hidden: usize,
     heads: usize,
     layers: usize,
+    layer_norm_eps: f64,
 ) -> Result<(), String> {
+    // A zero, negative or NaN epsilon makes LayerNorm divide by the square root of a negative
+    // or zero variance: every output NaN, and every ranking of them meaningless.
+    if !(layer_norm_eps.is_finite() && layer_norm_eps > 0.0) {
+        return Err(format!(
+            "{prefix}.layer_norm_eps ({layer_norm_eps}) must be a small positive number (e.g. 1e-5)"
+        ));
+    }
     if heads == 0 || !hidden.is_multiple_of(heads) {
         return Err(format!(
             "{prefix}.hidden_size ({hidden}) must be a positive multiple of {prefix}.num_attention_heads ({heads})"
@@ -137,12 +145,14 @@ impl ClipConfig {
             t.hidden_size,
             t.num_attention_heads,
             t.num_hidden_layers,
+            t.layer_norm_eps,
         )?;
         validate_tower(
             "vision_config",
             v.hidden_size,
             v.num_attention_heads,
             v.num_hidden_layers,
+            v.layer_norm_eps,
         )?;
         if v.patch_size == 0 || v.patch_size > v.image_size {
             return Err(format!(

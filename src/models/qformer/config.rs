@@ -203,6 +203,7 @@ impl Blip2Config {
             q.hidden_size,
             q.num_attention_heads,
             q.num_hidden_layers,
+            q.layer_norm_eps,
         )?;
         if !q.use_qformer_text_input {
             return Err(
@@ -217,12 +218,14 @@ impl Blip2Config {
                 c.hidden_size,
                 c.num_attention_heads,
                 c.num_hidden_layers,
+                c.layer_norm_eps,
             )?,
             VisionConfig::Clip(c) => validate_tower(
                 "vision_config",
                 c.hidden_size,
                 c.num_attention_heads,
                 c.num_hidden_layers,
+                c.layer_norm_eps,
             )?,
         }
         if self.num_query_tokens == 0 {
