@@ -37,7 +37,7 @@ fn resize_and_crop_matches_transformers() {
     let mut worst = 0f32;
     for name in IMAGES {
         let img = load_rgb(&fixture(&format!("images/{name}"))).unwrap();
-        let got = p.resize_and_crop(&img);
+        let got = p.resize_and_crop(&img).unwrap();
         assert_eq!((got.width, got.height), (224, 224), "{name}");
         // HWC → CHW to compare with the reference layout.
         let got = Tensor::from_vec(got.data, (224, 224, 3), &candle_core::Device::Cpu)
@@ -86,7 +86,7 @@ fn full_pipeline_with_custom_config_matches_transformers() {
     let min_std = 0.22f32;
     for name in IMAGES {
         let img = load_rgb(&fixture(&format!("images/{name}"))).unwrap();
-        let (data, (h, w)) = p.preprocess(&img);
+        let (data, (h, w)) = p.preprocess(&img).unwrap();
         assert_eq!((h, w), (64, 56), "{name}");
         let got = Tensor::from_vec(data, (3, h, w), &candle_core::Device::Cpu).unwrap();
         let d = max_abs_diff(&got, &r[&format!("small/{name}")]);
@@ -176,4 +176,50 @@ fn images_too_large_for_their_file_are_refused_from_the_header() {
     }
     let e = load_rgb(&dir).unwrap_err().to_string();
     assert!(e.contains("not a regular file"), "{e}");
+}
+
+/// CMYK JPEGs and 16-bit PNGs decode as transformers' `convert_to_rgb` gives them through
+/// Pillow 13 (tools/reference/make_decode_fixtures.py): bit-exact. Before, CMYK was refused and
+/// 16-bit values were scaled by 1/257 (PIL clips grey at 255 and keeps the high byte of colour).
+#[test]
+fn cmyk_jpeg_and_16_bit_png_decode_as_pil_does() {
+    for name in [
+        "cmyk.jpg",
+        "grey16.png",
+        "rgb16.png",
+        "grey_alpha16.png",
+        "rgba16.png",
+    ] {
+        let got = load_rgb(&fixture(&format!("images/decode/{name}"))).unwrap();
+        let want = load_rgb(&fixture(&format!("images/decode/{name}.rgb.png"))).unwrap();
+        assert_eq!((got.width, got.height), (want.width, want.height), "{name}");
+        let differ = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(differ, 0, "{name}: {differ} values differ from Pillow");
+    }
+}
+
+/// A long thin image (100:1, the most decoding allows) under a large `shortest_edge` would
+/// resize to billions of pixels: refused with the sizes named, before any allocation.
+#[test]
+fn a_resize_past_the_pixel_limit_is_refused() {
+    let dir = common::scratch("resize-limit");
+    let cfg = dir.join("preprocessor_config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 8192},
+            "crop_size": {"height": 64, "width": 64}}"#,
+    )
+    .unwrap();
+    let p = ImageProcessor::from_file(&cfg).unwrap();
+    let img = vlalign::data::image::RgbImage::new(100, 1, vec![128; 300]);
+    let err = p.preprocess(&img).unwrap_err();
+    assert!(
+        err.contains("resizing 100x1 to 819200x8192") && err.contains("VLALIGN_MAX_IMAGE_PIXELS"),
+        "{err}"
+    );
 }

@@ -91,7 +91,7 @@ fn check(name: &str) {
     let mut pixels = Vec::new();
     for i in 0..2 {
         let img = load_rgb(&fixture(&format!("{name}-images/img{i}.png"))).unwrap();
-        let (px, (h, w)) = proc.preprocess(&img);
+        let (px, (h, w)) = proc.preprocess(&img).unwrap();
         pixels.push(Tensor::from_vec(px, (3, h, w), &Device::Cpu).unwrap());
     }
     diffs.push((

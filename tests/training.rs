@@ -357,6 +357,22 @@ fn one_writer_per_run_directory() {
 
 /// A manifest whose every image is missing (paths relative to the wrong folder, say) ends the
 /// run with an error naming a cause once a whole epoch gave nothing usable; it used to spin.
+/// The error of a tiny run over `source`, which must fail.
+fn training_error(source: &Path, run_dir: &Path) -> String {
+    let mut cfg = tiny();
+    cfg.data.source = source.to_string_lossy().into_owned();
+    let opts = RunOptions {
+        run_dir: run_dir.to_path_buf(),
+        resume: false,
+        progress: false,
+    };
+    Run::new(cfg, &Device::Cpu)
+        .unwrap()
+        .train(&opts, None)
+        .expect_err("training on unusable data must fail")
+        .to_string()
+}
+
 #[test]
 fn training_stops_when_no_sample_is_usable() {
     let dir = scratch("barren");
@@ -369,25 +385,91 @@ fn training_stops_when_no_sample_is_usable() {
         .collect();
     let m = dir.join("m.jsonl");
     vlalign::data::manifest::write_jsonl(&m, &dir, &entries).unwrap();
-    let mut cfg = tiny();
-    cfg.data.source = m.to_string_lossy().into_owned();
-    let opts = RunOptions {
-        run_dir: dir.join("run"),
-        resume: false,
-        progress: false,
-    };
     let t0 = std::time::Instant::now();
-    let e = Run::new(cfg, &Device::Cpu)
-        .unwrap()
-        .train(&opts, None)
-        .expect_err("training on unreadable data must fail")
-        .to_string();
+    let e = training_error(&m, &dir.join("run"));
     assert!(
         e.contains("no usable sample") && e.contains("missing-"),
         "{e}"
     );
     assert!(t0.elapsed().as_secs() < 60, "took {:?}", t0.elapsed());
     assert!(!dir.join("run/model").exists(), "nothing is written");
+}
+
+/// A tar shard of the given members (name, bytes).
+fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, bytes) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, *bytes).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// Each of the probe's tar shards that used to spin forever ends with the no-usable-sample
+/// error, naming why the samples were skipped.
+#[test]
+fn barren_tar_shards_end_with_a_clear_error() {
+    let dir = scratch("barren-tar");
+    let png = std::fs::read(common::fixture("images/tiny.png")).unwrap();
+    let good = tar_of(&[("a.png", &png), ("a.txt", b"a red circle")]);
+    let mut huge = tar::Header::new_gnu();
+    huge.set_path("a.png").unwrap();
+    huge.set_size(2 << 30);
+    huge.set_cksum();
+    let mut claims_2gib = huge.as_bytes().to_vec();
+    claims_2gib.extend([7u8; 4096]);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "only-captions",
+            tar_of(&[("a.txt", b"x"), ("b.txt", b"y")]),
+            "no image",
+        ),
+        (
+            "only-images",
+            tar_of(&[("a.png", &png), ("b.png", &png)]),
+            "no caption",
+        ),
+        (
+            "bad-json",
+            tar_of(&[("a.png", &png), ("a.json", b"{not json")]),
+            "no caption",
+        ),
+        (
+            "corrupt-image",
+            tar_of(&[("a.png", b"\x89PNG garbage"), ("a.txt", b"x")]),
+            "not a readable image",
+        ),
+        (
+            "text-named-tar",
+            b"just some text, not a tar\n".repeat(40),
+            "corrupt tar",
+        ),
+        ("truncated-header", good[..300].to_vec(), "corrupt tar"),
+        ("claims-2gib", claims_2gib, "claims-2gib.tar:a"),
+    ];
+    for (name, bytes, why) in cases {
+        let shard = dir.join(format!("{name}.tar"));
+        std::fs::write(&shard, bytes).unwrap();
+        let t0 = std::time::Instant::now();
+        let e = training_error(&shard, &dir.join(format!("run-{name}")));
+        println!("{name}: {:?}: {e}", t0.elapsed());
+        assert!(
+            e.contains("no usable sample") && e.contains(why),
+            "{name}: {e}"
+        );
+        assert!(
+            !e.contains("manifest"),
+            "{name}: no manifest hint for tar shards: {e}"
+        );
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "{name} took {:?}",
+            t0.elapsed()
+        );
+    }
 }
 
 #[test]

@@ -58,6 +58,8 @@ export LIBRARY_PATH="$CU/lib:$STUBS${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$CU/lib:$STUBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Without debug info: the binary travels to the GPU machine, whose transfers are size-limited.
 export CARGO_PROFILE_RELEASE_DEBUG=0
+# candle-kernels' nvcc jobs (cudaforge) use half the cores by default; nvcc is single-threaded.
+export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
 cargo build --profile "$PROFILE" --features cuda --target-dir "$TARGET" "$@"
 
 if [ "$PROFILE" = release ]; then

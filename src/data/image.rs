@@ -111,7 +111,7 @@ pub fn decode_rgb(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
     // Decoded RGBA at 16 bits per channel, with room for the decoder's own buffers.
     limits.max_alloc = Some((hw as u64) * (hh as u64) * 8 * 2 + (64 << 20));
     decoder.limits(limits);
-    let img = decoder.decode().map_err(|e| err(e.to_string()))?;
+    let img = pil_depth(decoder.decode().map_err(|e| err(e.to_string()))?);
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
         return Err(err("image has no pixels".into()));
@@ -130,6 +130,35 @@ pub fn decode_rgb(bytes: &[u8], origin: &Path) -> Result<RgbImage> {
         img.to_rgb8().into_raw()
     };
     Ok(RgbImage::new(w, h, data))
+}
+
+/// Brings a 16-bit image to 8 bits as PIL reads it: grey (PIL's mode I;16) is clipped to 255 by
+/// its conversion to RGB, not scaled; RGB, RGBA and grey + alpha keep the high byte (rawmodes
+/// "RGB;16B", "RGBA;16B", "LA;16B"). Pillow 13, checked on tests/fixtures/images/decode.
+fn pil_depth(img: image::DynamicImage) -> image::DynamicImage {
+    use image::DynamicImage as D;
+    let high = |v: u16| (v >> 8) as u8;
+    match img {
+        D::ImageLuma16(g) => D::ImageLuma8(narrow(g, |v| v.min(255) as u8)),
+        D::ImageLumaA16(g) => D::ImageLumaA8(narrow(g, high)),
+        D::ImageRgb16(g) => D::ImageRgb8(narrow(g, high)),
+        D::ImageRgba16(g) => D::ImageRgba8(narrow(g, high)),
+        other => other,
+    }
+}
+
+/// The same pixels, each 16-bit channel value mapped to 8 bits by `f`.
+fn narrow<P, Q>(
+    g: image::ImageBuffer<P, Vec<u16>>,
+    f: impl Fn(u16) -> u8,
+) -> image::ImageBuffer<Q, Vec<u8>>
+where
+    P: image::Pixel<Subpixel = u16>,
+    Q: image::Pixel<Subpixel = u8>,
+{
+    let (w, h) = g.dimensions();
+    let px = g.into_raw().into_iter().map(f).collect();
+    image::ImageBuffer::from_raw(w, h, px).expect("as many values as the 16-bit image had")
 }
 
 /// PIL's `alpha_composite` of (c, a) over opaque white: round((c·a + 255·(255 − a)) / 255) with
@@ -329,8 +358,10 @@ impl ImageProcessor {
         })
     }
 
-    /// Resize and centre crop in 8 bits, as the reference does before its float steps.
-    pub fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
+    /// Resize and centre crop in 8 bits, as the reference does before its float steps. A resize
+    /// that would make more than [`max_image_pixels`] pixels (a long thin image under a large
+    /// `shortest_edge`) is an error, before anything is allocated.
+    pub fn resize_and_crop(&self, img: &RgbImage) -> std::result::Result<RgbImage, String> {
         let (w, h) = (img.width, img.height);
         let img = match self.resize {
             None => img.clone(),
@@ -349,20 +380,30 @@ impl ImageProcessor {
                 };
                 if (ow, oh) == (w, h) {
                     img.clone()
+                } else if (ow as u64).saturating_mul(oh as u64) > max_image_pixels() {
+                    return Err(format!(
+                        "resizing {w}x{h} to {ow}x{oh} would make {} pixels, over the limit \
+                         of {} (VLALIGN_MAX_IMAGE_PIXELS)",
+                        ow as u64 * oh as u64,
+                        max_image_pixels()
+                    ));
                 } else {
                     RgbImage::new(ow, oh, resize_rgb8(&img.data, w, h, ow, oh, self.filter))
                 }
             }
         };
-        match self.crop {
+        Ok(match self.crop {
             Some((ch, cw)) => center_crop(&img, ch, cw),
             None => img,
-        }
+        })
     }
 
     /// Full preprocessing into a CHW float tensor's data (`3 × H × W`) and its `(H, W)`.
-    pub fn preprocess(&self, img: &RgbImage) -> (Vec<f32>, (usize, usize)) {
-        let img = self.resize_and_crop(img);
+    pub fn preprocess(
+        &self,
+        img: &RgbImage,
+    ) -> std::result::Result<(Vec<f32>, (usize, usize)), String> {
+        let img = self.resize_and_crop(img)?;
         let (w, h) = (img.width, img.height);
         // transformers fuses rescale into normalise: (x − mean/r) / (std/r), in float32.
         let (sub, div) = match (self.rescale_factor, self.normalize) {
@@ -380,7 +421,7 @@ impl ImageProcessor {
                 out[c * h * w + i] = (img.data[i * 3 + c] as f32 - sub[c]) / div[c];
             }
         }
-        (out, (h, w))
+        Ok((out, (h, w)))
     }
 
     /// The `preprocessor_config.json` transformers reads back as the same processor.
@@ -497,7 +538,7 @@ pub fn pixel_tensor(
     let mut data = Vec::new();
     let mut hw = (0, 0);
     for img in images {
-        let (v, size) = processor.preprocess(img);
+        let (v, size) = processor.preprocess(img).map_err(candle_core::Error::msg)?;
         hw = size;
         data.extend(v);
     }
@@ -532,7 +573,7 @@ mod tests {
             ..ImageProcessor::clip_default(224)
         };
         let img = RgbImage::new(451, 300, vec![0; 451 * 300 * 3]);
-        let out = p.resize_and_crop(&img);
+        let out = p.resize_and_crop(&img).unwrap();
         // int(224 · 451 / 300) = 336.
         assert_eq!((out.width, out.height), (336, 224));
     }

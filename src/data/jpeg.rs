@@ -51,7 +51,22 @@ unsafe extern "C-unwind" fn on_message(cinfo: &mut jpeg_common_struct, level: c_
     }
 }
 
-/// Decodes to interleaved RGB8 `(width, height, data)`; grayscale is replicated to RGB.
+/// PIL's reading of a CMYK (or YCCK, which libjpeg turns into CMYK) JPEG, then its
+/// `convert("RGB")`: PIL assumes Adobe's inverted CMYK (JpegImagePlugin, rawmode "CMYK;I"), and
+/// Convert.c's `cmyk2rgb` gives each channel (255 − k) − x·(255 − k)/255 with its rounded
+/// fixed-point division by 255. Checked against Pillow on tests/fixtures/images.
+fn adobe_cmyk_to_rgb(stored: [u8; 4]) -> [u8; 3] {
+    let [c, m, y, k] = stored.map(|v| 255 - u32::from(v));
+    let nk = 255 - k;
+    let channel = |x: u32| {
+        let t = x * nk + 128;
+        (nk - (((t >> 8) + t) >> 8)) as u8
+    };
+    [channel(c), channel(m), channel(y)]
+}
+
+/// Decodes to interleaved RGB8 `(width, height, data)`; grayscale is replicated to RGB, CMYK
+/// and YCCK are converted as PIL does.
 /// `check(width, height)` runs on the header, before any pixel is decoded or allocated.
 pub fn decode(
     bytes: &[u8],
@@ -66,6 +81,17 @@ pub fn decode(
         err.emit_message = Some(on_message);
         let header = mozjpeg::Decompress::with_err(err).from_mem(bytes)?;
         check(header.width(), header.height()).map_err(std::io::Error::other)?;
+        let four_channel = matches!(
+            header.color_space(),
+            mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK
+        );
+        if four_channel {
+            let mut cmyk = header.to_colorspace(mozjpeg::ColorSpace::JCS_CMYK)?;
+            let (w, h) = (cmyk.width(), cmyk.height());
+            let px: Vec<[u8; 4]> = cmyk.read_scanlines()?;
+            cmyk.finish()?;
+            return Ok((w, h, px.into_iter().map(adobe_cmyk_to_rgb).collect()));
+        }
         let mut rgb = header.rgb()?;
         let (w, h) = (rgb.width(), rgb.height());
         let px: Vec<[u8; 3]> = rgb.read_scanlines()?;
@@ -90,4 +116,52 @@ pub fn decode(
         return Err(format!("JPEG: decoded {} pixels for {w}x{h}", px.len()));
     }
     Ok((w, h, px.into_iter().flatten().collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Encodes interleaved CMYK pixels (stored as Adobe writes them: inverted) with libjpeg in
+    /// the given JPEG colour space.
+    fn encode(cmyk: &[u8], w: usize, h: usize, space: mozjpeg::ColorSpace) -> Vec<u8> {
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
+        c.set_size(w, h);
+        c.set_color_space(space);
+        c.set_quality(100.0);
+        let mut started = c.start_compress(Vec::new()).unwrap();
+        started.write_scanlines(cmyk).unwrap();
+        started.finish().unwrap()
+    }
+
+    /// YCCK (Adobe transform 2) reaches the same RGB as plain CMYK: libjpeg turns it into CMYK
+    /// before `adobe_cmyk_to_rgb`, as in PIL. Pillow itself only writes plain CMYK, which
+    /// tests/preprocess.rs checks bit-exactly against it.
+    #[test]
+    fn ycck_decodes_like_cmyk() {
+        let (w, h) = (16, 8);
+        // Smooth, so that JPEG's chroma subsampling of YCCK loses little.
+        let cmyk: Vec<u8> = (0..w * h)
+            .flat_map(|i| {
+                let (x, y) = (i % w, i / w);
+                [x * 12, y * 25, 90 + x * 3, 40 + (x + y) * 4].map(|v| v as u8)
+            })
+            .collect();
+        let plain = encode(&cmyk, w, h, mozjpeg::ColorSpace::JCS_CMYK);
+        let ycck = encode(&cmyk, w, h, mozjpeg::ColorSpace::JCS_YCCK);
+        let ok = |_: usize, _: usize| Ok(());
+        let (_, _, a) = decode(&plain, ok).unwrap();
+        let (_, _, b) = decode(&ycck, ok).unwrap();
+        let worst = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+        assert!(worst <= 8, "YCCK and CMYK differ by {worst} levels");
+    }
+
+    /// Hand-derived: stored (inverted) CMYK (245, 55, 225, 215) is C,M,Y,K = (10, 200, 30, 40);
+    /// Pillow gives RGB (207, 46, 190) for it.
+    #[test]
+    fn cmyk_conversion_matches_pillow_by_hand() {
+        assert_eq!(adobe_cmyk_to_rgb([245, 55, 225, 215]), [207, 46, 190]);
+        assert_eq!(adobe_cmyk_to_rgb([255, 255, 255, 255]), [255, 255, 255]);
+        assert_eq!(adobe_cmyk_to_rgb([0, 0, 0, 0]), [0, 0, 0]);
+    }
 }

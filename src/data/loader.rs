@@ -85,7 +85,11 @@ struct Prep {
 }
 
 impl Prep {
-    fn pixels(&self, img: &RgbImage, position: u64) -> (Vec<f32>, (usize, usize)) {
+    fn pixels(
+        &self,
+        img: &RgbImage,
+        position: u64,
+    ) -> std::result::Result<(Vec<f32>, (usize, usize)), String> {
         match self.augment {
             Augment::None => self.processor.preprocess(img),
             Augment::RandomResizedCrop { scale } => {
@@ -126,7 +130,13 @@ impl Prep {
         for (pos, s) in samples {
             match s {
                 Ok((img, cap, truth)) => {
-                    let (px, size) = self.pixels(&img, pos);
+                    let (px, size) = match self.pixels(&img, pos) {
+                        Ok(v) => v,
+                        Err(why) => {
+                            skipped.push(format!("sample {pos}: {why}"));
+                            continue;
+                        }
+                    };
                     if hw != (0, 0) && size != hw {
                         skipped.push(format!(
                             "sample {pos}: preprocessed to {size:?}, batch is {hw:?}"

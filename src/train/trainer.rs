@@ -257,10 +257,16 @@ pub fn run<T: Task>(
                 // A source with no usable sample would otherwise be read forever.
                 barren += position.saturating_sub(before);
                 if barren >= barren_limit {
+                    // Manifests know their length; a missing image there is most often a path
+                    // relative to the wrong folder.
+                    let hint = if loader.epoch_len().is_some() {
+                        "; are the image paths relative to the manifest's folder?"
+                    } else {
+                        ""
+                    };
                     return Err(Error::input(format!(
                         "no usable sample in the last {barren} samples of the data (a whole \
-                         epoch or more; {skipped} skipped in all), e.g. {last_skip}; are the \
-                         image paths relative to the manifest's folder?"
+                         epoch or more; {skipped} skipped in all), e.g. {last_skip}{hint}"
                     )));
                 }
             }
