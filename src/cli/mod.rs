@@ -2,6 +2,7 @@
 
 mod bench;
 mod caption;
+mod convert;
 mod data;
 mod demo;
 mod device;
@@ -20,7 +21,9 @@ use clap::{Parser, Subcommand};
     version,
     about = "Train, evaluate and serve vision-language alignment models (CLIP, the BLIP-2 Q-Former)",
     after_help = "Model directories use the Hugging Face layout (config.json, model.safetensors, \
-                  tokenizer.json, preprocessor_config.json). Start with `vlalign demo`."
+                  tokenizer.json, preprocessor_config.json); open_clip directories \
+                  (open_clip_config.json, open_clip_model.safetensors) load too. Start with \
+                  `vlalign demo`."
 )]
 pub struct Cli {
     /// Log progress (info level); RUST_LOG overrides.
@@ -55,6 +58,8 @@ enum Command {
     Retrieve(retrieve::Args),
     /// Speed of the reference workloads.
     Bench(bench::Args),
+    /// Write an open_clip ViT checkpoint as a transformers CLIPModel directory.
+    Convert(convert::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -64,6 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
         Command::Embed(a) => embed::run(a),
         Command::Zeroshot(a) => zeroshot::run(a),
         Command::Itm(a) => itm::run(a),

@@ -235,6 +235,8 @@ pub struct ImageProcessor {
     pub filter: Filter,
     /// `(height, width)` of the centre crop.
     pub crop: Option<(usize, usize)>,
+    /// How the crop's offset is rounded when the margin is odd.
+    pub crop_rounding: CropRounding,
     pub rescale_factor: Option<f32>,
     pub mean: [f32; 3],
     pub std: [f32; 3],
@@ -248,6 +250,7 @@ impl ImageProcessor {
             resize: Some(Resize::ShortestEdge(size)),
             filter: Filter::Bicubic,
             crop: Some((size, size)),
+            crop_rounding: CropRounding::Floor,
             rescale_factor: Some(1.0 / 255.0),
             mean: OPENAI_CLIP_MEAN,
             std: OPENAI_CLIP_STD,
@@ -351,6 +354,7 @@ impl ImageProcessor {
             resize: raw.do_resize.unwrap_or(true).then_some(size),
             filter,
             crop: raw.do_center_crop.unwrap_or(!blip).then_some(crop),
+            crop_rounding: CropRounding::Floor,
             rescale_factor: raw.do_rescale.unwrap_or(true).then_some(rescale as f32),
             mean,
             std,
@@ -393,7 +397,7 @@ impl ImageProcessor {
             }
         };
         Ok(match self.crop {
-            Some((ch, cw)) => center_crop(&img, ch, cw),
+            Some((ch, cw)) => center_crop(&img, ch, cw, self.crop_rounding),
             None => img,
         })
     }
@@ -467,14 +471,42 @@ impl ImageProcessor {
     }
 }
 
-/// transformers' torchvision-backend `center_crop`: zero-pad to at least the crop size (extra
-/// pixel on the right/bottom), then take the window at `int((size − crop) / 2)`.
-pub fn center_crop(img: &RgbImage, ch: usize, cw: usize) -> RgbImage {
+/// Where a centre crop starts when the margin (`size − crop`) is odd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CropRounding {
+    /// `(size − crop) // 2`, transformers' image processors.
+    Floor,
+    /// `int(round((size − crop) / 2))` with Python's half-to-even `round`: torchvision's
+    /// `CenterCrop`, which open_clip uses (margin 1 → 0, 3 → 2, 5 → 2, 7 → 4).
+    HalfEven,
+}
+
+impl CropRounding {
+    fn offset(self, margin: usize) -> usize {
+        match self {
+            CropRounding::Floor => margin / 2,
+            // margin / 2 is k + ½ for odd margins: k when k is even, k + 1 when it is odd.
+            CropRounding::HalfEven => {
+                let k = margin / 2;
+                if margin % 2 == 1 && k % 2 == 1 {
+                    k + 1
+                } else {
+                    k
+                }
+            }
+        }
+    }
+}
+
+/// A centre crop as transformers' image processors (and torchvision) do it: zero-pad to at least
+/// the crop size (extra pixel on the right/bottom), then take the window whose offset is the
+/// margin halved and rounded by `rounding`.
+pub fn center_crop(img: &RgbImage, ch: usize, cw: usize, rounding: CropRounding) -> RgbImage {
     let (w, h) = (img.width, img.height);
     let (pl, pt) = (cw.saturating_sub(w) / 2, ch.saturating_sub(h) / 2);
     let (pw, ph) = (w.max(cw), h.max(ch));
-    let top = (ph - ch) / 2;
-    let left = (pw - cw) / 2;
+    let top = rounding.offset(ph - ch);
+    let left = rounding.offset(pw - cw);
     let mut out = vec![0u8; cw * ch * 3];
     for y in 0..ch {
         let sy = (y + top) as isize - pt as isize;
@@ -549,6 +581,15 @@ pub fn pixel_tensor(
 mod tests {
     use super::*;
 
+    /// Python: `[int(round(m / 2.0)) for m in range(8)]` = [0, 0, 1, 2, 2, 2, 3, 4].
+    #[test]
+    fn half_even_crop_offsets_match_python_round() {
+        let got: Vec<usize> = (0..8).map(|m| CropRounding::HalfEven.offset(m)).collect();
+        assert_eq!(got, [0, 0, 1, 2, 2, 2, 3, 4]);
+        let floor: Vec<usize> = (0..8).map(|m| CropRounding::Floor.offset(m)).collect();
+        assert_eq!(floor, [0, 0, 1, 1, 2, 2, 3, 3]);
+    }
+
     #[test]
     fn composite_matches_pil_on_the_extremes() {
         assert_eq!(composite_on_white(10, 255), 10);
@@ -560,7 +601,7 @@ mod tests {
     #[test]
     fn center_crop_pads_small_images() {
         let img = RgbImage::new(1, 1, vec![9, 9, 9]);
-        let out = center_crop(&img, 3, 2);
+        let out = center_crop(&img, 3, 2, CropRounding::Floor);
         // Pad left (2-1)/2 = 0, top (3-1)/2 = 1: the pixel lands at (x=0, y=1).
         assert_eq!(out.data[(2) * 3], 9);
         assert_eq!(out.data.iter().filter(|&&v| v == 9).count(), 3);
@@ -570,6 +611,7 @@ mod tests {
     fn shortest_edge_truncates_the_long_side() {
         let p = ImageProcessor {
             crop: None,
+            crop_rounding: CropRounding::Floor,
             ..ImageProcessor::clip_default(224)
         };
         let img = RgbImage::new(451, 300, vec![0; 451 * 300 * 3]);

@@ -7,11 +7,14 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::Embedder;
-use crate::data::image::{load_rgb, processor_for_dir, ImageProcessor, RgbImage};
+use crate::data::image::{
+    load_rgb, processor_for_dir, CropRounding, ImageProcessor, Resize, RgbImage,
+};
+use crate::data::resample::Filter;
 use crate::data::text::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::io::Weights;
 use crate::models::clip::Clip;
+use crate::models::open_clip::{OpenClipConfig, CONFIG_FILE};
 use crate::models::ModelDir;
 use crate::nn::ops::{ensure_finite, l2_normalize};
 
@@ -36,7 +39,7 @@ impl ClipPipeline {
     pub fn from_dir(md: &ModelDir, device: &Device) -> Result<Self> {
         let dir = md.path.as_path();
         let (cfg, layout) = md.clip("the CLIP pipeline")?;
-        let weights = Weights::open(dir)?;
+        let weights = md.weights()?;
         // Older checkpoints carry the non-persistent `position_ids` buffers.
         let model = weights.build(DType::F32, device, &["position_ids"], |vb| {
             Clip::new(vb, cfg, layout)
@@ -46,6 +49,19 @@ impl ClipPipeline {
             Some(text) => {
                 let context = text.config().max_position_embeddings;
                 let path = dir.join("tokenizer.json");
+                let hf_name = md
+                    .open_clip()
+                    .and_then(|oc| oc.model_cfg.text_cfg.hf_tokenizer_name.as_deref());
+                if let (Some(name), false) = (hf_name, path.is_file()) {
+                    return Err(Error::config(
+                        dir.join(CONFIG_FILE),
+                        format!(
+                            "text_cfg.hf_tokenizer_name is `{name}`, and there is no \
+                             tokenizer.json here; vlalign never downloads: save that \
+                             tokenizer's tokenizer.json into this directory"
+                        ),
+                    ));
+                }
                 Some(if path.is_file() {
                     TextTokenizer::from_file(&path, context)?
                 } else {
@@ -57,7 +73,11 @@ impl ClipPipeline {
             None => None,
             Some(v) => {
                 let size = v.config().image_size;
-                let (p, from) = processor_for_dir(dir)?.unwrap_or_else(|| {
+                let found = match md.open_clip() {
+                    Some(oc) => Some(open_clip_processor(oc, size, dir)?),
+                    None => processor_for_dir(dir)?,
+                };
+                let (p, from) = found.unwrap_or_else(|| {
                     tracing::warn!(
                         "{}: no preprocessor_config.json; using CLIPImageProcessor defaults at {size} px",
                         dir.display()
@@ -147,7 +167,12 @@ impl ClipPipeline {
             .tokenizer
             .as_ref()
             .ok_or_else(|| Error::input(format!("{} has no text tower", self.dir.display())))?;
-        if !texts.is_empty() && self.dir.is_dir() && !self.dir.join("tokenizer.json").is_file() {
+        // open_clip's own tokenizer is the bundled one (SimpleTokenizer): no warning there.
+        if !texts.is_empty()
+            && self.dir.is_dir()
+            && !self.dir.join("tokenizer.json").is_file()
+            && !self.dir.join(CONFIG_FILE).is_file()
+        {
             tracing::warn!(
                 "{}: no tokenizer.json; using the bundled OpenAI CLIP BPE tokenizer",
                 self.dir.display()
@@ -200,4 +225,50 @@ impl Embedder for ClipPipeline {
     fn embed_texts(&self, texts: &[String]) -> Result<Tensor> {
         ClipPipeline::embed_texts(self, texts)
     }
+}
+
+/// open_clip's eval transform (transform.py `image_transform`, `is_train=False`) as an image
+/// processor: `Resize(size, bicubic|bilinear)` of the shortest edge (`resize_mode = "shortest"`)
+/// or straight to size² (`"squash"`), torchvision's `CenterCrop` (offsets rounded half to even),
+/// then `ToTensor` and `Normalize(mean, std)`. open_clip converts to RGB after resizing; vlalign
+/// converts first (as transformers does), which differs only for palette and alpha images.
+pub fn open_clip_processor(
+    cfg: &OpenClipConfig,
+    size: usize,
+    dir: &Path,
+) -> Result<(ImageProcessor, PathBuf)> {
+    let from = dir.join(CONFIG_FILE);
+    let p = &cfg.preprocess_cfg;
+    let bad = |key: &str, msg: String| Error::config(&from, format!("preprocess_cfg.{key}: {msg}"));
+    let filter = match p.interpolation.as_str() {
+        "bilinear" => Filter::Bilinear,
+        // open_clip maps every other value ("bicubic", "random") to bicubic at eval.
+        _ => Filter::Bicubic,
+    };
+    let (resize, crop) = match p.resize_mode.as_str() {
+        "shortest" => (Resize::ShortestEdge(size), Some((size, size))),
+        "squash" => (Resize::Exact(size, size), None),
+        other => {
+            return Err(bad(
+                "resize_mode",
+                format!("`{other}` is not supported (shortest, squash)"),
+            ))
+        }
+    };
+    for (key, v) in [("mean", p.mean), ("std", p.std)] {
+        if v.iter().any(|x| !x.is_finite()) || (key == "std" && v.iter().any(|x| *x <= 0.0)) {
+            return Err(bad(key, format!("{v:?} must be finite (std positive)")));
+        }
+    }
+    let processor = ImageProcessor {
+        resize: Some(resize),
+        filter,
+        crop,
+        crop_rounding: CropRounding::HalfEven,
+        rescale_factor: Some(1.0 / 255.0),
+        mean: p.mean,
+        std: p.std,
+        normalize: true,
+    };
+    Ok((processor, from))
 }

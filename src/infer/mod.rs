@@ -4,6 +4,7 @@
 //! apps or the CLI.
 
 pub mod clip;
+pub mod convert;
 pub mod generate;
 pub mod qformer;
 pub mod rank;

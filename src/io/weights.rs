@@ -1,8 +1,10 @@
 //! Strict checkpoint loading: a `VarBuilder` backend over memory-mapped safetensors that records
 //! which tensors the model asked for, so that a missing, extra or wrong-shaped tensor is an
-//! error naming the tensor and both shapes, never a silent partial load.
+//! error naming the tensor and both shapes, never a silent partial load. A checkpoint stored under
+//! another family's names (open_clip) is read through a name map whose every entry says which
+//! part of which stored tensor it is ([`Take`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +21,53 @@ pub struct Weights {
     /// The directory, for messages.
     origin: PathBuf,
     used: Arc<Mutex<BTreeSet<String>>>,
+    /// Requested name → stored name and the part of it, when the stored names are another
+    /// family's.
+    remap: Option<Arc<Remap>>,
+}
+
+type Remap = BTreeMap<String, (String, Take)>;
+
+/// Which part of a stored tensor a requested tensor is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    Whole,
+    /// Rows `[index·n/of, (index+1)·n/of)` of dimension 0 (a packed q|k|v projection).
+    Chunk {
+        index: usize,
+        of: usize,
+    },
+    /// The transpose of a matrix (an `[in, out]` projection as a Linear `[out, in]` weight).
+    Transpose,
+    /// A scalar stored as `[]` or `[1]`.
+    Scalar,
+}
+
+impl Take {
+    /// The shape taken from a stored tensor of shape `stored`, or `None` when it does not fit.
+    pub fn shape(self, stored: &[usize]) -> Option<Vec<usize>> {
+        match (self, stored) {
+            (Take::Whole, s) => Some(s.to_vec()),
+            (Take::Chunk { of, .. }, [n, rest @ ..]) if of > 0 && n % of == 0 => {
+                Some([&[n / of], rest].concat())
+            }
+            (Take::Transpose, [a, b]) => Some(vec![*b, *a]),
+            (Take::Scalar, [] | [1]) => Some(vec![]),
+            _ => None,
+        }
+    }
+
+    fn apply(self, t: Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Take::Whole => Ok(t),
+            Take::Chunk { index, of } => {
+                let n = t.dim(0)? / of;
+                t.narrow(0, index * n, n)?.contiguous()
+            }
+            Take::Transpose => t.t()?.contiguous(),
+            Take::Scalar => t.reshape(()),
+        }
+    }
 }
 
 impl Weights {
@@ -66,16 +115,93 @@ impl Weights {
             files: Arc::new(files),
             origin: dir.to_path_buf(),
             used: Arc::default(),
+            remap: None,
         })
+    }
+
+    /// Opens one safetensors file whose tensors are stored under another family's names;
+    /// `to_ours(stored)` gives the names (and parts) the model asks for, `None` for a tensor
+    /// the model does not have (an error naming it, unless it ends in one of `ignored_suffixes`).
+    pub fn open_remapped(
+        file: &Path,
+        to_ours: impl Fn(&str) -> Option<Vec<(String, Take)>>,
+        ignored_suffixes: &[&str],
+    ) -> Result<Self> {
+        if !file.is_file() {
+            return Err(Error::weights(file, "missing"));
+        }
+        // SAFETY: as in `open`.
+        let files = unsafe { MmapedSafetensors::new(file) }
+            .map_err(|e| Error::weights(file, format!("cannot read safetensors: {e}")))?;
+        let mut remap = Remap::new();
+        for (stored, view) in files.tensors() {
+            if ignored_suffixes.iter().any(|s| stored.ends_with(s)) {
+                continue;
+            }
+            let Some(ours) = to_ours(&stored) else {
+                return Err(Error::weights(
+                    file,
+                    format!(
+                        "unexpected tensor `{stored}` {:?}: not a tensor of the supported model",
+                        view.shape()
+                    ),
+                ));
+            };
+            for (name, take) in ours {
+                if take.shape(view.shape()).is_none() {
+                    return Err(Error::weights(
+                        file,
+                        format!(
+                            "tensor `{stored}` has shape {:?}, which cannot be split into `{name}`",
+                            view.shape()
+                        ),
+                    ));
+                }
+                remap.insert(name, (stored.clone(), take));
+            }
+        }
+        Ok(Self {
+            files: Arc::new(files),
+            origin: file.to_path_buf(),
+            used: Arc::default(),
+            remap: Some(Arc::new(remap)),
+        })
+    }
+
+    /// The names the model asks for: the stored names, or the name map's.
+    pub fn model_names(&self) -> Vec<String> {
+        match &self.remap {
+            Some(r) => r.keys().cloned().collect(),
+            None => self.names(),
+        }
+    }
+
+    /// Every tensor under the names the model asks for (through the name map when there is
+    /// one), each checked finite, in `dtype` on `device`.
+    pub fn all(&self, dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let backend = self.backend();
+        self.model_names()
+            .into_iter()
+            .map(|n| {
+                let t = backend
+                    .fetch(&n, None, dtype, device)
+                    .map_err(|e| Error::weights(&self.origin, e.to_string()))?;
+                Ok((n, t))
+            })
+            .collect()
+    }
+
+    fn backend(&self) -> Checked {
+        Checked {
+            files: self.files.clone(),
+            used: self.used.clone(),
+            remap: self.remap.clone(),
+        }
     }
 
     /// A builder whose tensors are converted to `dtype` on `device`.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        let backend = Checked {
-            files: self.files.clone(),
-            used: self.used.clone(),
-        };
-        VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+        VarBuilder::from_backend(Box::new(self.backend()), dtype, device.clone())
     }
 
     /// Runs a model constructor over this checkpoint, then checks nothing stored was left unused.
@@ -132,22 +258,59 @@ impl Weights {
 struct Checked {
     files: Arc<MmapedSafetensors>,
     used: Arc<Mutex<BTreeSet<String>>>,
+    remap: Option<Arc<Remap>>,
 }
 
 impl Checked {
-    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    /// The stored tensor and part behind a requested name.
+    fn source(&self, name: &str) -> Option<(String, Take)> {
+        match &self.remap {
+            None => Some((name.to_string(), Take::Whole)),
+            Some(r) => r.get(name).cloned(),
+        }
+    }
+
+    /// Loads `name`, checking its shape against `expected` when given.
+    fn fetch(
+        &self,
+        name: &str,
+        expected: Option<&[usize]>,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let missing = || {
+            let shape = expected.map(|s| format!(" (the config expects shape {s:?})"));
+            candle_core::Error::Msg(format!(
+                "missing tensor `{name}`{}",
+                shape.unwrap_or_default()
+            ))
+        };
+        let (stored, take) = self.source(name).ok_or_else(missing)?;
+        let view = self.files.get(&stored).map_err(|_| missing())?;
+        if let Some(want) = expected {
+            let have = take.shape(view.shape()).unwrap_or_default();
+            if have != want {
+                let from = if stored == name {
+                    String::new()
+                } else {
+                    format!(" (from `{stored}` {:?})", view.shape())
+                };
+                candle_core::bail!(
+                    "tensor `{name}`{from} has shape {have:?}, the config expects {want:?}"
+                );
+            }
+        }
         self.used
             .lock()
             .expect("weights lock poisoned")
-            .insert(name.to_string());
-        let view = self.files.get(name)?;
+            .insert(stored.clone());
         if let Some(i) = first_non_finite(view.dtype(), view.data()) {
             candle_core::bail!(
-                "tensor `{name}` holds a non-finite value (NaN or infinity) at element {i}: the \
+                "tensor `{stored}` holds a non-finite value (NaN or infinity) at element {i}: the \
                  checkpoint is corrupt or diverged, and would score every input the same"
             );
         }
-        self.files.load(name, dev)?.to_dtype(dtype)
+        take.apply(self.files.load(&stored, dev)?)?.to_dtype(dtype)
     }
 }
 
@@ -183,28 +346,16 @@ impl SimpleBackend for Checked {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let view = self.files.get(name).map_err(|_| {
-            candle_core::Error::Msg(format!(
-                "missing tensor `{name}` (the config expects shape {:?})",
-                s.dims()
-            ))
-        })?;
-        if view.shape() != s.dims() {
-            return Err(candle_core::Error::Msg(format!(
-                "tensor `{name}` has shape {:?}, the config expects {:?}",
-                view.shape(),
-                s.dims()
-            )));
-        }
-        self.load(name, dtype, dev)
+        self.fetch(name, Some(s.dims()), dtype, dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, dtype, dev)
+        self.fetch(name, None, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.files.get(name).is_ok()
+        self.source(name)
+            .is_some_and(|(stored, _)| self.files.get(&stored).is_ok())
     }
 }
 

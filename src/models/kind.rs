@@ -7,13 +7,15 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::io::Weights;
 use crate::models::bert::BertConfig;
 use crate::models::clip::{ClipConfig, ClipLayout, ClipTextConfig, ClipVisionConfig};
+use crate::models::open_clip::{self, OpenClipConfig};
 use crate::models::qformer::Blip2Config;
 
 /// The `model_type`s (and architectures) vlalign loads, for error messages.
 pub const SUPPORTED: &str = "clip (CLIPModel), clip_vision_model, clip_text_model, \
-    blip-2 (Blip2ForImageTextRetrieval: the Q-Former of BLIP-2 stage 1), bert (BertModel)";
+    open_clip ViT CLIP (open_clip_config.json), blip-2 (Blip2ForImageTextRetrieval: the Q-Former of BLIP-2 stage 1), bert (BertModel)";
 
 /// The model families of a model directory, each with its parsed, validated config.
 #[derive(Clone, Debug)]
@@ -37,11 +39,21 @@ impl ModelKind {
     }
 }
 
+/// How a directory stores its model.
+#[derive(Clone, Debug)]
+pub enum Format {
+    /// transformers' layout: `config.json`, `model.safetensors` with HF names.
+    Hf,
+    /// open_clip's layout (`open_clip_config.json`, open_clip names), read through a name map.
+    OpenClip(Box<OpenClipConfig>),
+}
+
 /// A model directory that exists and whose config is readable and valid.
 #[derive(Clone, Debug)]
 pub struct ModelDir {
     pub path: PathBuf,
     pub kind: ModelKind,
+    pub format: Format,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value, path: &Path) -> Result<T> {
@@ -63,14 +75,21 @@ impl ModelDir {
             )));
         }
         let cfg_path = path.join("config.json");
+        if !cfg_path.is_file() && path.join(open_clip::CONFIG_FILE).is_file() {
+            let (oc, oc_path) = open_clip::read_config(path)?;
+            let cfg = oc.to_clip().map_err(|m| Error::config(&oc_path, m))?;
+            return Ok(Self {
+                path: path.to_path_buf(),
+                kind: ModelKind::Clip(cfg, ClipLayout::Full),
+                format: Format::OpenClip(Box::new(oc)),
+            });
+        }
         if !cfg_path.is_file() {
-            let msg = if path.join("open_clip_config.json").is_file() {
-                "missing: this is an open_clip directory (open_clip_config.json), which vlalign \
-                 does not read yet; save the model with transformers (CLIPModel) instead"
-            } else {
-                "missing: not a model directory (expected config.json and model.safetensors)"
-            };
-            return Err(Error::config(&cfg_path, msg));
+            return Err(Error::config(
+                &cfg_path,
+                "missing: not a model directory (expected config.json and model.safetensors, \
+                 or open_clip's open_clip_config.json and open_clip_model.safetensors)",
+            ));
         }
         let value: serde_json::Value = crate::io::read_json(&cfg_path)?;
         let model_type = value
@@ -136,7 +155,24 @@ impl ModelDir {
         Ok(Self {
             path: path.to_path_buf(),
             kind,
+            format: Format::Hf,
         })
+    }
+
+    /// The weights, under the names of the kind's model (open_clip's through its name map).
+    pub fn weights(&self) -> Result<Weights> {
+        match &self.format {
+            Format::Hf => Weights::open(&self.path),
+            Format::OpenClip(_) => open_clip::weights(&self.path),
+        }
+    }
+
+    /// The open_clip config, for an open_clip directory.
+    pub fn open_clip(&self) -> Option<&OpenClipConfig> {
+        match &self.format {
+            Format::OpenClip(cfg) => Some(cfg),
+            Format::Hf => None,
+        }
     }
 
     /// The CLIP config of a CLIP directory; any other kind is an error naming `purpose`.

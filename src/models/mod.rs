@@ -6,6 +6,7 @@
 pub mod bert;
 pub mod clip;
 pub mod kind;
+pub mod open_clip;
 pub mod qformer;
 
 pub use kind::{ModelDir, ModelKind};

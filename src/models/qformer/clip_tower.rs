@@ -9,7 +9,6 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::io::Weights;
 use crate::models::clip::{ClipLayout, ClipVisionConfig};
 use crate::models::ModelDir;
 
@@ -57,11 +56,11 @@ pub fn frozen_clip_vision(
         ));
     }
     vision.num_hidden_layers -= drop;
-    let w = Weights::open(dir)?;
+    let w = md.weights()?;
     let vb = w.var_builder(DType::F32, device);
     let mut frozen = HashMap::new();
     for name in w
-        .names()
+        .model_names()
         .into_iter()
         .filter(|n| kept(n, vision.num_hidden_layers))
     {
