@@ -240,3 +240,21 @@ fn unsupported_open_clip_options_are_refused_by_name() {
     let o = vlalign(&["embed", "--model", dir.to_str().unwrap(), "--text", "a cat"]);
     assert_user_error(&o, "visual.attnpool.c_proj.weight");
 }
+
+/// An open_clip ViT serves as a Q-Former's frozen image encoder: the tower's tensors under HF
+/// names, the packed attention split (q = the first third of `in_proj_weight`).
+#[test]
+fn an_open_clip_vit_is_a_frozen_qformer_tower() {
+    let dir = fixture("open-clip-a");
+    let (cfg, frozen) =
+        vlalign::models::qformer::clip_tower::frozen_clip_vision(&dir, 1, &Device::Cpu).unwrap();
+    assert_eq!((cfg.hidden_size, cfg.num_hidden_layers), (64, 1));
+    let stored =
+        candle_core::safetensors::load(dir.join("open_clip_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let packed = &stored["visual.transformer.resblocks.0.attn.in_proj_weight"];
+    let q = &frozen["vision_model.encoder.layers.0.self_attn.q_proj.weight"];
+    assert_eq!(max_abs_diff(q, &packed.narrow(0, 0, 64).unwrap()), 0.0);
+    assert!(!frozen.contains_key("vision_model.encoder.layers.1.mlp.fc1.weight"));
+    assert!(!frozen.keys().any(|k| k.starts_with("text_model")));
+}
