@@ -97,6 +97,24 @@ fn open_clip_b_float16_gelu_squash_matches_open_clip() {
     check("open-clip-b");
 }
 
+#[test]
+fn open_clip_modified_resnet_matches_open_clip() {
+    check("open-clip-rn");
+}
+
+/// A ResNet CLIP has no transformers twin: `convert` says so.
+#[test]
+fn convert_refuses_a_resnet() {
+    let o = vlalign(&[
+        "convert",
+        "--from",
+        fixture("open-clip-rn").to_str().unwrap(),
+        "--to",
+        scratch("open-clip-convert-rn").join("x").to_str().unwrap(),
+    ]);
+    assert_user_error(&o, "no transformers twin");
+}
+
 /// `vlalign convert` writes a transformers CLIPModel directory whose features on the same
 /// pixels and texts are open_clip's (transformers itself loading it is checked by
 /// tools/reference/check_model_dir.py; see the issue note).
@@ -174,7 +192,8 @@ fn unsupported_open_clip_options_are_refused_by_name() {
         (
             "oc-resnet",
             Box::new(|c| c["model_cfg"]["vision_cfg"]["layers"] = serde_json::json!([3, 4, 6, 3])),
-            "ModifiedResNet",
+            // A ResNet config over ViT weights: the first tensor that does not fit is named.
+            "visual.conv1.weight",
         ),
         (
             "oc-ls",
@@ -257,4 +276,12 @@ fn an_open_clip_vit_is_a_frozen_qformer_tower() {
     assert_eq!(max_abs_diff(q, &packed.narrow(0, 0, 64).unwrap()), 0.0);
     assert!(!frozen.contains_key("vision_model.encoder.layers.1.mlp.fc1.weight"));
     assert!(!frozen.keys().any(|k| k.starts_with("text_model")));
+    let e = vlalign::models::qformer::clip_tower::frozen_clip_vision(
+        &fixture("open-clip-rn"),
+        1,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("ResNet image tower"), "{e}");
 }

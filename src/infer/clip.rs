@@ -69,10 +69,9 @@ impl ClipPipeline {
                 })
             }
         };
-        let processor = match &model.vision {
+        let processor = match model.image_size() {
             None => None,
-            Some(v) => {
-                let size = v.config().image_size;
+            Some(size) => {
                 let found = match md.open_clip() {
                     Some(oc) => Some(open_clip_processor(oc, size, dir)?),
                     None => processor_for_dir(dir)?,

@@ -31,6 +31,13 @@ pub fn open_clip_to_hf(from: &Path, to: &Path) -> Result<Converted> {
         )));
     };
     let (cfg, _) = md.clip("`vlalign convert`")?;
+    if oc.is_resnet() {
+        return Err(Error::input(format!(
+            "{} holds a ModifiedResNet CLIP, which has no transformers twin (CLIPModel is ViT \
+             only); use the open_clip directory with vlalign directly",
+            from.display()
+        )));
+    }
     if to.exists() {
         return Err(Error::input(format!(
             "{} exists; `vlalign convert` writes a new directory",

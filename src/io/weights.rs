@@ -24,6 +24,8 @@ pub struct Weights {
     /// Requested name → stored name and the part of it, when the stored names are another
     /// family's.
     remap: Option<Arc<Remap>>,
+    /// Suffixes of stored tensors that no model reads (non-persistent or training-only buffers).
+    ignored: Vec<String>,
 }
 
 type Remap = BTreeMap<String, (String, Take)>;
@@ -116,6 +118,7 @@ impl Weights {
             origin: dir.to_path_buf(),
             used: Arc::default(),
             remap: None,
+            ignored: Vec::new(),
         })
     }
 
@@ -165,6 +168,7 @@ impl Weights {
             origin: file.to_path_buf(),
             used: Arc::default(),
             remap: Some(Arc::new(remap)),
+            ignored: ignored_suffixes.iter().map(|s| s.to_string()).collect(),
         })
     }
 
@@ -234,7 +238,11 @@ impl Weights {
         let extra: Vec<String> = self
             .names()
             .into_iter()
-            .filter(|n| !used.contains(n) && !ignored_suffixes.iter().any(|s| n.ends_with(s)))
+            .filter(|n| {
+                let ignored = ignored_suffixes.iter().any(|s| n.ends_with(s))
+                    || self.ignored.iter().any(|s| n.ends_with(s.as_str()));
+                !used.contains(n) && !ignored
+            })
             .collect();
         if let Some(first) = extra.first() {
             let shape = self

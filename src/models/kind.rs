@@ -163,7 +163,7 @@ impl ModelDir {
     pub fn weights(&self) -> Result<Weights> {
         match &self.format {
             Format::Hf => Weights::open(&self.path),
-            Format::OpenClip(_) => open_clip::weights(&self.path),
+            Format::OpenClip(cfg) => open_clip::weights(&self.path, cfg.is_resnet()),
         }
     }
 

@@ -530,6 +530,7 @@ impl ModelSpec {
             },
             projection_dim: self.projection_dim,
             logit_scale_init_value: crate::objectives::contrastive::CLIP_LOGIT_SCALE_INIT,
+            vision_resnet: None,
         }
     }
 }

@@ -1,4 +1,4 @@
-"""open_clip parity fixtures: tiny random open_clip CLIP models (ViT image tower) saved in the
+"""open_clip parity fixtures: tiny random open_clip CLIP models (ViT and ModifiedResNet image towers) saved in the
 layout open_clip's push_to_hf_hub writes (open_clip_config.json + open_clip_model.safetensors),
 loaded back through open_clip's own `local-dir:` loader, and its outputs on real photos and texts.
 
@@ -11,6 +11,8 @@ Writes tests/fixtures/open-clip-{a,b}/ and tests/fixtures/open-clip-{a,b}.refere
 
   open-clip-a: quick_gelu, float32, SigLIP-style logit_bias, bicubic "shortest" preprocessing,
                image 32 / patch 8.
+  open-clip-rn: a ModifiedResNet image tower (layers [1, 2, 1, 1], width 8, 16 attention-pool
+               heads) with random BatchNorm running statistics, float16 storage, image 64.
   open-clip-b: exact GELU, weights stored as float16 (outputs computed in float32 from the same
                rounded weights), mlp_ratio 2.5, LayerNorm eps 1e-6 (norm_kwargs),
                final_ln_after_pool, context 24, bilinear "squash" preprocessing, image 40 / patch 10.
@@ -62,6 +64,18 @@ CONFIGS = {
         ),
         dtype=torch.float16,
     ),
+    "open-clip-rn": dict(
+        model_cfg=dict(
+            embed_dim=16,
+            vision_cfg=dict(image_size=64, layers=[1, 2, 1, 1], width=8, head_width=16, patch_size=None),
+            text_cfg=dict(context_length=77, vocab_size=49408, width=8, heads=2, layers=1),
+        ),
+        preprocess_cfg=dict(
+            mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711],
+            interpolation="bicubic", resize_mode="shortest",
+        ),
+        dtype=torch.float16,
+    ),
 }
 
 # RGB photos at odd sizes (from make_preprocess_fixtures.py), paths under tests/fixtures, plus
@@ -83,6 +97,12 @@ def build(name, spec, seed):
     torch.manual_seed(seed)
     model = CLIP(**spec["model_cfg"]).eval()
     perturb_(model, seed + 1)
+    # BatchNorm's running statistics are buffers, not parameters: make them non-trivial too.
+    g = torch.Generator().manual_seed(seed + 2)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=g) * 0.2)
+            mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
     # Round the weights to the storage dtype, then compute the reference in float32.
     model = model.to(spec["dtype"]).to(torch.float32)
     out_dir = os.path.dirname(fixture_path(name, "open_clip_config.json"))

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::resnet::ResNetConfig;
 use crate::nn::Activation;
 
 /// `CLIPTextConfig`.
@@ -97,6 +98,10 @@ pub struct ClipConfig {
     pub projection_dim: usize,
     /// Initial value of the learned log temperature, ln(1/0.07) = 2.6592 (CLIP §2.5).
     pub logit_scale_init_value: f64,
+    /// A ResNet image tower instead of the ViT (CLIP §2.4; open_clip's ModifiedResNet). Not a
+    /// transformers key: such a model has no transformers twin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_resnet: Option<ResNetConfig>,
 }
 
 impl Default for ClipConfig {
@@ -106,6 +111,7 @@ impl Default for ClipConfig {
             vision_config: ClipVisionConfig::default(),
             projection_dim: 512,
             logit_scale_init_value: 2.6592,
+            vision_resnet: None,
         }
     }
 }
@@ -163,6 +169,9 @@ impl ClipConfig {
         if t.max_position_embeddings < 2 {
             return Err("text_config.max_position_embeddings must be at least 2".into());
         }
+        if let Some(r) = &self.vision_resnet {
+            r.validate()?;
+        }
         Ok(())
     }
 
@@ -172,7 +181,7 @@ impl ClipConfig {
         text["model_type"] = "clip_text_model".into();
         let mut vision = serde_json::to_value(&self.vision_config).expect("config serialises");
         vision["model_type"] = "clip_vision_model".into();
-        serde_json::json!({
+        let mut cfg = serde_json::json!({
             "architectures": ["CLIPModel"],
             "model_type": "clip",
             "dtype": "float32",
@@ -181,6 +190,10 @@ impl ClipConfig {
             "initializer_factor": 1.0,
             "text_config": text,
             "vision_config": vision,
-        })
+        });
+        if let Some(r) = &self.vision_resnet {
+            cfg["vision_resnet"] = serde_json::to_value(r).expect("config serialises");
+        }
+        cfg
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod encoder;
+pub mod resnet;
 pub mod text;
 pub mod vision;
 
@@ -17,6 +18,7 @@ use crate::nn::{linear_no_bias, Linear};
 pub use config::{ClipConfig, ClipTextConfig, ClipVisionConfig};
 pub use text::ClipText;
 
+pub use resnet::{ModifiedResNet, ResNetConfig};
 pub use vision::ClipVision;
 
 /// Which towers a checkpoint holds (from `model_type` in its config.json).
@@ -33,6 +35,9 @@ pub enum ClipLayout {
 #[derive(Clone, Debug)]
 pub struct Clip {
     pub vision: Option<ClipVision>,
+    /// The ResNet image tower, when the config has one (then `vision` is `None`); its attention
+    /// pooling projects into the joint space itself.
+    pub resnet: Option<Box<ModifiedResNet>>,
     pub text: Option<ClipText>,
     visual_projection: Option<Linear>,
     text_projection: Option<Linear>,
@@ -59,13 +64,18 @@ impl Clip {
                 cfg.text_config.projection_dim,
             ),
         };
-        let vision = with_vision
+        let resnet = match (&cfg.vision_resnet, with_vision) {
+            (Some(r), true) => Some(Box::new(ModifiedResNet::new(vb.pp("visual"), r)?)),
+            _ => None,
+        };
+        let with_vit = with_vision && resnet.is_none();
+        let vision = with_vit
             .then(|| ClipVision::new(vb.pp("vision_model"), &cfg.vision_config))
             .transpose()?;
         let text = with_text
             .then(|| ClipText::new(vb.pp("text_model"), &cfg.text_config))
             .transpose()?;
-        let visual_projection = with_vision
+        let visual_projection = with_vit
             .then(|| {
                 linear_no_bias(
                     cfg.vision_config.hidden_size,
@@ -97,6 +107,7 @@ impl Clip {
             .transpose()?;
         Ok(Self {
             vision,
+            resnet,
             text,
             visual_projection,
             text_projection,
@@ -108,6 +119,9 @@ impl Clip {
 
     /// `get_image_features`: projected pooled image features, not normalised. `[B, P]`.
     pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        if let Some(resnet) = &self.resnet {
+            return resnet.forward(pixels);
+        }
         let (vision, proj) = match (&self.vision, &self.visual_projection) {
             (Some(v), Some(p)) => (v, p),
             _ => candle_core::bail!("this checkpoint has no image tower"),
@@ -123,6 +137,15 @@ impl Clip {
             _ => candle_core::bail!("this checkpoint has no text tower"),
         };
         proj.forward(&text.forward(ids, mask)?.1)
+    }
+
+    /// The side of the square images the image tower takes; `None` without an image tower.
+    pub fn image_size(&self) -> Option<usize> {
+        match (&self.resnet, &self.vision) {
+            (Some(r), _) => Some(r.config().image_size),
+            (None, Some(v)) => Some(v.config().image_size),
+            (None, None) => None,
+        }
     }
 
     /// exp(logit_scale) as a float; 100 (CLIP's cap) for a single-tower checkpoint.

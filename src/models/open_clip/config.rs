@@ -8,7 +8,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::models::clip::{ClipConfig, ClipTextConfig, ClipVisionConfig};
+use crate::models::clip::{ClipConfig, ClipTextConfig, ClipVisionConfig, ResNetConfig};
 use crate::nn::Activation;
 
 /// The whole file.
@@ -277,18 +277,6 @@ impl OpenClipConfig {
                 &format!("timm image towers ({name}) are not supported"),
             );
         }
-        if self.is_resnet() {
-            return refuse(
-                "model_cfg.vision_cfg.layers",
-                "ModifiedResNet image towers are not supported yet",
-            );
-        }
-        let vision_layers = v
-            .layers
-            .as_u64()
-            .filter(|l| (1..=256).contains(l))
-            .ok_or_else(|| format!("model_cfg.vision_cfg.layers {} must be 1..=256", v.layers))?
-            as usize;
         if v.attentional_pool != Value::Bool(false) {
             return refuse(
                 "model_cfg.vision_cfg.attentional_pool",
@@ -354,6 +342,15 @@ impl OpenClipConfig {
                 }
             }
         }
+        if self.is_resnet() {
+            return self.resnet_clip();
+        }
+        let vision_layers = v
+            .layers
+            .as_u64()
+            .filter(|l| (1..=256).contains(l))
+            .ok_or_else(|| format!("model_cfg.vision_cfg.layers {} must be 1..=256", v.layers))?
+            as usize;
         let patch_size = v
             .patch_size
             .ok_or("model_cfg.vision_cfg.patch_size is missing")?;
@@ -375,7 +372,22 @@ impl OpenClipConfig {
             hidden_act: activation("model_cfg.vision_cfg", m.quick_gelu, &v.act_kwargs)?,
             layer_norm_eps: norm_eps("model_cfg.vision_cfg", &v.norm_kwargs)?,
         };
-        let text_config = ClipTextConfig {
+        let cfg = ClipConfig {
+            text_config: self.text_config()?,
+            vision_config,
+            projection_dim: m.embed_dim,
+            logit_scale_init_value: m.init_logit_scale,
+            vision_resnet: None,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The text tower, the same for both image towers.
+    fn text_config(&self) -> Result<ClipTextConfig, String> {
+        let m = &self.model_cfg;
+        let t = &m.text_cfg;
+        Ok(ClipTextConfig {
             vocab_size: t.vocab_size,
             hidden_size: t.width,
             intermediate_size: mlp_width(t.width, t.mlp_ratio)?,
@@ -390,12 +402,51 @@ impl OpenClipConfig {
             pad_token_id: 1,
             bos_token_id: 49406,
             eos_token_id: 49407,
+        })
+    }
+
+    /// The CLIP of a ModifiedResNet image tower (`layers` = four block counts).
+    fn resnet_clip(&self) -> Result<ClipConfig, String> {
+        let m = &self.model_cfg;
+        let v = &m.vision_cfg;
+        let counts: Vec<usize> = v
+            .layers
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|n| n.as_u64())
+                    .map(|n| n as usize)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let layers: [usize; 4] = counts.try_into().map_err(|_| {
+            format!(
+                "model_cfg.vision_cfg.layers {} must be four block counts for a ModifiedResNet",
+                v.layers
+            )
+        })?;
+        if v.head_width == 0 {
+            return Err("model_cfg.vision_cfg.head_width must be positive".into());
+        }
+        let image_size = self.image_size()?;
+        let resnet = ResNetConfig {
+            layers,
+            width: v.width,
+            heads: v.width * 32 / v.head_width,
+            image_size,
+            output_dim: m.embed_dim,
         };
         let cfg = ClipConfig {
-            text_config,
-            vision_config,
+            text_config: self.text_config()?,
+            // Unused beside the ResNet but for the image size the pipeline reads.
+            vision_config: ClipVisionConfig {
+                image_size,
+                projection_dim: m.embed_dim,
+                ..ClipVisionConfig::default()
+            },
             projection_dim: m.embed_dim,
             logit_scale_init_value: m.init_logit_scale,
+            vision_resnet: Some(resnet),
         };
         cfg.validate()?;
         Ok(cfg)

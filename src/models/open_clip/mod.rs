@@ -2,8 +2,9 @@
 //! and LAION/DataComp checkpoints are published in): `open_clip_config.json` and
 //! `open_clip_model.safetensors` with open_clip's tensor names. A ViT CLIP of open_clip is, tensor
 //! for tensor, transformers' `CLIPModel` ([`names`]); it loads as a CLIP model directory through
-//! a name map, so every verb, the trainer and `vlalign convert` serve it unchanged. Options with
-//! no equivalent are refused by name ([`config`]).
+//! a name map, so every verb, the trainer and `vlalign convert` serve it unchanged. A ResNet
+//! CLIP (`models::clip::resnet`) keeps open_clip's names for its image tower. Options with no
+//! equivalent are refused by name ([`config`]).
 
 pub mod config;
 pub mod names;
@@ -33,8 +34,9 @@ pub fn read_config(dir: &Path) -> Result<(OpenClipConfig, PathBuf)> {
     Ok((cfg, path))
 }
 
-/// The weights of an open_clip directory under transformers' CLIP names.
-pub fn weights(dir: &Path) -> Result<Weights> {
+/// The weights of an open_clip directory under transformers' CLIP names (a ResNet tower's under
+/// open_clip's own).
+pub fn weights(dir: &Path, resnet: bool) -> Result<Weights> {
     let Some(file) = WEIGHT_FILES
         .iter()
         .map(|f| dir.join(f))
@@ -52,6 +54,12 @@ pub fn weights(dir: &Path) -> Result<Weights> {
         };
         return Err(Error::weights(dir, msg));
     };
-    // `attn_mask` is a non-persistent buffer, which older saves may still hold.
-    Weights::open_remapped(&file, names::to_hf, &["attn_mask"])
+    // `attn_mask` is a non-persistent buffer, which older saves may still hold; BatchNorm's
+    // `num_batches_tracked` only counts training steps.
+    let ignored = ["attn_mask", "num_batches_tracked"];
+    if resnet {
+        Weights::open_remapped(&file, names::to_hf_resnet, &ignored)
+    } else {
+        Weights::open_remapped(&file, names::to_hf, &ignored)
+    }
 }

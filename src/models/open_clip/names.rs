@@ -40,6 +40,15 @@ const FIXED: [(&str, &str, Take); 9] = [
     ),
 ];
 
+/// As [`to_hf`], for a CLIP whose image tower is a ModifiedResNet: its `visual.*` tensors keep
+/// open_clip's names (the tower is built under them; transformers has no ResNet CLIP).
+pub fn to_hf_resnet(stored: &str) -> Option<Vec<(String, Take)>> {
+    if stored.starts_with("visual.") {
+        return Some(vec![(stored.to_string(), Take::Whole)]);
+    }
+    to_hf(stored)
+}
+
 /// The HF tensors made from one stored open_clip tensor, or `None` for a name open_clip's CLIP
 /// class (ViT image tower) does not have.
 pub fn to_hf(stored: &str) -> Option<Vec<(String, Take)>> {

@@ -45,6 +45,13 @@ pub fn frozen_clip_vision(
             dir.display()
         )));
     }
+    if cfg.vision_resnet.is_some() {
+        return Err(Error::input(format!(
+            "{} has a ResNet image tower; qformer.vision_model takes a ViT (its patch tokens \
+             are what the queries attend to)",
+            dir.display()
+        )));
+    }
     let mut vision = cfg.vision_config.clone();
     if drop >= vision.num_hidden_layers {
         return Err(Error::config(
