@@ -285,3 +285,61 @@ fn an_open_clip_vit_is_a_frozen_qformer_tower() {
     .to_string();
     assert!(e.contains("ResNet image tower"), "{e}");
 }
+
+/// `vlalign retrieve` ranks a folder by CLIP cosine: the scores are open_clip's
+/// image · text features, and `--rerank itm` (Q-Former only) is refused.
+#[test]
+fn retrieve_ranks_by_open_clip_cosine() {
+    let r = reference("open-clip-a.reference.safetensors");
+    let (images, texts) = inputs("open-clip-a");
+    let dir = scratch("open-clip-retrieve");
+    for (i, p) in images.iter().enumerate() {
+        let ext = p.extension().unwrap().to_str().unwrap();
+        std::fs::copy(p, dir.join(format!("img{i}.{ext}"))).unwrap();
+    }
+    let model = fixture("open-clip-a");
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "retrieve",
+            "--model",
+            model.to_str().unwrap(),
+            "--images",
+            dir.to_str().unwrap(),
+            "--query",
+            texts[0].as_str(),
+            "--top",
+            "10",
+            "--json",
+        ];
+        v.extend_from_slice(extra);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let a = args(&[]);
+    let o = vlalign(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let want = r["image_features"]
+        .matmul(&r["text_features"].narrow(0, 0, 1).unwrap().t().unwrap())
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let results = common::json(&o)["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), images.len());
+    let mut last = f32::INFINITY;
+    for res in results {
+        let name = res["image"].as_str().unwrap();
+        let i: usize = name.rsplit("img").next().unwrap()[..1].parse().unwrap();
+        let score = res["score"].as_f64().unwrap() as f32;
+        assert!(
+            (score - want[i]).abs() <= TOL,
+            "{name}: {score} vs {}",
+            want[i]
+        );
+        assert!(score <= last, "sorted best first");
+        last = score;
+    }
+    let a = args(&["--rerank", "itm"]);
+    let o = vlalign(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_user_error(&o, "needs a Q-Former");
+}

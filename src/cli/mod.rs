@@ -54,7 +54,8 @@ enum Command {
     Itm(itm::Args),
     /// Captions from a Q-Former's ITG head (greedy or beam search).
     Caption(caption::Args),
-    /// The images that best match a text, by ITC, optionally reranked by ITM (Q-Former).
+    /// The images that best match a text: by cosine (CLIP) or ITC, optionally reranked by ITM
+    /// (Q-Former).
     Retrieve(retrieve::Args),
     /// Speed of the reference workloads.
     Bench(bench::Args),

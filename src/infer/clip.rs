@@ -159,6 +159,14 @@ impl ClipPipeline {
         self.cat(out)
     }
 
+    /// Cosine similarity of each image file to `text` in the joint space (CLIP retrieval),
+    /// one score per file in order.
+    pub fn text_to_image_scores(&self, paths: &[PathBuf], text: &str) -> Result<Vec<f32>> {
+        let images = self.embed_image_files(paths)?;
+        let query = self.embed_texts(&[text])?;
+        Ok(images.matmul(&query.t()?)?.squeeze(1)?.to_vec1()?)
+    }
+
     /// Normalised embeddings of texts, `[N, P]`. Texts over the context are truncated (keeping
     /// the end-of-text token) with a warning, as transformers does.
     pub fn embed_texts<S: AsRef<str>>(&self, texts: &[S]) -> Result<Tensor> {
