@@ -39,3 +39,27 @@ fn clip_vit_b32_has_the_openai_parameter_count() {
     assert_eq!(task.config.text_config.vocab_size, 49408);
     assert_eq!(task.config.vision_config.image_size, 224);
 }
+
+/// `configs/clip-tiny-rn.toml` is clip-tiny with a ModifiedResNet image tower whose parameter
+/// count is open_clip's for the same shape: `sum(p.numel() for p in
+/// ModifiedResNet(layers=[1, 1, 1, 1], output_dim=128, heads=8, image_size=64,
+/// width=16).parameters())` = 1,362,200 (plus 4,864 BatchNorm running statistics).
+#[test]
+fn clip_tiny_rn_is_clip_tiny_with_open_clips_resnet() {
+    let rn = load("clip-tiny-rn.toml");
+    let vit = load("clip-tiny.toml");
+    assert_eq!((&rn.data, &rn.train), (&vit.data, &vit.train));
+    let task = AnyTask::new(&rn, &Device::Cpu).unwrap();
+    let task = task.as_clip().unwrap();
+    let count = |stats: bool| -> usize {
+        task.parts
+            .vars()
+            .iter()
+            .filter(|(n, _)| n.starts_with("visual."))
+            .filter(|(n, _)| (n.ends_with("running_mean") || n.ends_with("running_var")) == stats)
+            .map(|(_, v)| v.as_tensor().elem_count())
+            .sum()
+    };
+    assert_eq!(count(false), 1_362_200);
+    assert_eq!(count(true), 4_864);
+}

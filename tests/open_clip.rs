@@ -343,3 +343,40 @@ fn retrieve_ranks_by_open_clip_cosine() {
     let o = vlalign(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert_user_error(&o, "needs a Q-Former");
 }
+
+/// The ResNet's training form against open_clip's `model.train()`: BatchNorm normalises with the
+/// batch's statistics, and the running statistics it leaves behind (momentum 0.1, unbiased
+/// variance) are PyTorch's, in the stem, a shortcut and the last block.
+#[test]
+fn resnet_training_form_matches_open_clip_train_mode() {
+    let dir = fixture("open-clip-rn");
+    let r = reference("open-clip-rn.reference.safetensors");
+    let md = ModelDir::open(&dir).unwrap();
+    let (cfg, layout) = md.clip("the test").unwrap();
+    let stored = md.weights().unwrap().all(DType::F32, &Device::Cpu).unwrap();
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let model = vlalign::models::clip::Clip::new(vb, cfg, layout).unwrap();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        var.set(&stored[name]).unwrap();
+    }
+    let feats = model
+        .image_features_train(&r["pixel_values"], true)
+        .unwrap();
+    let d = max_abs_diff(&feats, &r["train_image_features"]);
+    println!("open-clip-rn train_image_features: max abs diff {d:.3e}");
+    assert!(d <= TOL, "train_image_features: {d:e}");
+    let data = varmap.data().lock().unwrap();
+    for key in [
+        "visual.bn1",
+        "visual.layer2.0.downsample.1",
+        "visual.layer4.0.bn3",
+    ] {
+        for stat in ["running_mean", "running_var"] {
+            let got = data[&format!("{key}.{stat}")].as_tensor();
+            let d = max_abs_diff(got, &r[&format!("train_{stat}/{key}")]);
+            println!("{key}.{stat} after one training batch: max abs diff {d:.3e}");
+            assert!(d <= 1e-5, "{key}.{stat}: {d:e}");
+        }
+    }
+}

@@ -48,6 +48,7 @@ fn vit_b32_spec() -> ModelSpec {
         vision_layers: 12,
         vision_heads: 12,
         vision_mlp: 3072,
+        resnet_layers: None,
         text_width: 512,
         text_layers: 12,
         text_heads: 8,
@@ -68,6 +69,7 @@ fn clip_tiny_bench_spec() -> ModelSpec {
         vision_layers: 4,
         vision_heads: 4,
         vision_mlp: 1024,
+        resnet_layers: None,
         text_width: 256,
         text_layers: 4,
         text_heads: 4,
@@ -175,7 +177,7 @@ fn train_phases(
         let keep = i >= warmup;
         if phases {
             let t = Instant::now();
-            let (img, txt) = task.features(&batch)?;
+            let (img, txt) = task.features(&batch, true)?;
             let scale = task.model.logit_scale.clone().expect("a full CLIP");
             let loss = task
                 .loss

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::models::clip::{ClipConfig, ClipTextConfig, ClipVisionConfig};
+use crate::models::clip::{ClipConfig, ClipTextConfig, ClipVisionConfig, ResNetConfig};
 use crate::nn::Activation;
 pub use crate::objectives::contrastive::ContrastiveLoss;
 
@@ -129,11 +129,24 @@ pub enum AugmentKind {
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub image_size: usize,
+    /// ViT only (0 = unset, as for a ResNet).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub patch_size: usize,
+    /// ViT hidden size, or the ResNet's stem and first-stage width.
     pub vision_width: usize,
+    /// ViT only.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub vision_layers: usize,
+    /// ViT attention heads, or the ResNet's attention-pooling heads (over `32 · vision_width`
+    /// channels).
     pub vision_heads: usize,
+    /// ViT only.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub vision_mlp: usize,
+    /// A ModifiedResNet image tower (CLIP §2.4) with these bottleneck blocks per stage, instead
+    /// of the ViT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resnet_layers: Option<[usize; 4]>,
     pub text_width: usize,
     pub text_layers: usize,
     pub text_heads: usize,
@@ -145,6 +158,10 @@ pub struct ModelSpec {
     /// `"shapes"` (word-level over the shapes vocabulary), `"clip"` (the bundled OpenAI BPE),
     /// or a path to a tokenizer.json.
     pub tokenizer: TokenizerSpec,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 fn default_act() -> Activation {
@@ -332,12 +349,67 @@ impl TrainConfig {
     }
 
     fn validate_clip(m: &ModelSpec) -> std::result::Result<(), String> {
+        if m.resnet_layers.is_some() {
+            return Self::validate_resnet_clip(m);
+        }
+        for (key, v, max) in [
+            ("vision_layers", m.vision_layers, MAX_LAYERS),
+            ("vision_mlp", m.vision_mlp, 4 * MAX_WIDTH),
+        ] {
+            in_range("model", key, v, max)?;
+        }
+        Self::validate_clip_common(m)?;
+        if m.patch_size == 0 || !m.image_size.is_multiple_of(m.patch_size) {
+            return Err(format!(
+                "model.image_size ({}) must be a multiple of model.patch_size ({})",
+                m.image_size, m.patch_size
+            ));
+        }
+        if !m.vision_width.is_multiple_of(m.vision_heads) {
+            return Err(format!(
+                "model.vision_width ({}) must be a multiple of model.vision_heads ({})",
+                m.vision_width, m.vision_heads
+            ));
+        }
+        if m.image_size / m.patch_size > 256 {
+            return Err(format!(
+                "model.image_size / patch_size = {} patches a side; at most 256",
+                m.image_size / m.patch_size
+            ));
+        }
+        Self::validate_as_written(m)
+    }
+
+    /// A ResNet image tower: the ViT keys are not used, so they must not be given.
+    fn validate_resnet_clip(m: &ModelSpec) -> std::result::Result<(), String> {
+        for (key, v) in [
+            ("patch_size", m.patch_size),
+            ("vision_layers", m.vision_layers),
+            ("vision_mlp", m.vision_mlp),
+        ] {
+            if v != 0 {
+                return Err(format!(
+                    "model.{key} is a ViT key; a ResNet image tower (model.resnet_layers) does not use it"
+                ));
+            }
+        }
+        Self::validate_clip_common(m)?;
+        Self::validate_as_written(m)
+    }
+
+    /// The same rules as loading the model directory this config will write.
+    fn validate_as_written(m: &ModelSpec) -> std::result::Result<(), String> {
+        m.clip_config(2, 0, 1, 0)
+            .validate()
+            .map_err(|e| format!("[model] gives an invalid CLIP: {e}"))
+    }
+
+    /// The keys both image towers share, and the text tower.
+    fn validate_clip_common(m: &ModelSpec) -> std::result::Result<(), String> {
         for (key, v, max) in [
             ("image_size", m.image_size, MAX_IMAGE_SIZE),
             ("vision_width", m.vision_width, MAX_WIDTH),
-            ("vision_layers", m.vision_layers, MAX_LAYERS),
             ("vision_heads", m.vision_heads, MAX_WIDTH),
-            ("vision_mlp", m.vision_mlp, 4 * MAX_WIDTH),
             ("text_width", m.text_width, MAX_WIDTH),
             ("text_layers", m.text_layers, MAX_LAYERS),
             ("text_heads", m.text_heads, MAX_WIDTH),
@@ -347,34 +419,14 @@ impl TrainConfig {
         ] {
             in_range("model", key, v, max)?;
         }
-        if m.patch_size == 0 || !m.image_size.is_multiple_of(m.patch_size) {
+        if !m.text_width.is_multiple_of(m.text_heads) {
             return Err(format!(
-                "model.image_size ({}) must be a multiple of model.patch_size ({})",
-                m.image_size, m.patch_size
+                "model.text_width ({}) must be a multiple of model.text_heads ({})",
+                m.text_width, m.text_heads
             ));
         }
-        for (k, w, h) in [
-            ("vision", m.vision_width, m.vision_heads),
-            ("text", m.text_width, m.text_heads),
-        ] {
-            if h == 0 || !w.is_multiple_of(h) {
-                return Err(format!(
-                    "model.{k}_width ({w}) must be a multiple of model.{k}_heads ({h})"
-                ));
-            }
-        }
-        // The same rules as loading the model directory this config will write.
-        m.clip_config(2, 0, 1, 0)
-            .validate()
-            .map_err(|e| format!("[model] gives an invalid CLIP: {e}"))?;
         if m.context_length < 2 {
             return Err("model.context_length must be at least 2 (start and end of text)".into());
-        }
-        if m.image_size / m.patch_size > 256 {
-            return Err(format!(
-                "model.image_size / patch_size = {} patches a side; at most 256",
-                m.image_size / m.patch_size
-            ));
         }
         Ok(())
     }
@@ -516,21 +568,39 @@ impl ModelSpec {
                 bos_token_id: bos,
                 eos_token_id: eos,
             },
-            vision_config: ClipVisionConfig {
-                hidden_size: self.vision_width,
-                intermediate_size: self.vision_mlp,
-                projection_dim: self.projection_dim,
-                num_hidden_layers: self.vision_layers,
-                num_attention_heads: self.vision_heads,
-                num_channels: 3,
-                image_size: self.image_size,
-                patch_size: self.patch_size,
-                hidden_act: self.hidden_act,
-                layer_norm_eps: 1e-5,
+            vision_config: match self.resnet_layers {
+                // Unused beside a ResNet but for the image size the pipeline reads.
+                Some(_) => ClipVisionConfig {
+                    image_size: self.image_size,
+                    projection_dim: self.projection_dim,
+                    ..ClipVisionConfig::default()
+                },
+                None => self.vit_config(),
             },
             projection_dim: self.projection_dim,
             logit_scale_init_value: crate::objectives::contrastive::CLIP_LOGIT_SCALE_INIT,
-            vision_resnet: None,
+            vision_resnet: self.resnet_layers.map(|layers| ResNetConfig {
+                layers,
+                width: self.vision_width,
+                heads: self.vision_heads,
+                image_size: self.image_size,
+                output_dim: self.projection_dim,
+            }),
+        }
+    }
+
+    fn vit_config(&self) -> ClipVisionConfig {
+        ClipVisionConfig {
+            hidden_size: self.vision_width,
+            intermediate_size: self.vision_mlp,
+            projection_dim: self.projection_dim,
+            num_hidden_layers: self.vision_layers,
+            num_attention_heads: self.vision_heads,
+            num_channels: 3,
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            hidden_act: self.hidden_act,
+            layer_norm_eps: 1e-5,
         }
     }
 }

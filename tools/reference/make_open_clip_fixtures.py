@@ -8,6 +8,7 @@ Writes tests/fixtures/open-clip-{a,b}/ and tests/fixtures/open-clip-{a,b}.refere
   image_features   encode_image(normalize=True) of those pixels
   text_features    encode_text(normalize=True) of those ids
   logits           exp(logit_scale) * image_features @ text_features.T (+ logit_bias)
+  train_*          (ResNet) encode_image in training mode, and BatchNorm running statistics after it
 
   open-clip-a: quick_gelu, float32, SigLIP-style logit_bias, bicubic "shortest" preprocessing,
                image 32 / patch 8.
@@ -128,7 +129,20 @@ def build(name, spec, seed):
         logits = loaded.logit_scale.exp() * img @ txt.T
         if loaded.logit_bias is not None:
             logits = logits + loaded.logit_bias
+    extra = {}
+    if loaded.visual.__class__.__name__ == "ModifiedResNet":
+        # Training form: BatchNorm with the batch's statistics, and the running statistics it
+        # leaves behind (momentum 0.1, unbiased variance).
+        loaded.train()
+        with torch.no_grad():
+            extra["train_image_features"] = loaded.encode_image(pixels)
+        for key in ["bn1", "layer2.0.downsample.1", "layer4.0.bn3"]:
+            bn = loaded.visual.get_submodule(key)
+            extra[f"train_running_mean/visual.{key}"] = bn.running_mean.clone()
+            extra[f"train_running_var/visual.{key}"] = bn.running_var.clone()
+        loaded.eval()
     tensors = {
+        **extra,
         "input_ids": ids.to(torch.int64),
         "pixel_values": pixels,
         "image_features": img,

@@ -153,6 +153,13 @@ impl ClipConfig {
             t.num_hidden_layers,
             t.layer_norm_eps,
         )?;
+        if let Some(r) = &self.vision_resnet {
+            r.validate()?;
+            if t.max_position_embeddings < 2 {
+                return Err("text_config.max_position_embeddings must be at least 2".into());
+            }
+            return Ok(());
+        }
         validate_tower(
             "vision_config",
             v.hidden_size,
@@ -168,9 +175,6 @@ impl ClipConfig {
         }
         if t.max_position_embeddings < 2 {
             return Err("text_config.max_position_embeddings must be at least 2".into());
-        }
-        if let Some(r) = &self.vision_resnet {
-            r.validate()?;
         }
         Ok(())
     }

@@ -129,6 +129,16 @@ impl Clip {
         proj.forward(&vision.forward(pixels)?.1)
     }
 
+    /// [`Clip::image_features`] as training computes them: a ResNet tower normalises with the
+    /// batch's statistics and, with `update_bn`, moves its running statistics; a ViT is the same
+    /// either way.
+    pub fn image_features_train(&self, pixels: &Tensor, update_bn: bool) -> Result<Tensor> {
+        match &self.resnet {
+            Some(resnet) => resnet.forward_train(pixels, update_bn),
+            None => self.image_features(pixels),
+        }
+    }
+
     /// `get_text_features`: projected pooled text features of a padded batch (`input_ids`,
     /// `attention_mask`), not normalised. `[B, P]`.
     pub fn text_features(&self, ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<Tensor> {

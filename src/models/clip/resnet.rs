@@ -2,7 +2,9 @@
 //! stem and average-pool downsampling, antialiased strides, and attention pooling in place of
 //! global average pooling), as open_clip builds it (modified_resnet.py `ModifiedResNet`,
 //! `Bottleneck`, `AttentionPool2d`), under open_clip's tensor names (there is no transformers
-//! twin). BatchNorm is in inference form: running statistics, not batch statistics.
+//! twin). BatchNorm normalises with its running statistics for inference ([`ModifiedResNet::forward`])
+//! and with the batch's in training ([`ModifiedResNet::forward_train`]), which can also move the
+//! running statistics as PyTorch's `BatchNorm2d` does (momentum 0.1, unbiased variance).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -10,8 +12,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::ops::softmax_last;
 
-/// PyTorch's BatchNorm2d epsilon.
+/// PyTorch's BatchNorm2d epsilon and momentum.
 const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+/// How BatchNorm normalises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BnMode {
+    /// With the running statistics (inference).
+    Eval,
+    /// With the batch's statistics; `update` also moves the running statistics toward them.
+    Train { update: bool },
+}
 
 /// The shape of a ModifiedResNet (open_clip `CLIPVisionCfg` with `layers` as four numbers).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -118,12 +130,46 @@ impl BatchNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
-        let scale = (&self.weight / (&self.running_var + BN_EPS)?.sqrt()?)?;
-        let shift = (&self.bias - (&self.running_mean * &scale)?)?;
-        x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&shift.reshape((1, c, 1, 1))?)
+        let update = match mode {
+            BnMode::Eval => {
+                let scale = (&self.weight / (&self.running_var + BN_EPS)?.sqrt()?)?;
+                let shift = (&self.bias - (&self.running_mean * &scale)?)?;
+                return x
+                    .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+                    .broadcast_add(&shift.reshape((1, c, 1, 1))?);
+            }
+            BnMode::Train { update } => update,
+        };
+        let (n, _, h, w) = x.dims4()?;
+        let count = n * h * w;
+        if count < 2 {
+            candle_core::bail!(
+                "BatchNorm in training needs more than one value per channel (batch {n}, \
+                 feature map {h}x{w}): use a larger batch or image"
+            );
+        }
+        let mean = (x.sum_keepdim((0, 2, 3))? / count as f64)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = (centered.sqr()?.sum_keepdim((0, 2, 3))? / count as f64)?;
+        let y = centered.broadcast_div(&(var.clone() + BN_EPS)?.sqrt()?)?;
+        let y = y
+            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+        if update {
+            // Only a trainable model's statistics are variables (shared with its VarMap).
+            if self.running_mean.is_variable() && self.running_var.is_variable() {
+                let mean = mean.detach().flatten_all()?;
+                let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
+                let m = BN_MOMENTUM;
+                let new_mean = ((&self.running_mean * (1.0 - m))? + (mean * m)?)?;
+                let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
+                candle_core::Var::from_tensor(&self.running_mean)?.set(&new_mean)?;
+                candle_core::Var::from_tensor(&self.running_var)?.set(&new_var)?;
+            }
+        }
+        Ok(y)
     }
 }
 
@@ -176,14 +222,14 @@ impl Bottleneck {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.bn1.forward(&self.conv1.forward(x)?)?.relu()?;
-        let h = self.bn2.forward(&self.conv2.forward(&h)?)?.relu()?;
+    fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
+        let h = self.bn1.forward(&self.conv1.forward(x)?, mode)?.relu()?;
+        let h = self.bn2.forward(&self.conv2.forward(&h)?, mode)?.relu()?;
         let h = avg_pool(&h, self.stride)?;
-        let h = self.bn3.forward(&self.conv3.forward(&h)?)?;
+        let h = self.bn3.forward(&self.conv3.forward(&h)?, mode)?;
         let identity = match &self.downsample {
             None => x.clone(),
-            Some((conv, bn)) => bn.forward(&conv.forward(&avg_pool(x, self.stride)?)?)?,
+            Some((conv, bn)) => bn.forward(&conv.forward(&avg_pool(x, self.stride)?)?, mode)?,
         };
         (h + identity)?.relu()
     }
@@ -316,15 +362,31 @@ impl ModifiedResNet {
         &self.cfg
     }
 
+    /// Inference: BatchNorm with the running statistics.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.run(pixels, BnMode::Eval)
+    }
+
+    /// Training: BatchNorm with the batch's statistics; `update_stats` also moves the running
+    /// statistics (once per batch: a recomputation of the same batch passes `false`).
+    pub fn forward_train(&self, pixels: &Tensor, update_stats: bool) -> Result<Tensor> {
+        self.run(
+            pixels,
+            BnMode::Train {
+                update: update_stats,
+            },
+        )
+    }
+
+    fn run(&self, pixels: &Tensor, mode: BnMode) -> Result<Tensor> {
         let mut x = pixels.to_dtype(DType::F32)?;
         for (conv, bn) in &self.stem {
-            x = bn.forward(&conv.forward(&x)?)?.relu()?;
+            x = bn.forward(&conv.forward(&x)?, mode)?.relu()?;
         }
         x = x.avg_pool2d(2)?;
         for stage in &self.stages {
             for block in stage {
-                x = block.forward(&x)?;
+                x = block.forward(&x, mode)?;
             }
         }
         self.attnpool.forward(&x)

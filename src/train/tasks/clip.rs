@@ -103,10 +103,12 @@ impl ClipTask {
         ))
     }
 
-    /// L2-normalised (image, text) features of a batch.
-    pub fn features(&self, b: &Batch) -> Result<(Tensor, Tensor)> {
+    /// L2-normalised (image, text) features of a batch, as training computes them; `update_bn`
+    /// moves a ResNet tower's BatchNorm running statistics (once per micro-batch: the
+    /// recomputation of accumulation's second pass passes `false`).
+    pub fn features(&self, b: &Batch, update_bn: bool) -> Result<(Tensor, Tensor)> {
         let pixels = b.pixel_tensor(&self.parts.device)?;
-        let img = l2_normalize(&self.model.image_features(&pixels)?)?;
+        let img = l2_normalize(&self.model.image_features_train(&pixels, update_bn)?)?;
         let txt = l2_normalize(&self.model.text_features(&b.tokens.ids, &b.tokens.mask)?)?;
         Ok((img, txt))
     }
@@ -140,7 +142,7 @@ impl Task for ClipTask {
         let mut grads = Grads::new();
         let loss_value;
         if micro.len() == 1 {
-            let (img, txt) = self.features(&micro[0])?;
+            let (img, txt) = self.features(&micro[0], true)?;
             let loss = self.loss_of(&img, &txt, &scale)?;
             loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             self.parts.collect(&loss.backward()?, &mut grads)?;
@@ -148,13 +150,13 @@ impl Task for ClipTask {
             // Pass 1: every micro-batch's features, graphs dropped.
             let mut cached = Vec::with_capacity(micro.len());
             for b in micro {
-                let (i, t) = self.features(b)?;
+                let (i, t) = self.features(b, true)?;
                 cached.push((i.detach(), t.detach()));
             }
             let mut first = None;
             // Pass 2: the full-batch loss with one micro-batch live at a time.
             for (j, b) in micro.iter().enumerate() {
-                let (live_i, live_t) = self.features(b)?;
+                let (live_i, live_t) = self.features(b, false)?;
                 let imgs: Vec<&Tensor> = cached
                     .iter()
                     .enumerate()
