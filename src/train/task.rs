@@ -59,14 +59,18 @@ impl TaskParts {
             .cloned()
     }
 
-    /// Adds the gradient of every trainable variable found in `grads` into `into`.
+    /// Adds the gradient of every trainable variable found in `grads` into `into`, detached:
+    /// candle leaves a variable's gradient attached to the ops that made it (a convolution's
+    /// kernel gradient references the step's activations), and the optimiser's moments would
+    /// then hold every step's graph alive.
     pub fn collect(&self, grads: &GradStore, into: &mut Grads) -> Result<()> {
         for (name, var) in self.varmap.data().lock().expect("varmap lock").iter() {
             if let Some(g) = grads.get(var.as_tensor()) {
+                let g = g.detach();
                 match into.get_mut(name) {
-                    Some(acc) => *acc = (&*acc + g)?,
+                    Some(acc) => *acc = (&*acc + &g)?,
                     None => {
-                        into.insert(name.clone(), g.clone());
+                        into.insert(name.clone(), g);
                     }
                 }
             }

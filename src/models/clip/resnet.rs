@@ -150,9 +150,16 @@ impl BatchNorm {
                  feature map {h}x{w}): use a larger batch or image"
             );
         }
-        let mean = (x.sum_keepdim((0, 2, 3))? / count as f64)?;
+        // Sums over (N, H, W): the contiguous H·W first, then N.
+        let per_channel = |t: &Tensor| -> Result<Tensor> {
+            t.reshape((n, c, h * w))?
+                .sum_keepdim(2)?
+                .sum_keepdim(0)?
+                .reshape((1, c, 1, 1))
+        };
+        let mean = (per_channel(x)? / count as f64)?;
         let centered = x.broadcast_sub(&mean)?;
-        let var = (centered.sqr()?.sum_keepdim((0, 2, 3))? / count as f64)?;
+        let var = (per_channel(&centered.sqr()?)? / count as f64)?;
         let y = centered.broadcast_div(&(var.clone() + BN_EPS)?.sqrt()?)?;
         let y = y
             .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
