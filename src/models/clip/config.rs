@@ -153,12 +153,11 @@ impl ClipConfig {
             t.num_hidden_layers,
             t.layer_norm_eps,
         )?;
+        if t.max_position_embeddings < 2 {
+            return Err("text_config.max_position_embeddings must be at least 2".into());
+        }
         if let Some(r) = &self.vision_resnet {
-            r.validate()?;
-            if t.max_position_embeddings < 2 {
-                return Err("text_config.max_position_embeddings must be at least 2".into());
-            }
-            return Ok(());
+            return r.validate();
         }
         validate_tower(
             "vision_config",
@@ -172,9 +171,6 @@ impl ClipConfig {
                 "vision_config.patch_size ({}) must be between 1 and image_size ({})",
                 v.patch_size, v.image_size
             ));
-        }
-        if t.max_position_embeddings < 2 {
-            return Err("text_config.max_position_embeddings must be at least 2".into());
         }
         Ok(())
     }
