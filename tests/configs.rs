@@ -63,3 +63,15 @@ fn clip_tiny_rn_is_clip_tiny_with_open_clips_resnet() {
     assert_eq!(count(false), 1_362_200);
     assert_eq!(count(true), 4_864);
 }
+
+/// `configs/clip-finetune.toml` fine-tunes the model the main command (`demo`) writes, and
+/// builds no CLIP of its own.
+#[test]
+fn clip_finetune_starts_from_the_demo_model() {
+    let c = load("clip-finetune.toml");
+    assert!(c.model.is_none() && c.qformer.is_none());
+    assert_eq!(
+        c.finetune.unwrap().model,
+        std::path::PathBuf::from("runs/demo/model")
+    );
+}

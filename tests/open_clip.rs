@@ -380,3 +380,71 @@ fn resnet_training_form_matches_open_clip_train_mode() {
         }
     }
 }
+
+/// `[finetune]` over an open_clip directory in a config, as a user writes it.
+fn finetune_config(dir: &std::path::Path, loss: &str) -> vlalign::train::config::TrainConfig {
+    vlalign::train::config::TrainConfig::from_toml(&format!(
+        "[finetune]\nmodel = {:?}\n[data]\nsource = \"shapes\"\nworkers = 1\n\
+         [train]\nsteps = 2\nbatch_size = 4\nlr = 1e-3\nwarmup_steps = 0\n\
+         weight_decay = 0.1\ncheckpoint_every = 2\nloss = {loss:?}\n",
+        dir.display()
+    ))
+    .unwrap()
+}
+
+/// Fine-tuning starts from the checkpoint: before any step, the task's model gives open_clip's
+/// own features for the fixture's images and texts (ViT with a SigLIP bias, and the ResNet with
+/// its running statistics); after two steps the written transformers-layout directory loads,
+/// and has moved. Under InfoNCE the stored `logit_bias` is kept untrained, as open_clip keeps
+/// the unused parameter; under SigLIP it trains.
+#[test]
+fn fine_tuning_starts_from_the_open_clip_weights() {
+    for name in ["open-clip-a", "open-clip-rn"] {
+        let dir = fixture(name);
+        let r = reference(&format!("{name}.reference.safetensors"));
+        let (images, texts) = inputs(name);
+        let cfg = finetune_config(&dir, "infonce");
+        let run = vlalign::train::build::Run::new(cfg.clone(), &Device::Cpu).unwrap();
+        let p = run.task.as_clip().unwrap().pipeline().unwrap();
+        let img = p.embed_image_files(&images).unwrap();
+        let txt = p.embed_texts(&texts).unwrap();
+        for (what, got) in [("image_features", &img), ("text_features", &txt)] {
+            let d = max_abs_diff(got, &r[what]);
+            println!("{name} fine-tuning start, {what}: max abs diff {d:.3e}");
+            assert!(d <= TOL, "{name} {what}: {d:e}");
+        }
+
+        let out = scratch(&format!("finetune-{name}"));
+        common::train(&cfg, &out, false);
+        assert!(out.join("model/config.json").is_file());
+        let tuned = ClipPipeline::load(&out.join("model"), &Device::Cpu).unwrap();
+        let moved = max_abs_diff(
+            &tuned.embed_image_files(&images).unwrap(),
+            &r["image_features"],
+        );
+        assert!(moved > 1e-4, "{name}: two steps at lr 1e-3 moved nothing");
+        let stored = md_tensors(&dir);
+        let written = common::run_weights(&out);
+        assert_eq!(
+            stored.keys().collect::<std::collections::BTreeSet<_>>(),
+            written.keys().collect(),
+            "{name}: the fine-tuned directory holds the same tensors"
+        );
+        if let Some(bias) = stored.get("logit_bias") {
+            assert_eq!(max_abs_diff(bias, &written["logit_bias"]), 0.0);
+            let siglip = scratch(&format!("finetune-{name}-siglip"));
+            common::train(&finetune_config(&dir, "siglip"), &siglip, false);
+            let trained = &common::run_weights(&siglip)["logit_bias"];
+            assert!(
+                max_abs_diff(bias, trained) > 0.0,
+                "SigLIP trains logit_bias"
+            );
+        }
+    }
+}
+
+/// Every tensor of a model directory, under the names vlalign's model uses.
+fn md_tensors(dir: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
+    let md = ModelDir::open(dir).unwrap();
+    md.weights().unwrap().all(DType::F32, &Device::Cpu).unwrap()
+}

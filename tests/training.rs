@@ -619,3 +619,72 @@ fn a_resnet_clip_trains_and_resumes_bit_exactly() {
         .unwrap();
     assert_eq!(img.dims(), &[1, 16]);
 }
+
+/// `[finetune]` over a directory `vlalign train` wrote: the task starts with exactly that
+/// directory's model (the same embeddings, bit for bit, as loading it for inference), ships
+/// its tokenizer side file, and resumes bit-exactly like any run.
+#[test]
+fn fine_tuning_a_trained_directory_starts_from_its_weights() {
+    let first = scratch("ft-source");
+    let mut cfg = tiny();
+    cfg.train.steps = 3;
+    train(&cfg, &first, false);
+    let src = first.join("model");
+    let mut ft = tiny();
+    ft.model = None;
+    ft.finetune = Some(vlalign::train::config::FinetuneSpec { model: src.clone() });
+    let ft = TrainConfig::from_toml(&ft.to_toml()).unwrap();
+
+    let run = Run::new(ft.clone(), &Device::Cpu).unwrap();
+    let start = run.task.as_clip().unwrap().pipeline().unwrap();
+    let loaded = vlalign::infer::ClipPipeline::load(&src, &Device::Cpu).unwrap();
+    let image = [common::fixture("images/tiny.png")];
+    let texts = ["a red circle", "two blue squares"];
+    for (a, b) in [
+        (
+            start.embed_image_files(&image).unwrap(),
+            loaded.embed_image_files(&image).unwrap(),
+        ),
+        (
+            start.embed_texts(&texts).unwrap(),
+            loaded.embed_texts(&texts).unwrap(),
+        ),
+    ] {
+        let (a, b) = (a.flatten_all().unwrap(), b.flatten_all().unwrap());
+        assert_eq!(a.to_vec1::<f32>().unwrap(), b.to_vec1::<f32>().unwrap());
+    }
+
+    let straight = scratch("ft-straight");
+    train(&ft, &straight, false);
+    let side = "model/tokenizer_config.json";
+    assert_eq!(
+        std::fs::read(first.join(side)).unwrap(),
+        std::fs::read(straight.join(side)).unwrap()
+    );
+    let split = scratch("ft-split");
+    let mut half = ft.clone();
+    half.train.steps = 3;
+    train(&half, &split, false);
+    train(&ft, &split, true);
+    common::assert_same_weights(&straight, &split);
+}
+
+/// What cannot be fine-tuned is refused in one line: a Q-Former directory, a
+/// missing directory, and a config that also builds a CLIP from `[model]` keys.
+#[test]
+fn fine_tuning_refuses_what_it_cannot_start_from() {
+    let dir = scratch("ft-refusals");
+    for (model, needle) in [
+        (common::fixture("qformer-a"), "needs a CLIP"),
+        (dir.join("absent"), "does not exist"),
+    ] {
+        let mut ft = tiny();
+        ft.model = None;
+        ft.finetune = Some(vlalign::train::config::FinetuneSpec { model });
+        let e = Run::new(ft, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+    let both = format!("{TINY}\n[finetune]\nmodel = \"x\"\n");
+    let e = TrainConfig::from_toml(&both).unwrap_err();
+    assert!(e.contains("not several"), "{e}");
+}

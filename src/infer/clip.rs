@@ -27,6 +27,9 @@ pub struct ClipPipeline {
     pub processor: Option<ImageProcessor>,
     pub dir: PathBuf,
     pub device: Device,
+    /// A transformers directory without `tokenizer.json`, read with the bundled CLIP BPE: each
+    /// text embedding warns so (open_clip's own tokenizer is the bundled one: no warning).
+    bundled_tokenizer_fallback: bool,
 }
 
 impl ClipPipeline {
@@ -44,6 +47,7 @@ impl ClipPipeline {
         let model = weights.build(DType::F32, device, &["position_ids"], |vb| {
             Clip::new(vb, cfg, layout)
         })?;
+        let mut bundled_tokenizer_fallback = false;
         let tokenizer = match &model.text {
             None => None,
             Some(text) => {
@@ -65,6 +69,7 @@ impl ClipPipeline {
                 Some(if path.is_file() {
                     TextTokenizer::from_file(&path, context)?
                 } else {
+                    bundled_tokenizer_fallback = md.open_clip().is_none();
                     TextTokenizer::bundled_clip(context)?
                 })
             }
@@ -102,6 +107,7 @@ impl ClipPipeline {
             processor,
             dir: dir.to_path_buf(),
             device: device.clone(),
+            bundled_tokenizer_fallback,
         })
     }
 
@@ -118,6 +124,7 @@ impl ClipPipeline {
             processor,
             dir: PathBuf::from("<in-memory model>"),
             device: device.clone(),
+            bundled_tokenizer_fallback: false,
         }
     }
 
@@ -174,12 +181,7 @@ impl ClipPipeline {
             .tokenizer
             .as_ref()
             .ok_or_else(|| Error::input(format!("{} has no text tower", self.dir.display())))?;
-        // open_clip's own tokenizer is the bundled one (SimpleTokenizer): no warning there.
-        if !texts.is_empty()
-            && self.dir.is_dir()
-            && !self.dir.join("tokenizer.json").is_file()
-            && !self.dir.join(CONFIG_FILE).is_file()
-        {
+        if !texts.is_empty() && self.bundled_tokenizer_fallback {
             tracing::warn!(
                 "{}: no tokenizer.json; using the bundled OpenAI CLIP BPE tokenizer",
                 self.dir.display()

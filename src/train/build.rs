@@ -29,17 +29,16 @@ pub enum AnyTask {
 impl AnyTask {
     /// A fresh task for `cfg` (weights seeded by `train.seed`).
     pub fn new(cfg: &TrainConfig, device: &Device) -> Result<Self> {
-        Ok(match (&cfg.model, &cfg.qformer) {
-            (Some(spec), _) => AnyTask::Clip(ClipTask::from_spec(
-                spec,
-                cfg.train.loss,
-                cfg.train.seed,
-                device,
-            )?),
-            (None, Some(_)) => AnyTask::Qformer(QformerTask::new(cfg, device)?),
-            (None, None) => {
+        let (loss, seed) = (cfg.train.loss, cfg.train.seed);
+        Ok(match (&cfg.model, &cfg.finetune, &cfg.qformer) {
+            (Some(spec), _, _) => AnyTask::Clip(ClipTask::from_spec(spec, loss, seed, device)?),
+            (None, Some(ft), _) => {
+                AnyTask::Clip(ClipTask::from_dir(&ft.model, loss, seed, device)?)
+            }
+            (None, None, Some(_)) => AnyTask::Qformer(QformerTask::new(cfg, device)?),
+            (None, None, None) => {
                 return Err(Error::input(
-                    "the config has no [model] or [qformer] section",
+                    "the config has no [model], [finetune] or [qformer] section",
                 ))
             }
         })
@@ -48,7 +47,7 @@ impl AnyTask {
     /// The side of the square images the image encoder takes.
     pub fn image_size(&self) -> usize {
         match self {
-            AnyTask::Clip(t) => t.config.vision_config.image_size,
+            AnyTask::Clip(t) => t.config.image_size(),
             AnyTask::Qformer(t) => t.config.vision.image_size(),
         }
     }

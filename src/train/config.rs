@@ -19,8 +19,24 @@ pub struct TrainConfig {
     /// A BLIP-2 Q-Former to train in stage 1 on a frozen image encoder (the `[qformer]` section).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qformer: Option<QformerSpec>,
+    /// A CLIP to fine-tune from a model directory (the `[finetune]` section).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<FinetuneSpec>,
     pub data: DataSpec,
     pub train: TrainSpec,
+}
+
+/// Fine-tuning a pretrained CLIP, as open_clip's `--pretrained`: the model directory's
+/// architecture, weights, tokenizer and preprocessing are all kept; only the data and the
+/// `[train]` section are new.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneSpec {
+    /// A CLIP model directory with both towers: transformers' `CLIPModel` layout (e.g. a
+    /// `vlalign train` output) or open_clip's (`open_clip_config.json` +
+    /// `open_clip_model.safetensors`, ViT or ModifiedResNet). The trained model is written in
+    /// the transformers layout (a ResNet with vlalign's `vision_resnet` key).
+    pub model: PathBuf,
 }
 
 /// BLIP-2 stage 1 (Li et al. 2023, §3.2): a Q-Former trained with ITC + ITM + ITG on the
@@ -325,25 +341,38 @@ impl TrainConfig {
     pub fn clip(&self) -> std::result::Result<&ModelSpec, String> {
         self.model
             .as_ref()
-            .ok_or_else(|| "this config trains a Q-Former ([qformer]), not a CLIP ([model])".into())
+            .ok_or_else(|| "this config has no [model] section (a CLIP built from its keys)".into())
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
         let (d, t) = (&self.data, &self.train);
-        match (&self.model, &self.qformer) {
-            (Some(m), None) => Self::validate_clip(m)?,
-            (None, Some(q)) => Self::validate_qformer(q)?,
-            (Some(_), Some(_)) => {
+        let given = [
+            self.model.is_some(),
+            self.qformer.is_some(),
+            self.finetune.is_some(),
+        ];
+        match given.iter().filter(|g| **g).count() {
+            0 => {
                 return Err(
-                    "give either [model] (a CLIP) or [qformer] (a BLIP-2 Q-Former), not both"
+                    "missing [model] (a CLIP to train), [finetune] (a CLIP model \
+                            directory to fine-tune) or [qformer] (a BLIP-2 Q-Former)"
                         .into(),
                 )
             }
-            (None, None) => {
+            1 => {}
+            _ => {
                 return Err(
-                    "missing [model] (a CLIP to train) or [qformer] (a BLIP-2 Q-Former)".into(),
+                    "give one of [model] (a CLIP), [finetune] (a CLIP directory) and \
+                            [qformer] (a BLIP-2 Q-Former), not several"
+                        .into(),
                 )
             }
+        }
+        if let Some(m) = &self.model {
+            Self::validate_clip(m)?;
+        }
+        if let Some(q) = &self.qformer {
+            Self::validate_qformer(q)?;
         }
         Self::validate_data_train(d, t)
     }

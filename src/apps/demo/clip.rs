@@ -67,7 +67,9 @@ fn top1(r: &EvalReport) -> Result<f64> {
 pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     let t0 = Instant::now();
     let cfg = opts.config("configs/clip-tiny.toml", CLIP_TINY_TOML)?;
-    let size = cfg.clip().map_err(Error::input)?.image_size;
+    let every = (cfg.train.steps / 6).max(1);
+    let mut run = Run::new(cfg, &opts.device)?;
+    let size = run.task.image_size();
     let seen = class_set(size, PairSet::Seen, PER_CLASS, EVAL_SEED);
     let unseen = class_set(size, PairSet::HeldOut, PER_CLASS * 3, EVAL_SEED + 1);
     let pairs = retrieval_pairs(size);
@@ -84,8 +86,6 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     let all_classes = shapes::classes(PairSet::All);
     let unseen_classes = shapes::classes(PairSet::HeldOut);
 
-    let every = (cfg.train.steps / 6).max(1);
-    let mut run = Run::new(cfg, &opts.device)?;
     // A quick check during training: seen zero-shot on 3 images per class, t2i R@1 on 200 pairs.
     let quick_zs = to_set(&class_set(size, PairSet::Seen, 3, EVAL_SEED + 3));
     let quick_rt = to_set(&pairs[..200]);
@@ -117,7 +117,9 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     let p = run
         .task
         .as_clip()
-        .ok_or_else(|| Error::input("the CLIP demo's config must train a CLIP ([model])"))?
+        .ok_or_else(|| {
+            Error::input("the CLIP demo's config must train a CLIP ([model] or [finetune])")
+        })?
         .pipeline()?;
     let zs_seen = evaluate(&p, &to_set(&seen), &seen_classes, &templates)?;
     let zs_unseen = evaluate(&p, &to_set(&unseen), &all_classes, &templates)?;

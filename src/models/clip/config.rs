@@ -143,6 +143,14 @@ pub fn validate_tower(
 }
 
 impl ClipConfig {
+    /// The side of the square images the image tower takes (the ResNet's or the ViT's).
+    pub fn image_size(&self) -> usize {
+        match &self.vision_resnet {
+            Some(r) => r.image_size,
+            None => self.vision_config.image_size,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let t = &self.text_config;
         let v = &self.vision_config;

@@ -2,4 +2,5 @@
 //! one trainer loop.
 
 pub mod clip;
+pub mod finetune;
 pub mod qformer;
