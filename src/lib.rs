@@ -15,6 +15,7 @@ pub mod models;
 pub mod nn;
 pub mod objectives;
 pub mod rng;
+pub mod serve;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -25,6 +25,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "train",
         &["infer", "models", "objectives", "data", "nn", "io", "rng"],
     ),
+    ("serve", &["infer", "data", "nn"]),
     ("eval", &["infer", "data"]),
     ("infer", &["models", "objectives", "data", "nn", "io"]),
     ("models", &["nn", "io"]),

@@ -114,43 +114,6 @@ fn bad_images_are_clear_errors() {
     assert!(e.contains("missing.png"), "{e}");
 }
 
-/// CRC-32 (ISO 3309, as PNG chunks use) of `bytes`.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut c = 0xffff_ffffu32;
-    for &b in bytes {
-        c ^= b as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                0xedb8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
-/// A 1-bit greyscale PNG that claims `w`×`h`: signature, IHDR and an empty IDAT (the header a
-/// decoder reads before any pixel), then IEND.
-fn png_header(w: u32, h: u32) -> Vec<u8> {
-    let mut ihdr = w.to_be_bytes().to_vec();
-    ihdr.extend(h.to_be_bytes());
-    ihdr.extend([1, 0, 0, 0, 0]);
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    for (kind, data) in [
-        (&b"IHDR"[..], ihdr),
-        (b"IDAT", Vec::new()),
-        (b"IEND", Vec::new()),
-    ] {
-        out.extend((data.len() as u32).to_be_bytes());
-        let mut chunk = kind.to_vec();
-        chunk.extend(&data);
-        out.extend(&chunk);
-        out.extend(crc32(&chunk).to_be_bytes());
-    }
-    out
-}
-
 /// A small file that claims a huge image is refused from its header, before any pixel is
 /// decoded: these used to allocate gigabytes (a 634-byte JPEG claiming 20000², a 1 × 200000
 /// strip resized to 224 × 44.8 M).
@@ -167,10 +130,10 @@ fn images_too_large_for_their_file_are_refused_from_the_header() {
         e.contains("bomb.jpg") && e.contains("20000x20000") && e.contains("pixels"),
         "{e}"
     );
-    assert_eq!(crc32(b"123456789"), 0xcbf4_3926, "the PNG CRC");
+    assert_eq!(common::crc32(b"123456789"), 0xcbf4_3926, "the PNG CRC");
     for (w, h, why) in [(20000, 20000, "pixels"), (1, 200_000, "elongated")] {
         let p = dir.join(format!("claim-{w}x{h}.png"));
-        std::fs::write(&p, png_header(w, h)).unwrap();
+        std::fs::write(&p, common::png_header(w, h)).unwrap();
         let e = load_rgb(&p).unwrap_err().to_string();
         assert!(e.contains(&format!("{w}x{h}")) && e.contains(why), "{e}");
     }

@@ -10,6 +10,7 @@ mod embed;
 mod eval;
 mod itm;
 mod retrieve;
+mod serve;
 mod train;
 mod zeroshot;
 
@@ -57,6 +58,9 @@ enum Command {
     /// The images that best match a text: by cosine (CLIP) or ITC, optionally reranked by ITM
     /// (Q-Former).
     Retrieve(retrieve::Args),
+    /// An HTTP API over a model directory: embeddings (also OpenAI's), zero-shot, rerank,
+    /// ITM and captions, with dynamic batching, limits and metrics.
+    Serve(serve::Args),
     /// Speed of the reference workloads.
     Bench(bench::Args),
     /// Write an open_clip ViT checkpoint as a transformers CLIPModel directory.
@@ -76,5 +80,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Itm(a) => itm::run(a),
         Command::Caption(a) => caption::run(a),
         Command::Retrieve(a) => retrieve::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }

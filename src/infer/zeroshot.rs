@@ -76,3 +76,37 @@ pub fn classify(
         })
         .collect())
 }
+
+/// Zero-shot ranking of one image embedding over labels from their prompts' embeddings already
+/// computed (`prompts`: `per_label` consecutive rows per label), as [`classify`] computes it:
+/// class = normalised mean of its prompts, logit = `scale` · cosine, probability = softmax.
+/// Returns `(label index, prob, logit)`, most probable first.
+pub fn rank_rows(
+    image: &[f32],
+    prompts: &[Vec<f32>],
+    per_label: usize,
+    scale: f32,
+) -> Result<Vec<(usize, f32, f32)>> {
+    let dim = image.len();
+    if per_label == 0 || prompts.is_empty() || !prompts.len().is_multiple_of(per_label) {
+        return Err(Error::input(
+            "zero-shot needs the same prompts for every label",
+        ));
+    }
+    let dev = candle_core::Device::Cpu;
+    let flat: Vec<f32> = prompts.iter().flatten().copied().collect();
+    let labels = prompts.len() / per_label;
+    let t = Tensor::from_vec(flat, (labels, per_label, dim), &dev)?;
+    let classes = l2_normalize(&t.mean(1)?)?;
+    let img = Tensor::from_vec(image.to_vec(), (1, dim), &dev)?;
+    let logits = (img.matmul(&classes.t()?)? * scale as f64)?;
+    crate::nn::ops::ensure_finite(&logits, "zero-shot logits")?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?
+        .squeeze(0)?
+        .to_vec1::<f32>()?;
+    let logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+    Ok(super::rank::topk(&probs, labels)
+        .into_iter()
+        .map(|i| (i, probs[i], logits[i]))
+        .collect())
+}
