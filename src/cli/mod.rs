@@ -8,6 +8,7 @@ mod demo;
 mod device;
 mod embed;
 mod eval;
+mod index;
 mod itm;
 mod retrieve;
 mod serve;
@@ -61,6 +62,11 @@ enum Command {
     /// An HTTP API over a model directory: embeddings (also OpenAI's), zero-shot, rerank,
     /// ITM and captions, with dynamic batching, limits and metrics.
     Serve(serve::Args),
+    /// Image-search indexes.
+    #[command(subcommand)]
+    Index(index::Command),
+    /// The indexed images that best match a text (or an image), by CLIP cosine.
+    Search(index::SearchArgs),
     /// Speed of the reference workloads.
     Bench(bench::Args),
     /// Write an open_clip ViT checkpoint as a transformers CLIPModel directory.
@@ -81,5 +87,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Caption(a) => caption::run(a),
         Command::Retrieve(a) => retrieve::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Index(c) => index::run(c),
+        Command::Search(a) => index::search(a),
     }
 }

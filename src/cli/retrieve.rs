@@ -3,9 +3,9 @@
 //! by ITC (cosine maximised over queries) or with ITC's top candidates reranked by ITM + ITC
 //! (LAVIS's `compute_sim_matrix`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::json;
 use vlalign::data::image::load_rgb;
 use vlalign::data::manifest;
@@ -44,31 +44,11 @@ pub struct Args {
     device: DeviceOpt,
 }
 
-fn image_paths(src: &Path) -> Result<Vec<PathBuf>> {
-    if src.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(src)
-            .with_context(|| format!("cannot read {}", src.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                    ["png", "jpg", "jpeg", "webp"].contains(&e.to_lowercase().as_str())
-                })
-            })
-            .collect();
-        v.sort();
-        return Ok(v);
-    }
-    if src.is_file() {
-        return Ok(manifest::read(src)?.into_iter().map(|e| e.image).collect());
-    }
-    bail!("--images {}: no such directory or manifest", src.display())
-}
-
 pub fn run(a: Args) -> Result<()> {
     if a.query.trim().is_empty() {
         bail!("--query is empty");
     }
-    let paths = image_paths(&a.images)?;
+    let paths = manifest::image_list(&a.images)?;
     if paths.is_empty() {
         bail!("--images {}: no images found", a.images.display());
     }

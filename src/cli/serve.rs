@@ -14,6 +14,9 @@ pub struct Args {
     /// Model directory (CLIP or BLIP-2 Q-Former; either CLIP layout).
     #[arg(long)]
     model: PathBuf,
+    /// An image-search index (`vlalign index build`) for `POST /search` and the page at `/`.
+    #[arg(long)]
+    index: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port (printed on the first line).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
@@ -74,6 +77,7 @@ pub fn run(a: Args) -> Result<()> {
         addr: a.addr,
         device: a.device.resolve()?,
         limits,
+        index: a.index,
     };
     vlalign::serve::run(opts, |addr| {
         println!("listening on http://{addr}");

@@ -165,6 +165,35 @@ pub fn write_jsonl(path: &Path, root: &Path, entries: &[Entry]) -> Result<()> {
     w.finish()
 }
 
+/// The image files of `src`: a directory's `.png`/`.jpg`/`.jpeg`/`.webp` files (sorted by
+/// name, not recursive), or the `image` column of a manifest.
+pub fn image_list(src: &Path) -> Result<Vec<PathBuf>> {
+    if src.is_dir() {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
+            let p = e.map_err(|e| Error::io(src, e))?.path();
+            let ext = p
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_lowercase);
+            if p.is_file()
+                && ext.is_some_and(|e| ["png", "jpg", "jpeg", "webp"].contains(&e.as_str()))
+            {
+                v.push(p);
+            }
+        }
+        v.sort();
+        return Ok(v);
+    }
+    if src.is_file() {
+        return Ok(read(src)?.into_iter().map(|e| e.image).collect());
+    }
+    Err(Error::input(format!(
+        "{}: no such directory or manifest",
+        src.display()
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

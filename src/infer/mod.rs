@@ -6,6 +6,7 @@
 pub mod clip;
 pub mod convert;
 pub mod generate;
+pub mod index;
 pub mod qformer;
 pub mod rank;
 pub mod zeroshot;

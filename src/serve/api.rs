@@ -34,6 +34,8 @@ pub struct Loaded {
     /// exp(logit_scale) of a CLIP, for zero-shot logits.
     pub logit_scale: f32,
     pub queue: Queue,
+    /// The image-search index, when `--index` was given.
+    pub index: Option<Arc<crate::infer::index::Index>>,
 }
 
 /// Shared by every handler.
@@ -46,7 +48,7 @@ pub struct AppState {
 pub type Shared = Arc<AppState>;
 
 impl AppState {
-    fn model(&self) -> Result<Arc<Loaded>, ApiError> {
+    pub(super) fn model(&self) -> Result<Arc<Loaded>, ApiError> {
         self.loaded
             .get()
             .cloned()
@@ -83,7 +85,7 @@ impl Loaded {
 
     /// Embeddings of texts (tokenised on the blocking pool, embedded through the queue), and
     /// their token count.
-    async fn embed_texts(
+    pub(super) async fn embed_texts(
         &self,
         texts: Vec<String>,
         limits: &Limits,
@@ -97,7 +99,10 @@ impl Loaded {
     }
 
     /// Embeddings of base64 images (decoded on the blocking pool, embedded through the queue).
-    async fn embed_images(&self, images: Vec<String>) -> Result<Vec<Vec<f32>>, ApiError> {
+    pub(super) async fn embed_images(
+        &self,
+        images: Vec<String>,
+    ) -> Result<Vec<Vec<f32>>, ApiError> {
         if images.is_empty() {
             return Ok(Vec::new());
         }

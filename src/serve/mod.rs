@@ -10,6 +10,7 @@ pub mod error;
 pub mod input;
 pub mod limits;
 pub mod metrics;
+pub mod search;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ pub struct ServeOptions {
     pub addr: SocketAddr,
     pub device: Device,
     pub limits: Limits,
+    /// An image-search index (`vlalign index build`) for `/search` and the search page.
+    pub index: Option<PathBuf>,
 }
 
 /// The app over `state`: every endpoint, the body limit, request metrics, the JSON 404.
@@ -49,6 +52,9 @@ pub fn router(state: Shared) -> Router {
         .route("/rerank", post(api::rerank))
         .route("/itm", post(api::itm))
         .route("/caption", post(api::caption))
+        .route("/search", post(search::search))
+        .route("/images/{i}", get(search::image))
+        .route("/", get(search::page))
         .fallback(api::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
@@ -85,7 +91,37 @@ fn load(opts: &ServeOptions, s: &AppState) -> Result<Loaded> {
             1.0,
         ),
     };
+    let index = match &opts.index {
+        None => None,
+        Some(dir) => {
+            if kind != "clip" {
+                return Err(Error::input(format!(
+                    "--index {}: search needs a CLIP model",
+                    dir.display()
+                )));
+            }
+            let ix = crate::infer::index::Index::load(dir, &opts.device)?;
+            if ix.dim() != dim {
+                return Err(Error::input(format!(
+                    "--index {} holds {}-wide embeddings (from {}); the model gives {dim}",
+                    dir.display(),
+                    ix.dim(),
+                    ix.model.display()
+                )));
+            }
+            if ix.model != opts.model {
+                tracing::warn!(
+                    "--index {} was built with {}; serving it with {}",
+                    dir.display(),
+                    ix.model.display(),
+                    opts.model.display()
+                );
+            }
+            Some(Arc::new(ix))
+        }
+    };
     Ok(Loaded {
+        index,
         kind,
         model: opts.model.display().to_string(),
         tokenizer,

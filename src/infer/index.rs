@@ -1,0 +1,207 @@
+//! An image-search index: the L2-normalised CLIP embeddings of a collection of image files,
+//! with their paths, searched exactly (a matrix product and a top-k). On disk a directory,
+//! written atomically: `index.json` (format, model, dim, the paths) and `embeddings.safetensors`
+//! (one `[N, dim]` float32 tensor). Building again over an existing index embeds only the new
+//! paths.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::clip::{ClipPipeline, BATCH};
+use crate::data::image::load_rgb;
+use crate::error::{Error, Result};
+use crate::nn::ops::ensure_finite;
+
+const FORMAT: &str = "vlalign-index-1";
+const META: &str = "index.json";
+const EMBEDDINGS: &str = "embeddings.safetensors";
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    format: String,
+    /// The model directory the embeddings come from.
+    model: PathBuf,
+    dim: usize,
+    paths: Vec<PathBuf>,
+}
+
+/// A loaded index.
+pub struct Index {
+    pub model: PathBuf,
+    pub paths: Vec<PathBuf>,
+    /// `[N, dim]`, rows L2-normalised.
+    pub embeddings: Tensor,
+}
+
+/// What a build did.
+pub struct Built {
+    pub index: Index,
+    pub added: usize,
+    /// Files that could not be read or decoded, with why (left out, not fatal).
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+impl Index {
+    pub fn dim(&self) -> usize {
+        self.embeddings.dims().get(1).copied().unwrap_or(0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.paths.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.paths.is_empty()
+    }
+
+    /// Reads an index directory, checking that its parts agree and its embeddings are finite.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let meta_path = dir.join(META);
+        if !meta_path.is_file() {
+            return Err(Error::input(format!(
+                "{} is not an index (no {META}); make one with `vlalign index build`",
+                dir.display()
+            )));
+        }
+        let meta: Meta = crate::io::read_json(&meta_path)?;
+        if meta.format != FORMAT {
+            return Err(Error::config(
+                &meta_path,
+                format!("format {:?}; this vlalign reads {FORMAT:?}", meta.format),
+            ));
+        }
+        let emb_path = dir.join(EMBEDDINGS);
+        let bad = |m: String| Error::weights(&emb_path, m);
+        let mut tensors =
+            candle_core::safetensors::load(&emb_path, device).map_err(|e| bad(e.to_string()))?;
+        let embeddings = tensors
+            .remove("embeddings")
+            .ok_or_else(|| bad("no `embeddings` tensor".into()))?
+            .to_dtype(DType::F32)?;
+        if embeddings.dims() != [meta.paths.len(), meta.dim] {
+            return Err(bad(format!(
+                "embeddings {:?}, but {META} lists {} paths of dim {}",
+                embeddings.dims(),
+                meta.paths.len(),
+                meta.dim
+            )));
+        }
+        ensure_finite(&embeddings, &format!("{}", emb_path.display()))?;
+        Ok(Self {
+            model: meta.model,
+            paths: meta.paths,
+            embeddings,
+        })
+    }
+
+    /// Writes the index into `dir` (atomically, replacing an older one).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let meta = Meta {
+            format: FORMAT.into(),
+            model: self.model.clone(),
+            dim: self.dim(),
+            paths: self.paths.clone(),
+        };
+        let value = serde_json::to_value(&meta).expect("index meta serialises");
+        crate::io::write_dir_atomic(dir, |tmp| {
+            crate::io::write_json(&tmp.join(META), &value)?;
+            let path = tmp.join(EMBEDDINGS);
+            candle_core::safetensors::save(
+                &std::collections::HashMap::from([(
+                    "embeddings".to_string(),
+                    self.embeddings.clone(),
+                )]),
+                &path,
+            )
+            .map_err(|e| Error::weights(&path, e.to_string()))
+        })
+    }
+
+    /// Embeds `paths` with `p` (the model directory `model`) into a new index, or adds those
+    /// not yet in `existing` (which must come from the same model). `progress` is called with
+    /// the number of files done.
+    pub fn build(
+        p: &ClipPipeline,
+        model: &Path,
+        paths: &[PathBuf],
+        existing: Option<Index>,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Built> {
+        let dim = p.model.config.projection_dim;
+        let (mut all_paths, mut rows) = match existing {
+            Some(ix) => {
+                if ix.dim() != dim {
+                    return Err(Error::input(format!(
+                        "the index holds {}-wide embeddings (from {}); {} gives {dim}",
+                        ix.dim(),
+                        ix.model.display(),
+                        model.display()
+                    )));
+                }
+                (ix.paths, vec![ix.embeddings])
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        let known: HashSet<PathBuf> = all_paths.iter().cloned().collect();
+        let new: Vec<&PathBuf> = paths.iter().filter(|q| !known.contains(*q)).collect();
+        let mut skipped = Vec::new();
+        let mut added = 0;
+        for (i, chunk) in new.chunks(BATCH).enumerate() {
+            let mut images = Vec::with_capacity(chunk.len());
+            for path in chunk {
+                match load_rgb(path) {
+                    Ok(img) => images.push(((*path).clone(), img)),
+                    Err(e) => {
+                        tracing::warn!("skipped: {e}");
+                        skipped.push(((*path).clone(), e.to_string()));
+                    }
+                }
+            }
+            if !images.is_empty() {
+                let rgb: Vec<_> = images.iter().map(|(_, img)| img.clone()).collect();
+                rows.push(p.embed_rgb(&rgb)?);
+                added += images.len();
+                all_paths.extend(images.into_iter().map(|(path, _)| path));
+            }
+            progress((i * BATCH + chunk.len()).min(new.len()));
+        }
+        let embeddings = if rows.is_empty() {
+            Tensor::zeros((0, dim), DType::F32, &p.device)?
+        } else {
+            Tensor::cat(&rows, 0)?
+        };
+        Ok(Built {
+            index: Index {
+                model: model.to_path_buf(),
+                paths: all_paths,
+                embeddings,
+            },
+            added,
+            skipped,
+        })
+    }
+
+    /// The `top` entries most similar to the normalised `query` (`[dim]`), best first, as
+    /// (entry, cosine).
+    pub fn search(&self, query: &[f32], top: usize) -> Result<Vec<(usize, f32)>> {
+        if query.len() != self.dim() {
+            return Err(Error::input(format!(
+                "query of dim {}; the index holds dim {}",
+                query.len(),
+                self.dim()
+            )));
+        }
+        if self.is_empty() {
+            return Ok(Vec::new());
+        }
+        let q = Tensor::from_vec(query.to_vec(), (self.dim(), 1), self.embeddings.device())?;
+        let scores: Vec<f32> = self.embeddings.matmul(&q)?.squeeze(1)?.to_vec1()?;
+        Ok(super::rank::topk(&scores, top.min(scores.len()))
+            .into_iter()
+            .map(|i| (i, scores[i]))
+            .collect())
+    }
+}
