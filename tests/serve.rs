@@ -468,3 +468,32 @@ fn memory_is_flat_and_sigterm_is_graceful() {
     let code = srv.child.wait().unwrap();
     assert!(code.success(), "exit {code:?}");
 }
+
+/// `vlalign bench --suite serve` measures every setting (12 rows: text and image, batching on
+/// and off, 1/8/32 clients) and every request it sends is answered.
+#[test]
+fn the_serve_benchmark_runs() {
+    let model = fixture("open-clip-a");
+    let image = fixture("images/tiny.png");
+    let out = common::json(&vlalign(&[
+        "bench",
+        "--suite",
+        "serve",
+        "--model",
+        &model.display().to_string(),
+        "--image",
+        &image.display().to_string(),
+        "--requests",
+        "32",
+        "--json",
+    ]));
+    let rows = out["serve"].as_array().unwrap();
+    assert_eq!(rows.len(), 12);
+    for r in rows {
+        assert!(r["requests_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(
+            r["p99_ms"].as_f64().unwrap() >= r["p50_ms"].as_f64().unwrap(),
+            "{r}"
+        );
+    }
+}

@@ -13,6 +13,9 @@ enum Suite {
     /// ViT-B/32 CLIP training (AdamW, text context 77) and image embedding at --batch: the GPU
     /// workload of tools/device-check.sh.
     VitB32,
+    /// `vlalign serve` over loopback: requests/s and p50/p99 latency at 1, 8 and 32 clients,
+    /// batching on and off, one text or one image (--image) per request, on --model.
+    Serve,
     /// No timing: the fused kernels (LayerNorm, softmax, GELUs, bias) against candle's
     /// compositions on --device, values and gradients (relative max differences).
     Kernels,
@@ -29,6 +32,15 @@ pub struct Args {
     /// Batch size of the vit-b32 suite.
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// Model directory of the serve suite.
+    #[arg(long, default_value = "runs/demo/model")]
+    model: std::path::PathBuf,
+    /// Image sent by the serve suite's image workload.
+    #[arg(long, default_value = "tests/fixtures/images/astronaut.jpg")]
+    image: std::path::PathBuf,
+    /// Requests per setting of the serve suite (spread over the clients).
+    #[arg(long, default_value_t = 256)]
+    requests: usize,
     /// End with one JSON object: {"train_step_ms", "vit_b32_batch8_ms", ...} (medians).
     #[arg(long)]
     json: bool,
@@ -38,6 +50,30 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let device = a.device.resolve()?;
+    if a.suite == Suite::Serve {
+        if !(1..=100_000).contains(&a.requests) {
+            bail!("--requests must be between 1 and 100000");
+        }
+        let rows = vlalign::apps::serve_bench::run(&a.model, &a.image, a.requests)?;
+        if a.json {
+            println!("{}", serde_json::json!({"serve": rows}));
+        } else {
+            println!("| workload | batching | clients | requests/s | p50 ms | p99 ms |");
+            println!("|---|---|---|---|---|---|");
+            for r in rows {
+                println!(
+                    "| {} | {} | {} | {:.1} | {:.1} | {:.1} |",
+                    r.workload,
+                    if r.batching { "on" } else { "off" },
+                    r.clients,
+                    r.requests_per_s,
+                    r.p50_ms,
+                    r.p99_ms
+                );
+            }
+        }
+        return Ok(());
+    }
     if a.suite == Suite::Kernels {
         let r = vlalign::nn::fused::check_against_compositions(&device, (64, 77, 768))?;
         if a.json {

@@ -293,3 +293,27 @@ fn embed_texts(p: &ClipPipeline, all: &[&Vec<u32>], limits: &Limits, metrics: &M
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full queue refuses at once with 429 (never blocks the handler), and the gauge counts
+    /// only what is waiting.
+    #[test]
+    fn a_full_queue_is_a_429() {
+        let (tx, _rx) = sync_channel(2);
+        let metrics = Arc::new(Metrics::default());
+        let q = Queue {
+            tx,
+            capacity: 2,
+            metrics: metrics.clone(),
+        };
+        let job = || Kind::Run(Box::new(|_| {}));
+        assert!(q.push(job()).is_ok());
+        assert!(q.push(job()).is_ok());
+        let e = q.push(job()).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.kind), (429, "overloaded"));
+        assert_eq!(metrics.queue_size.load(Ordering::Relaxed), 2);
+    }
+}
