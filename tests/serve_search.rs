@@ -150,6 +150,45 @@ fn index_build_search_and_serve() {
     ]));
     assert_eq!(by_image["results"][0]["path"].as_str().unwrap(), s(&me));
     assert!((by_image["results"][0]["score"].as_f64().unwrap() - 1.0).abs() <= 1e-5);
+    // The approximate graph finds the same top 5 here (5 entries, ef 64); a graph file changed
+    // after it was written is refused by its checksum.
+    let approx = root.join("ix-approx");
+    let built = json(&vlalign(&[
+        "index",
+        "build",
+        "--model",
+        &s(&model),
+        "--images",
+        &s(&dir),
+        "--out",
+        &s(&approx),
+        "--approx",
+        "--json",
+    ]));
+    assert_eq!(built["count"].as_u64(), Some(5));
+    assert!(approx.join("hnsw.hnsw.graph").is_file());
+    let by_graph = json(&vlalign(&[
+        "search",
+        "--index",
+        &s(&approx),
+        "--query",
+        query,
+        "--top",
+        "5",
+        "--json",
+    ]));
+    for (g, w) in by_graph["results"].as_array().unwrap().iter().zip(results) {
+        assert_eq!(g["path"], w["path"]);
+        assert!((g["score"].as_f64().unwrap() - w["score"].as_f64().unwrap()).abs() <= 1e-5);
+    }
+    let graph = approx.join("hnsw.hnsw.graph");
+    let mut bytes = std::fs::read(&graph).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&graph, bytes).unwrap();
+    let o = vlalign(&["search", "--index", &s(&approx), "--query", query]);
+    common::assert_user_error(&o, "CRC-32");
+
     let o = vlalign(&["search", "--index", &s(&root.join("none")), "--query", "x"]);
     common::assert_user_error(&o, "not an index");
 
@@ -221,4 +260,34 @@ fn the_search_page_finds_the_expected_image_in_chromium() {
     assert!(dom.contains("5 results in"), "{dom}");
     let shown = dom.matches("class=\"result\"").count();
     assert_eq!(shown, 5);
+}
+
+/// `vlalign bench --suite ann` measures recall@10 and both speeds on synthetic embeddings.
+#[test]
+fn the_ann_benchmark_runs() {
+    let out = json(&vlalign(&[
+        "bench",
+        "--suite",
+        "ann",
+        "--sizes",
+        "300",
+        "--dim",
+        "32",
+        "--queries",
+        "20",
+        "--json",
+    ]));
+    let rows = out["ann"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        let recall = r["recall_at_10"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&recall), "{r}");
+        assert!(r["hnsw_queries_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // The widest candidate list finds (nearly) the exact top 10 of 300.
+    assert!(
+        rows[2]["recall_at_10"].as_f64().unwrap() >= 0.9,
+        "{}",
+        rows[2]
+    );
 }

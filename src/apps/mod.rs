@@ -2,6 +2,7 @@
 //! the built-in shapes data, and the benchmark of the reference workloads. The CLI calls these
 //! and prints their reports.
 
+pub mod ann_bench;
 pub mod bench;
 pub mod demo;
 pub mod serve_bench;

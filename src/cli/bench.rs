@@ -16,6 +16,9 @@ enum Suite {
     /// `vlalign serve` over loopback: requests/s and p50/p99 latency at 1, 8 and 32 clients,
     /// batching on and off, one text or one image (--image) per request, on --model.
     Serve,
+    /// The image-search index on synthetic clustered embeddings (--sizes, --dim): HNSW build
+    /// time, recall@10 against the exact top 10, queries/s of the exact scan and of the graph.
+    Ann,
     /// No timing: the fused kernels (LayerNorm, softmax, GELUs, bias) against candle's
     /// compositions on --device, values and gradients (relative max differences).
     Kernels,
@@ -41,6 +44,15 @@ pub struct Args {
     /// Requests per setting of the serve suite (spread over the clients).
     #[arg(long, default_value_t = 256)]
     requests: usize,
+    /// Collection sizes of the ann suite.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+    sizes: Vec<usize>,
+    /// Embedding width of the ann suite (ViT-B/32 CLIP: 512).
+    #[arg(long, default_value_t = 512)]
+    dim: usize,
+    /// Queries per size of the ann suite.
+    #[arg(long, default_value_t = 1000)]
+    queries: usize,
     /// End with one JSON object: {"train_step_ms", "vit_b32_batch8_ms", ...} (medians).
     #[arg(long)]
     json: bool,
@@ -50,6 +62,34 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let device = a.device.resolve()?;
+    if a.suite == Suite::Ann {
+        if a.sizes.iter().any(|n| !(10..=10_000_000).contains(n))
+            || !(2..=4096).contains(&a.dim)
+            || !(1..=100_000).contains(&a.queries)
+        {
+            bail!("--sizes 10..=10000000 each, --dim 2..=4096, --queries 1..=100000");
+        }
+        let rows = vlalign::apps::ann_bench::run(&a.sizes, a.dim, a.queries)?;
+        if a.json {
+            println!("{}", serde_json::json!({"ann": rows}));
+        } else {
+            println!("| vectors | dim | HNSW build s | ef | recall@10 | exact queries/s | HNSW queries/s |");
+            println!("|---|---|---|---|---|---|---|");
+            for r in rows {
+                println!(
+                    "| {} | {} | {:.1} | {} | {:.3} | {:.0} | {:.0} |",
+                    r.vectors,
+                    r.dim,
+                    r.build_seconds,
+                    r.ef,
+                    r.recall_at_10,
+                    r.exact_queries_per_s,
+                    r.hnsw_queries_per_s
+                );
+            }
+        }
+        return Ok(());
+    }
     if a.suite == Suite::Serve {
         if !(1..=100_000).contains(&a.requests) {
             bail!("--requests must be between 1 and 100000");

@@ -31,6 +31,10 @@ pub struct BuildArgs {
     /// The index directory to write (or extend).
     #[arg(long)]
     out: PathBuf,
+    /// Also build an HNSW graph for approximate search (for large collections; an index that
+    /// has one keeps it, rebuilt, when extended).
+    #[arg(long)]
+    approx: bool,
     /// Print one JSON object: {"index", "count", "added", "skipped": [{"path", "error"}]}.
     #[arg(long)]
     json: bool,
@@ -55,10 +59,13 @@ pub fn run(c: Command) -> Result<()> {
     if a.json {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let built = Index::build(&p, &a.model, &paths, existing, |n| {
+    let mut built = Index::build(&p, &a.model, &paths, existing, |n| {
         pb.set_position(n as u64)
     })?;
     pb.finish_and_clear();
+    if a.approx && built.index.ann.is_none() {
+        built.index.build_ann()?;
+    }
     built.index.save(&a.out)?;
     if a.json {
         let skipped: Vec<_> = built
@@ -102,6 +109,12 @@ pub struct SearchArgs {
     /// How many results.
     #[arg(long, default_value_t = 5)]
     top: usize,
+    /// Scan every entry even when the index has an approximate graph.
+    #[arg(long)]
+    exact: bool,
+    /// Candidate list of the approximate search (recall against speed; at least --top).
+    #[arg(long, default_value_t = 64)]
+    ef: usize,
     /// Print one JSON object: {"query" | "image", "results": [{"path", "score"}]}.
     #[arg(long)]
     json: bool,
@@ -110,8 +123,8 @@ pub struct SearchArgs {
 }
 
 pub fn search(a: SearchArgs) -> Result<()> {
-    if a.top == 0 {
-        bail!("--top must be at least 1");
+    if a.top == 0 || a.ef == 0 {
+        bail!("--top and --ef must be at least 1");
     }
     let device = a.device.resolve()?;
     let index = Index::load(&a.index, &device)?;
@@ -128,7 +141,11 @@ pub fn search(a: SearchArgs) -> Result<()> {
         (None, None) => bail!("give --query or --image"),
     };
     let q: Vec<f32> = q.squeeze(0)?.to_vec1()?;
-    let hits = index.search(&q, a.top)?;
+    let hits = if a.exact {
+        index.search_exact(&q, a.top)?
+    } else {
+        index.search(&q, a.top, a.ef)?
+    };
     if a.json {
         let results: Vec<_> = hits
             .iter()

@@ -2,7 +2,7 @@
 //! with their paths, searched exactly (a matrix product and a top-k). On disk a directory,
 //! written atomically: `index.json` (format, model, dim, the paths) and `embeddings.safetensors`
 //! (one `[N, dim]` float32 tensor). Building again over an existing index embeds only the new
-//! paths.
+//! paths. Large collections add an approximate HNSW graph (`ann`), saved beside.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::ann::{Ann, AnnMeta};
 use super::clip::{ClipPipeline, BATCH};
 use crate::data::image::load_rgb;
 use crate::error::{Error, Result};
@@ -26,6 +27,9 @@ struct Meta {
     model: PathBuf,
     dim: usize,
     paths: Vec<PathBuf>,
+    /// The approximate graph saved beside the embeddings, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ann: Option<AnnMeta>,
 }
 
 /// A loaded index.
@@ -34,6 +38,8 @@ pub struct Index {
     pub paths: Vec<PathBuf>,
     /// `[N, dim]`, rows L2-normalised.
     pub embeddings: Tensor,
+    /// An HNSW graph over the same rows for approximate search (`index build --approx`).
+    pub ann: Option<Ann>,
 }
 
 /// What a build did.
@@ -90,23 +96,40 @@ impl Index {
             )));
         }
         ensure_finite(&embeddings, &format!("{}", emb_path.display()))?;
+        let ann = match &meta.ann {
+            Some(a) => Some(Ann::load(dir, a, meta.paths.len())?),
+            None => None,
+        };
         Ok(Self {
             model: meta.model,
             paths: meta.paths,
             embeddings,
+            ann,
         })
+    }
+
+    /// Builds (or rebuilds, after entries were added) the approximate graph over every row.
+    pub fn build_ann(&mut self) -> Result<()> {
+        let rows: Vec<Vec<f32>> = self.embeddings.to_vec2()?;
+        self.ann = Some(Ann::build(&rows));
+        Ok(())
     }
 
     /// Writes the index into `dir` (atomically, replacing an older one).
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let meta = Meta {
-            format: FORMAT.into(),
-            model: self.model.clone(),
-            dim: self.dim(),
-            paths: self.paths.clone(),
-        };
-        let value = serde_json::to_value(&meta).expect("index meta serialises");
         crate::io::write_dir_atomic(dir, |tmp| {
+            let ann = match &self.ann {
+                Some(a) => Some(a.save(tmp)?),
+                None => None,
+            };
+            let meta = Meta {
+                format: FORMAT.into(),
+                model: self.model.clone(),
+                dim: self.dim(),
+                paths: self.paths.clone(),
+                ann,
+            };
+            let value = serde_json::to_value(&meta).expect("index meta serialises");
             crate::io::write_json(&tmp.join(META), &value)?;
             let path = tmp.join(EMBEDDINGS);
             candle_core::safetensors::save(
@@ -131,6 +154,7 @@ impl Index {
         mut progress: impl FnMut(usize),
     ) -> Result<Built> {
         let dim = p.model.config.projection_dim;
+        let approx = existing.as_ref().is_some_and(|ix| ix.ann.is_some());
         let (mut all_paths, mut rows) = match existing {
             Some(ix) => {
                 if ix.dim() != dim {
@@ -173,20 +197,36 @@ impl Index {
         } else {
             Tensor::cat(&rows, 0)?
         };
+        let mut index = Index {
+            model: model.to_path_buf(),
+            paths: all_paths,
+            embeddings,
+            ann: None,
+        };
+        if approx {
+            index.build_ann()?;
+        }
         Ok(Built {
-            index: Index {
-                model: model.to_path_buf(),
-                paths: all_paths,
-                embeddings,
-            },
+            index,
             added,
             skipped,
         })
     }
 
     /// The `top` entries most similar to the normalised `query` (`[dim]`), best first, as
-    /// (entry, cosine).
-    pub fn search(&self, query: &[f32], top: usize) -> Result<Vec<(usize, f32)>> {
+    /// (entry, cosine): through the approximate graph when the index has one (`ef` its
+    /// candidate list), else exactly.
+    pub fn search(&self, query: &[f32], top: usize, ef: usize) -> Result<Vec<(usize, f32)>> {
+        match &self.ann {
+            Some(ann) => {
+                self.check_query(query)?;
+                Ok(ann.search(query, top.min(self.len()), ef))
+            }
+            None => self.search_exact(query, top),
+        }
+    }
+
+    fn check_query(&self, query: &[f32]) -> Result<()> {
         if query.len() != self.dim() {
             return Err(Error::input(format!(
                 "query of dim {}; the index holds dim {}",
@@ -194,6 +234,12 @@ impl Index {
                 self.dim()
             )));
         }
+        Ok(())
+    }
+
+    /// [`Index::search`] by a full scan: every cosine, the exact top-k.
+    pub fn search_exact(&self, query: &[f32], top: usize) -> Result<Vec<(usize, f32)>> {
+        self.check_query(query)?;
         if self.is_empty() {
             return Ok(Vec::new());
         }

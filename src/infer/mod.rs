@@ -3,6 +3,7 @@
 //! reranked retrieval, captions. Imports models, data, objectives, nn and io; never train, eval,
 //! apps or the CLI.
 
+pub mod ann;
 pub mod clip;
 pub mod convert;
 pub mod generate;

@@ -13,6 +13,10 @@ use super::api::Shared;
 use super::error::ApiError;
 use super::input::{check_texts, ApiJson};
 
+/// The approximate search's default candidate list, and its bound.
+pub const DEFAULT_EF: usize = 64;
+const MAX_EF: usize = 10_000;
+
 /// The search page (served as is).
 const PAGE: &str = include_str!("search.html");
 
@@ -25,9 +29,15 @@ pub struct SearchRequest {
     image: Option<String>,
     #[serde(default)]
     top: Option<usize>,
+    /// Scan every entry even when the index has an approximate graph.
+    #[serde(default)]
+    exact: bool,
+    /// The approximate search's candidate list (default 64; at least `top`).
+    #[serde(default)]
+    ef: Option<usize>,
 }
 
-/// `POST /search` `{"query" | "image", "top"?}` → `{"results": [{"index", "path", "score"}]}`.
+/// `POST /search` `{"query" | "image", "top"?, "exact"?, "ef"?}` → `{"results": [{"index", "path", "score"}]}`.
 pub async fn search(
     State(s): State<Shared>,
     ApiJson(r): ApiJson<SearchRequest>,
@@ -55,7 +65,17 @@ pub async fn search(
         (None, Some(img)) => m.embed_images(vec![img]).await?,
         _ => return Err(ApiError::invalid("give exactly one of query and image")),
     };
-    let hits = index.search(&q[0], top)?;
+    let ef = r.ef.unwrap_or(DEFAULT_EF);
+    if ef == 0 || ef > MAX_EF {
+        return Err(ApiError::invalid(format!(
+            "ef ({ef}) must be between 1 and {MAX_EF}"
+        )));
+    }
+    let hits = if r.exact {
+        index.search_exact(&q[0], top)?
+    } else {
+        index.search(&q[0], top, ef)?
+    };
     Ok(Json(json!({
         "results": hits.iter().map(|(i, score)| json!({
             "index": i,
