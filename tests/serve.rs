@@ -422,7 +422,8 @@ fn concurrent_clients_get_their_own_answers() {
     assert!(m.contains("vlalign_requests_total{endpoint=\"/embed\",status=\"200\"} 642"));
 }
 
-/// Memory is flat across 1,000 requests (after 100 to warm up), and SIGTERM lets the request in
+/// Memory is flat across 1,000 requests (after 100 to warm up; within 5 MB of page noise — it
+/// grew ~10 MB while each request cloned the megabytes of the tokenizer's tables), and SIGTERM lets the request in
 /// flight finish before the process exits cleanly.
 #[test]
 fn memory_is_flat_and_sigterm_is_graceful() {
@@ -438,7 +439,7 @@ fn memory_is_flat_and_sigterm_is_graceful() {
     }
     let after = srv.rss_kb();
     println!("RSS after 100 requests {warm} kB, after 1,100 {after} kB");
-    assert!(after < warm + 20_000, "grew from {warm} to {after} kB");
+    assert!(after < warm + 5_000, "grew from {warm} to {after} kB");
 
     // A request in flight when SIGTERM arrives (half its body sent) still gets its answer.
     let mut conn = TcpStream::connect(&srv.addr).unwrap();
@@ -496,4 +497,66 @@ fn the_serve_benchmark_runs() {
             "{r}"
         );
     }
+}
+
+/// `/caption` on a Q-Former with an ITG head (two training steps on shapes) gives the caption
+/// and score `vlalign caption --json` prints, greedy and by beam search.
+#[test]
+fn caption_matches_the_cli() {
+    let dir = common::scratch("serve-caption");
+    let cfg = dir.join("q.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[qformer]\nvision_model = {:?}\nhidden_size = 32\nnum_hidden_layers = 2\n\
+             num_attention_heads = 4\nintermediate_size = 64\ncross_attention_frequency = 1\n\
+             num_query_tokens = 4\nembed_dim = 16\nmax_text_len = 24\ntokenizer = \"shapes\"\n\
+             [data]\nsource = \"shapes\"\n[train]\nsteps = 2\nbatch_size = 4\nlr = 1e-3\n\
+             warmup_steps = 1\nweight_decay = 0.05\nseed = 1\ncheckpoint_every = 2\n",
+            fixture("clip-a").display().to_string()
+        ),
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let trained = common::json(&vlalign(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--json",
+    ]));
+    let model = std::path::PathBuf::from(trained["model_dir"].as_str().unwrap());
+    let img = fixture("images/tiny.png");
+    let srv = Server::start(&model, &[]);
+    for beams in ["1", "3"] {
+        let cli = common::json(&vlalign(&[
+            "caption",
+            "--model",
+            &model.display().to_string(),
+            "--image",
+            &img.display().to_string(),
+            "--beams",
+            beams,
+            "--max-len",
+            "6",
+            "--json",
+        ]));
+        let want = &cli["captions"][0];
+        let (status, got) = srv.post(
+            "/caption",
+            &json!({"image": b64(&img), "beams": beams.parse::<u64>().unwrap(), "max_new_tokens": 6}),
+        );
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["caption"], want["caption"], "beams {beams}");
+        let d = (got["score"].as_f64().unwrap() - want["score"].as_f64().unwrap()).abs();
+        assert!(d <= 1e-5, "beams {beams}: {got} vs {want}");
+    }
+    let (status, e) = srv.post("/caption", &json!({"image": b64(&img), "prompt": "a"}));
+    assert_eq!(
+        (status, e["error_type"].as_str()),
+        (422, Some("validation"))
+    );
+    let (status, _) = srv.post("/caption", &json!({"image": b64(&img), "beams": 99}));
+    assert_eq!(status, 422);
 }

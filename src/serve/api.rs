@@ -27,8 +27,9 @@ pub struct Loaded {
     /// `"clip"` or `"qformer"`.
     pub kind: &'static str,
     pub model: String,
-    pub tokenizer: Option<TextTokenizer>,
-    pub processor: Option<ImageProcessor>,
+    /// Shared, never cloned per request (the CLIP BPE's tables are megabytes).
+    pub tokenizer: Option<Arc<TextTokenizer>>,
+    pub processor: Option<Arc<ImageProcessor>>,
     /// Embedding width (CLIP) or ITC width (Q-Former).
     pub dim: usize,
     /// exp(logit_scale) of a CLIP, for zero-shot logits.
@@ -71,13 +72,13 @@ impl Loaded {
         }
     }
 
-    fn tokenizer(&self) -> Result<TextTokenizer, ApiError> {
+    fn tokenizer(&self) -> Result<Arc<TextTokenizer>, ApiError> {
         self.tokenizer
             .clone()
             .ok_or_else(|| ApiError::invalid("this model has no text tower"))
     }
 
-    fn processor(&self) -> Result<ImageProcessor, ApiError> {
+    fn processor(&self) -> Result<Arc<ImageProcessor>, ApiError> {
         self.processor
             .clone()
             .ok_or_else(|| ApiError::invalid("this model has no image tower"))

@@ -78,8 +78,8 @@ fn load(opts: &ServeOptions, s: &AppState) -> Result<Loaded> {
     let (kind, tokenizer, processor, dim, logit_scale) = match &pipeline {
         Pipeline::Clip(p) => (
             "clip",
-            p.tokenizer.clone(),
-            p.processor.clone(),
+            p.tokenizer.clone().map(Arc::new),
+            p.processor.clone().map(Arc::new),
             p.model.config.projection_dim,
             p.model.logit_scale_exp()?,
         ),
