@@ -169,8 +169,9 @@ pub async fn embed(
     m.clip("/embed")?;
     check_count(r.texts.len() + r.images.len(), "texts + images", &s.limits)?;
     let texts = r.texts.clone();
-    let (t, _) = m.embed_texts(r.texts, &s.limits).await?;
-    let i = m.embed_images(r.images).await?;
+    // Both kinds queued at once: the model thread can take them in one batch.
+    let (t, i) = tokio::join!(m.embed_texts(r.texts, &s.limits), m.embed_images(r.images));
+    let ((t, _), i) = (t?, i?);
     Ok(Json(json!({
         "images": i.iter().map(|e| json!({"embedding": e})).collect::<Vec<_>>(),
         "texts": texts.iter().zip(&t).map(|(x, e)| json!({"text": x, "embedding": e})).collect::<Vec<_>>(),
@@ -220,12 +221,11 @@ pub async fn openai_embeddings(
             texts.push((i, x.clone()));
         }
     }
-    let (t, tokens) = m
-        .embed_texts(texts.iter().map(|(_, x)| x.clone()).collect(), &s.limits)
-        .await?;
-    let im = m
-        .embed_images(images.iter().map(|(_, x)| x.clone()).collect())
-        .await?;
+    let (t, im) = tokio::join!(
+        m.embed_texts(texts.iter().map(|(_, x)| x.clone()).collect(), &s.limits),
+        m.embed_images(images.iter().map(|(_, x)| x.clone()).collect())
+    );
+    let ((t, tokens), im) = (t?, im?);
     let mut rows: Vec<(usize, Vec<f32>)> = texts
         .iter()
         .map(|(i, _)| *i)

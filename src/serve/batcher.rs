@@ -5,6 +5,7 @@
 //! preprocessed and tokenised (the handlers do that on the blocking pool), so the model thread
 //! only runs the model. Jobs that are not embeddings (ITM, captions) run alone, in queue order.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -144,7 +145,9 @@ fn model_loop(p: Pipeline, rx: Receiver<Job>, limits: Limits, metrics: Arc<Metri
         let mut batch = match first.kind {
             Kind::Run(f) => {
                 let t0 = Instant::now();
-                f(&p);
+                // A panic inside the model drops this job's reply (the handler answers 500) and
+                // leaves the thread serving.
+                let _ = catch_unwind(AssertUnwindSafe(|| f(&p)));
                 metrics.batch(1, t0.elapsed().as_secs_f64());
                 continue;
             }
@@ -171,7 +174,7 @@ fn model_loop(p: Pipeline, rx: Receiver<Job>, limits: Limits, metrics: Arc<Metri
                 batch.push((work, reply));
             }
         }
-        run_batch(&p, batch, &limits, &metrics);
+        let _ = catch_unwind(AssertUnwindSafe(|| run_batch(&p, batch, &limits, &metrics)));
     }
 }
 
