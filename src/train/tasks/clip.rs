@@ -46,6 +46,26 @@ impl ClipTask {
     ) -> Result<Self> {
         let varmap = VarMap::new();
         let vb = crate::nn::init::seeded_var_builder(&varmap, seed, DType::F32, device);
+        let parts = TaskParts {
+            varmap,
+            frozen: HashMap::new(),
+            processor,
+            tokenizer,
+            extra_files,
+            device: device.clone(),
+        };
+        Self::assemble(config, loss, vb, parts)
+    }
+
+    /// The CLIP of `config` with its variables created through `vb` (which adds them to
+    /// `parts.varmap`): the temperature (and SigLIP's bias) at the loss's initial values unless
+    /// `vb` already has them.
+    pub(super) fn assemble(
+        config: ClipConfig,
+        loss: ContrastiveLoss,
+        vb: VarBuilder<'static>,
+        parts: TaskParts,
+    ) -> Result<Self> {
         let scale_init = match loss {
             ContrastiveLoss::InfoNce => config.logit_scale_init_value,
             ContrastiveLoss::SigLip => loss.logit_scale_init(),
@@ -56,14 +76,7 @@ impl ClipTask {
         }
         let model = Clip::new(vb, &config, ClipLayout::Full)?;
         Ok(Self {
-            parts: TaskParts {
-                varmap,
-                frozen: HashMap::new(),
-                processor,
-                tokenizer,
-                extra_files,
-                device: device.clone(),
-            },
+            parts,
             model,
             loss,
             config,

@@ -5,7 +5,10 @@
 
 use std::path::Path;
 
+use std::collections::{HashMap, HashSet};
+
 use candle_core::{DType, Device};
+use candle_nn::VarMap;
 
 use super::clip::ClipTask;
 use crate::error::{Error, Result};
@@ -13,7 +16,7 @@ use crate::infer::ClipPipeline;
 use crate::models::clip::ClipLayout;
 use crate::models::ModelDir;
 use crate::objectives::contrastive::ContrastiveLoss;
-use crate::train::task::ExtraFiles;
+use crate::train::task::{ExtraFiles, TaskParts};
 
 /// Tokenizer files beside `tokenizer.json` that travel into the fine-tuned directory when the
 /// source has them (a `vlalign train` shapes model ships its `tokenizer_config.json`).
@@ -25,8 +28,9 @@ const MAX_SIDE_FILE: u64 = 16 << 20;
 impl ClipTask {
     /// The CLIP of the model directory `dir`, its weights as the starting point. The directory
     /// is loaded as inference loads it (every tensor present, of the config's shape, finite,
-    /// none left over; the tokenizer and preprocessing it is used with), then its tensors are
-    /// copied into the trainable variables, BatchNorm running statistics included.
+    /// none left over; the tokenizer and preprocessing it is used with), then the trainable
+    /// variables start from its tensors (`nn::init::seeded_with`), BatchNorm running statistics
+    /// included.
     ///
     /// `logit_bias` follows open_clip: a SigLIP loss over a checkpoint without one starts it at
     /// SigLIP's initial value; an InfoNCE loss over a checkpoint with one leaves it untrained
@@ -49,34 +53,50 @@ impl ClipTask {
             )));
         };
         let mut stored = md.weights()?.all(DType::F32, device)?;
-        let extra = side_files(dir)?;
-        let mut task = ClipTask::new(cfg.clone(), loss, processor, tokenizer, extra, seed, device)?;
+        // Left out of the trainable variables: a SigLIP bias under the InfoNCE loss (kept and
+        // written back untrained, as open_clip keeps the unused parameter), and the
+        // non-persistent `position_ids` buffers older checkpoints carry.
+        let mut frozen = HashMap::new();
+        if loss.logit_bias_init().is_none() {
+            if let Some(bias) = stored.remove("logit_bias") {
+                frozen.insert("logit_bias".to_string(), bias);
+            }
+        }
+        stored.retain(|name, _| !name.ends_with("position_ids"));
+        let names: HashSet<String> = stored.keys().cloned().collect();
+        // The variables start from the stored tensors (the builder checks their shapes).
+        let varmap = VarMap::new();
+        let vb =
+            crate::nn::init::seeded_with(&varmap, seed, HashMap::new(), stored, DType::F32, device);
+        let parts = TaskParts {
+            varmap,
+            frozen,
+            processor,
+            tokenizer,
+            extra_files: side_files(dir)?,
+            device: device.clone(),
+        };
+        let task = ClipTask::assemble(cfg.clone(), loss, vb, parts)
+            .map_err(|e| Error::weights(dir, e.to_string()))?;
         let wrong = |m: String| Error::weights(dir, m);
-        for (name, var) in task.parts.vars() {
-            match stored.remove(&name) {
-                Some(t) => var
-                    .set(&t)
-                    .map_err(|e| wrong(format!("tensor `{name}`: {e}")))?,
-                None if name == "logit_bias" => tracing::info!(
+        let vars: HashSet<String> = task.parts.vars().into_iter().map(|(n, _)| n).collect();
+        for name in &vars {
+            if name == "logit_bias" && !names.contains(name) {
+                tracing::info!(
                     "{} has no logit_bias; the SigLIP loss starts it at {:?}",
                     dir.display(),
                     loss.logit_bias_init()
-                ),
-                None => {
-                    return Err(wrong(format!(
-                        "missing tensor `{name}` that the CLIP being fine-tuned trains"
-                    )))
-                }
-            }
-        }
-        for (name, t) in stored {
-            if name == "logit_bias" {
-                task.parts.frozen.insert(name, t);
-            } else if !name.ends_with("position_ids") {
+                );
+            } else if !names.contains(name) {
                 return Err(wrong(format!(
-                    "tensor `{name}` has no trainable variable in the CLIP being fine-tuned"
+                    "missing tensor `{name}` that the CLIP being fine-tuned trains"
                 )));
             }
+        }
+        if let Some(name) = names.iter().find(|n| !vars.contains(*n)) {
+            return Err(wrong(format!(
+                "tensor `{name}` has no trainable variable in the CLIP being fine-tuned"
+            )));
         }
         Ok(task)
     }
