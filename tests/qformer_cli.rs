@@ -108,28 +108,7 @@ fn itm_and_retrieve_match_transformers() {
 #[test]
 fn train_caption_and_eval_a_tiny_qformer() {
     let dir = scratch("qformer-cli");
-    let cfg = dir.join("q.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[qformer]\nvision_model = \"{}\"\nhidden_size = 32\nnum_hidden_layers = 2\nnum_attention_heads = 4\n\
-             intermediate_size = 64\ncross_attention_frequency = 1\nnum_query_tokens = 4\nembed_dim = 16\n\
-             max_text_len = 24\ntokenizer = \"shapes\"\n[data]\nsource = \"shapes\"\n[train]\nsteps = 2\n\
-             batch_size = 4\nlr = 1e-3\nwarmup_steps = 1\nweight_decay = 0.05\nseed = 1\ncheckpoint_every = 2\n",
-            fixture("clip-a").display()
-        ),
-    )
-    .unwrap();
-    let run = dir.join("run");
-    let out = json(&vlalign(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--json",
-    ]));
-    let model = out["model_dir"].as_str().unwrap().to_string();
+    let model = common::train_tiny_qformer(&dir).display().to_string();
     let data = dir.join("shapes");
     assert!(vlalign(&[
         "data",

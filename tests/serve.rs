@@ -504,29 +504,7 @@ fn the_serve_benchmark_runs() {
 #[test]
 fn caption_matches_the_cli() {
     let dir = common::scratch("serve-caption");
-    let cfg = dir.join("q.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[qformer]\nvision_model = {:?}\nhidden_size = 32\nnum_hidden_layers = 2\n\
-             num_attention_heads = 4\nintermediate_size = 64\ncross_attention_frequency = 1\n\
-             num_query_tokens = 4\nembed_dim = 16\nmax_text_len = 24\ntokenizer = \"shapes\"\n\
-             [data]\nsource = \"shapes\"\n[train]\nsteps = 2\nbatch_size = 4\nlr = 1e-3\n\
-             warmup_steps = 1\nweight_decay = 0.05\nseed = 1\ncheckpoint_every = 2\n",
-            fixture("clip-a").display().to_string()
-        ),
-    )
-    .unwrap();
-    let run = dir.join("run");
-    let trained = common::json(&vlalign(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--json",
-    ]));
-    let model = std::path::PathBuf::from(trained["model_dir"].as_str().unwrap());
+    let model = common::train_tiny_qformer(&dir);
     let img = fixture("images/tiny.png");
     let srv = Server::start(&model, &[]);
     for beams in ["1", "3"] {

@@ -196,3 +196,30 @@ pub fn png_header(w: u32, h: u32) -> Vec<u8> {
     }
     out
 }
+
+/// Trains a tiny Q-Former with an ITG head for 2 steps on shapes, over the clip-a fixture's
+/// vision tower, with `vlalign train` into `dir/run`; its model directory.
+pub fn train_tiny_qformer(dir: &std::path::Path) -> PathBuf {
+    let cfg = dir.join("q.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[qformer]\nvision_model = \"{}\"\nhidden_size = 32\nnum_hidden_layers = 2\nnum_attention_heads = 4\n\
+             intermediate_size = 64\ncross_attention_frequency = 1\nnum_query_tokens = 4\nembed_dim = 16\n\
+             max_text_len = 24\ntokenizer = \"shapes\"\n[data]\nsource = \"shapes\"\n[train]\nsteps = 2\n\
+             batch_size = 4\nlr = 1e-3\nwarmup_steps = 1\nweight_decay = 0.05\nseed = 1\ncheckpoint_every = 2\n",
+            fixture("clip-a").display()
+        ),
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let out = json(&vlalign(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--json",
+    ]));
+    PathBuf::from(out["model_dir"].as_str().unwrap())
+}
