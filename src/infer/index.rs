@@ -174,10 +174,13 @@ impl Index {
         let mut skipped = Vec::new();
         let mut added = 0;
         for (i, chunk) in new.chunks(BATCH).enumerate() {
-            let mut images = Vec::with_capacity(chunk.len());
+            let (mut images, mut loaded) = (Vec::with_capacity(chunk.len()), Vec::new());
             for path in chunk {
                 match load_rgb(path) {
-                    Ok(img) => images.push(((*path).clone(), img)),
+                    Ok(img) => {
+                        images.push(img);
+                        loaded.push((*path).clone());
+                    }
                     Err(e) => {
                         tracing::warn!("skipped: {e}");
                         skipped.push(((*path).clone(), e.to_string()));
@@ -185,10 +188,9 @@ impl Index {
                 }
             }
             if !images.is_empty() {
-                let rgb: Vec<_> = images.iter().map(|(_, img)| img.clone()).collect();
-                rows.push(p.embed_rgb(&rgb)?);
+                rows.push(p.embed_rgb(&images)?);
                 added += images.len();
-                all_paths.extend(images.into_iter().map(|(path, _)| path));
+                all_paths.extend(loaded);
             }
             progress((i * BATCH + chunk.len()).min(new.len()));
         }
