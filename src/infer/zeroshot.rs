@@ -51,27 +51,42 @@ pub fn classify(
     top: usize,
 ) -> Result<Vec<Vec<Prediction>>> {
     let classes = class_embeddings(p, labels, templates)?;
-    let scale = p.model.logit_scale_exp()?;
+    let ranked = rank(images, &classes, p.model.logit_scale_exp()?, top)?;
+    Ok(ranked
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|(i, prob, logit)| Prediction {
+                    label: labels[i].clone(),
+                    prob,
+                    logit,
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// For each image row, the classes (rows of `classes`) as `(class index, prob, logit)`, most
+/// probable first, the best `top` (0: all): logit = `scale` · cosine, probability = softmax.
+fn rank(
+    images: &Tensor,
+    classes: &Tensor,
+    scale: f32,
+    top: usize,
+) -> Result<Vec<Vec<(usize, f32, f32)>>> {
+    let n = classes.dim(0)?;
     let logits = (images.matmul(&classes.t()?)? * scale as f64)?;
     crate::nn::ops::ensure_finite(&logits, "zero-shot logits")?;
     let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
     let logits = logits.to_vec2::<f32>()?;
-    let top = if top == 0 {
-        labels.len()
-    } else {
-        top.min(labels.len())
-    };
+    let top = if top == 0 { n } else { top.min(n) };
     Ok(probs
         .iter()
         .zip(&logits)
         .map(|(pr, lg)| {
             super::rank::topk(pr, top)
                 .into_iter()
-                .map(|i| Prediction {
-                    label: labels[i].clone(),
-                    prob: pr[i],
-                    logit: lg[i],
-                })
+                .map(|i| (i, pr[i], lg[i]))
                 .collect()
         })
         .collect())
@@ -79,7 +94,7 @@ pub fn classify(
 
 /// Zero-shot ranking of one image embedding over labels from their prompts' embeddings already
 /// computed (`prompts`: `per_label` consecutive rows per label), as [`classify`] computes it:
-/// class = normalised mean of its prompts, logit = `scale` · cosine, probability = softmax.
+/// class = normalised mean of its prompts, then [`rank`].
 /// Returns `(label index, prob, logit)`, most probable first.
 pub fn rank_rows(
     image: &[f32],
@@ -99,14 +114,5 @@ pub fn rank_rows(
     let t = Tensor::from_vec(flat, (labels, per_label, dim), &dev)?;
     let classes = l2_normalize(&t.mean(1)?)?;
     let img = Tensor::from_vec(image.to_vec(), (1, dim), &dev)?;
-    let logits = (img.matmul(&classes.t()?)? * scale as f64)?;
-    crate::nn::ops::ensure_finite(&logits, "zero-shot logits")?;
-    let probs = candle_nn::ops::softmax_last_dim(&logits)?
-        .squeeze(0)?
-        .to_vec1::<f32>()?;
-    let logits = logits.squeeze(0)?.to_vec1::<f32>()?;
-    Ok(super::rank::topk(&probs, labels)
-        .into_iter()
-        .map(|i| (i, probs[i], logits[i]))
-        .collect())
+    Ok(rank(&img, &classes, scale, 0)?.remove(0))
 }
