@@ -75,3 +75,22 @@ fn clip_finetune_starts_from_the_demo_model() {
         std::path::PathBuf::from("runs/demo/model")
     );
 }
+
+/// The noise study's configs are clip-tiny with 30% caption noise, and the distilled one adds
+/// only `[distill]`: same model, data, steps and seed.
+#[test]
+fn noisy_configs_are_clip_tiny_with_noise_and_distillation() {
+    let clean = load("clip-tiny.toml");
+    let noisy = load("clip-tiny-noisy.toml");
+    let distilled = load("clip-tiny-noisy-distill.toml");
+    assert_eq!(noisy.data.shapes_caption_noise, 0.3);
+    let mut back = noisy.clone();
+    back.data.shapes_caption_noise = 0.0;
+    assert_eq!(back, clean);
+    let d = distilled.distill.clone().expect("[distill]");
+    assert_eq!((d.momentum, d.alpha), (0.995, 0.4));
+    assert_eq!(d.queue_size % distilled.train.batch_size, 0);
+    let mut plain = distilled.clone();
+    plain.distill = None;
+    assert_eq!(plain, noisy);
+}

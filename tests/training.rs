@@ -221,6 +221,7 @@ fn manifest_loader_skips_and_reports_bad_samples() {
             image: p,
             caption: format!("a red circle {i}"),
             objects: None,
+            noisy: None,
         });
     }
     std::fs::write(dir.join("bad.png"), b"not a png").unwrap();
@@ -228,11 +229,13 @@ fn manifest_loader_skips_and_reports_bad_samples() {
         image: dir.join("bad.png"),
         caption: "bad".into(),
         objects: None,
+        noisy: None,
     });
     entries.push(Entry {
         image: dir.join("missing.png"),
         caption: "missing".into(),
         objects: None,
+        noisy: None,
     });
     let m = dir.join("m.jsonl");
     vlalign::data::manifest::write_jsonl(&m, &dir, &entries).unwrap();
@@ -381,6 +384,7 @@ fn training_stops_when_no_sample_is_usable() {
             image: dir.join(format!("missing-{i}.png")),
             caption: "a red circle".into(),
             objects: None,
+            noisy: None,
         })
         .collect();
     let m = dir.join("m.jsonl");

@@ -109,6 +109,7 @@ fn random_batch(b: usize, size: usize, ctx: usize, vocab: u32, seed: u64) -> Bat
         },
         captions: vec![String::new(); b],
         truths: vec![None; b],
+        image_ids: (0..b as u64).collect(),
         skipped: Vec::new(),
         position: 0,
     }

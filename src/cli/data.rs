@@ -1,4 +1,4 @@
-//! `vlalign data shapes --out DIR --n N --seed S [--objects K]`
+//! `vlalign data shapes --out DIR --n N --seed S [--objects K] [--caption-noise F]`
 
 use std::path::PathBuf;
 
@@ -45,6 +45,10 @@ pub struct ShapesArgs {
     /// Which colour–shape pairs may appear.
     #[arg(long, value_enum, default_value_t = Pairs::All)]
     pairs: Pairs,
+    /// Fraction of images whose caption is another scene's (false of the image); the manifest
+    /// marks them `"noisy": true`, so that filters (`vlalign capfilt`) can be scored.
+    #[arg(long, default_value_t = 0.0)]
+    caption_noise: f32,
 }
 
 pub fn run(c: Command) -> Result<()> {
@@ -65,6 +69,12 @@ pub fn run(c: Command) -> Result<()> {
     if !(16..=1024).contains(&a.image_size) {
         bail!("--image-size must be between 16 and 1024");
     }
+    if !(0.0..=1.0).contains(&a.caption_noise) {
+        bail!(
+            "--caption-noise {} must be between 0 and 1",
+            a.caption_noise
+        );
+    }
     if a.n > MAX_IMAGES {
         bail!("--n {}: at most {MAX_IMAGES} images", a.n);
     }
@@ -82,6 +92,7 @@ pub fn run(c: Command) -> Result<()> {
         pairs,
         twins: false,
         object_weights: Vec::new(),
+        caption_noise: a.caption_noise,
     };
     // Generated and written one at a time: memory stays flat for any --n.
     let samples = (0..a.n as u64).map(|i| shapes::generate(&cfg, a.seed, i));

@@ -27,6 +27,9 @@ pub struct Batch {
     /// Which other captions are true of each sample's image, when the source knows (generated
     /// scenes do; read data does not: `None`).
     pub truths: Vec<Option<Arc<dyn CaptionTruth>>>,
+    /// Which samples show the same image (BLIP's `idx`): equal ids, same image. Momentum
+    /// distillation spreads its hard targets over every queued caption of an image.
+    pub image_ids: Vec<u64>,
     /// Samples skipped while filling this batch, each with the reason.
     pub skipped: Vec<String>,
     /// Samples consumed from the stream once this batch is done (the position to resume at).
@@ -53,7 +56,8 @@ impl Batch {
                 mask: self.tokens.mask[range.clone()].to_vec(),
             },
             captions: self.captions[range.clone()].to_vec(),
-            truths: self.truths[range].to_vec(),
+            truths: self.truths[range.clone()].to_vec(),
+            image_ids: self.image_ids[range].to_vec(),
             skipped: Vec::new(),
             position: self.position,
         }

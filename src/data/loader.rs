@@ -68,11 +68,25 @@ pub struct LoaderConfig {
     pub shuffle_buffer: usize,
 }
 
-/// A sample at a stream position: the decoded image and caption, or why it was skipped.
-type Sample = (
-    u64,
-    std::result::Result<(RgbImage, String, Option<Arc<dyn CaptionTruth>>), String>,
-);
+/// A decoded sample.
+struct Decoded {
+    image: RgbImage,
+    caption: String,
+    truth: Option<Arc<dyn CaptionTruth>>,
+    /// Equal for samples of one image ([`Batch::image_ids`]).
+    image_id: u64,
+}
+
+/// A sample at a stream position: decoded, or why it was skipped.
+type Sample = (u64, std::result::Result<Decoded, String>);
+
+/// FNV-1a of a sample's image path or key: its image id in read data, where one image may come
+/// with several captions (lines of a manifest naming the same file).
+fn image_id_of(name: &[u8]) -> u64 {
+    name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
 /// A raw (undecoded) batch from the tar stream, with the stream position after it.
 type RawBatch = (u64, Vec<(u64, webdataset::RawSample)>);
 
@@ -125,12 +139,13 @@ impl Prep {
         let mut pixels = Vec::new();
         let mut captions = Vec::new();
         let mut truths = Vec::new();
+        let mut image_ids = Vec::new();
         let mut skipped = Vec::new();
         let mut hw = (0, 0);
         for (pos, s) in samples {
             match s {
-                Ok((img, cap, truth)) => {
-                    let (px, size) = match self.pixels(&img, pos) {
+                Ok(d) => {
+                    let (px, size) = match self.pixels(&d.image, pos) {
                         Ok(v) => v,
                         Err(why) => {
                             skipped.push(format!("sample {pos}: {why}"));
@@ -145,8 +160,9 @@ impl Prep {
                     }
                     hw = size;
                     pixels.extend(px);
-                    captions.push(cap);
-                    truths.push(truth);
+                    captions.push(d.caption);
+                    truths.push(d.truth);
+                    image_ids.push(d.image_id);
                 }
                 Err(why) => skipped.push(why),
             }
@@ -158,6 +174,7 @@ impl Prep {
             tokens,
             captions,
             truths,
+            image_ids,
             skipped,
             position: end,
         })
@@ -222,14 +239,14 @@ fn map_sample(source: &Source, seed: u64, pos: u64, order: &mut (u64, Vec<usize>
     match source {
         Source::Shapes(cfg) => {
             let s = shapes::generate(cfg, seed, pos);
-            (
-                pos,
-                Ok((
-                    s.image,
-                    s.caption,
-                    Some(Arc::new(s.truth) as Arc<dyn CaptionTruth>),
-                )),
-            )
+            let d = Decoded {
+                image: s.image,
+                caption: s.caption,
+                truth: Some(Arc::new(s.truth) as Arc<dyn CaptionTruth>),
+                // Every generated image is distinct (twins differ in shape).
+                image_id: pos,
+            };
+            (pos, Ok(d))
         }
         Source::Manifest(entries) => {
             let n = entries.len() as u64;
@@ -239,7 +256,12 @@ fn map_sample(source: &Source, seed: u64, pos: u64, order: &mut (u64, Vec<usize>
             }
             let e = &entries[order.1[(pos % n) as usize]];
             let r = load_rgb(&e.image)
-                .map(|img| (img, e.caption.clone(), None))
+                .map(|image| Decoded {
+                    image,
+                    caption: e.caption.clone(),
+                    truth: None,
+                    image_id: image_id_of(e.image.as_os_str().as_encoded_bytes()),
+                })
                 .map_err(|err| err.to_string());
             (pos, r)
         }
@@ -291,7 +313,12 @@ impl Loader {
                                 .map(|(pos, r)| {
                                     let s = r.and_then(|(bytes, cap, id)| {
                                         decode_rgb(&bytes, std::path::Path::new(&id))
-                                            .map(|img| (img, cap, None))
+                                            .map(|image| Decoded {
+                                                image,
+                                                caption: cap,
+                                                truth: None,
+                                                image_id: image_id_of(id.as_bytes()),
+                                            })
                                             .map_err(|e| e.to_string())
                                     });
                                     (pos, s)

@@ -18,6 +18,9 @@ pub struct Entry {
     pub caption: String,
     /// The objects of a shapes image (absent for other data).
     pub objects: Option<Vec<ObjectSpec>>,
+    /// Whether the caption is known to be false of the image (generated caption noise,
+    /// `vlalign data shapes --caption-noise`); `None` when the data does not say.
+    pub noisy: Option<bool>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -26,6 +29,8 @@ struct Line {
     caption: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     objects: Option<Vec<ObjectSpec>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    noisy: Option<bool>,
 }
 
 fn resolve(root: &Path, p: &str) -> PathBuf {
@@ -77,6 +82,7 @@ fn read_jsonl(text: &str, root: &Path, path: &Path) -> Result<Vec<Entry>> {
             image: resolve(root, &l.image),
             caption: l.caption,
             objects: l.objects,
+            noisy: l.noisy,
         });
     }
     Ok(out)
@@ -117,6 +123,7 @@ fn read_csv(text: &str, root: &Path, path: &Path) -> Result<Vec<Entry>> {
             image: resolve(root, field(img)?),
             caption: field(cap)?.to_string(),
             objects: None,
+            noisy: None,
         });
     }
     Ok(out)
@@ -146,6 +153,7 @@ impl JsonlWriter {
             image: rel.to_string_lossy().into_owned(),
             caption: e.caption.clone(),
             objects: e.objects.clone(),
+            noisy: e.noisy,
         };
         let json = serde_json::to_string(&line).expect("manifest lines serialise");
         writeln!(self.f, "{json}").map_err(|e| Error::io(&self.path, e))

@@ -73,6 +73,10 @@ pub struct ShapesConfig {
     /// uniform. Zero-shot classification is judged on single-object images, and training on
     /// more of them (e.g. weights 2:1:1 for 1–3 objects) teaches shape far sooner.
     pub object_weights: Vec<f32>,
+    /// Fraction of samples whose caption is replaced by another scene's (web alt-text noise,
+    /// as ALBEF §3.3 and BLIP §3.3 describe it); each sample's draw is seeded by its index.
+    /// Evaluation sets keep 0.
+    pub caption_noise: f32,
 }
 
 /// A subset of the colour × shape classes.
@@ -106,6 +110,7 @@ impl Default for ShapesConfig {
             pairs: PairSet::Seen,
             twins: false,
             object_weights: Vec::new(),
+            caption_noise: 0.0,
         }
     }
 }
@@ -144,6 +149,8 @@ pub struct ShapesSample {
     pub objects: Vec<ObjectSpec>,
     /// The scene and its caption's claims, to tell which captions are true of which image.
     pub truth: SceneTruth,
+    /// The caption is another scene's and false of this image ([`ShapesConfig::caption_noise`]).
+    pub noisy: bool,
 }
 
 /// What a caption asserts of one object: colour and shape always, size and position only when
@@ -239,7 +246,46 @@ struct Placed {
 
 /// Generates sample `index` of the stream `seed` (deterministic).
 pub fn generate(cfg: &ShapesConfig, seed: u64, index: u64) -> ShapesSample {
-    generate_inner(cfg, seed, index, None)
+    let mut s = generate_inner(cfg, seed, index, None);
+    if cfg.caption_noise > 0.0 {
+        add_caption_noise(cfg, seed, index, &mut s);
+    }
+    s
+}
+
+/// Stream indices of the scenes that donate noisy captions: far beyond any training position,
+/// so a donor is never a sample of the run itself.
+const DONOR_BASE: u64 = 1 << 62;
+
+/// With probability `cfg.caption_noise` (drawn from the sample's own stream), gives `s` the
+/// caption of another generated scene that is false of `s`'s image; the truth then pairs this
+/// image's objects with the donor caption's claims.
+fn add_caption_noise(cfg: &ShapesConfig, seed: u64, index: u64, s: &mut ShapesSample) {
+    let mut r = rng::stream(seed, rng::SHAPES_NOISE, index);
+    if r.random::<f32>() >= cfg.caption_noise {
+        return;
+    }
+    let donor_cfg = ShapesConfig {
+        twins: false,
+        caption_noise: 0.0,
+        ..cfg.clone()
+    };
+    // A donor caption that happens to be true of this image is drawn again (rare: the same
+    // objects, with every worded attribute equal).
+    for _ in 0..16 {
+        let d = generate_inner(
+            &donor_cfg,
+            seed,
+            DONOR_BASE + r.random_range(0..1u64 << 40),
+            None,
+        );
+        if !s.truth.caption_fits(&d.truth) {
+            s.caption = d.caption;
+            s.truth.claims = d.truth.claims;
+            s.noisy = true;
+            return;
+        }
+    }
 }
 
 /// A single-object image of the class "COLOR SHAPE" (by index into [`COLORS`] and [`SHAPES`]),
@@ -258,6 +304,7 @@ pub fn generate_class(
         pairs: PairSet::All,
         twins: false,
         object_weights: Vec::new(),
+        caption_noise: 0.0,
     };
     generate_inner(&cfg, seed, index, Some((color, shape)))
 }
@@ -375,6 +422,7 @@ fn generate_inner(
         caption,
         objects,
         truth,
+        noisy: false,
     }
 }
 
@@ -804,6 +852,42 @@ mod tests {
                 assert!(!is_held_out(&y.color, &y.shape));
             }
         }
+    }
+
+    /// Caption noise: about the asked fraction of samples (binomial: 2000 draws at 0.3 lie
+    /// within ±0.04 with probability > 0.99), every noisy caption false of its image, images
+    /// and clean samples exactly as without noise.
+    #[test]
+    fn caption_noise_swaps_a_seeded_fraction_of_captions_for_false_ones() {
+        let clean_cfg = ShapesConfig {
+            twins: true,
+            ..ShapesConfig::default()
+        };
+        let noisy_cfg = ShapesConfig {
+            caption_noise: 0.3,
+            ..clean_cfg.clone()
+        };
+        let mut noisy = 0;
+        for i in 0..2000 {
+            let (c, n) = (generate(&clean_cfg, 7, i), generate(&noisy_cfg, 7, i));
+            assert_eq!(c.image.data, n.image.data);
+            assert_eq!(c.objects, n.objects);
+            assert!(!c.noisy);
+            if n.noisy {
+                noisy += 1;
+                assert!(!c.truth.caption_fits(&n.truth), "{i}: {:?}", n.caption);
+                assert_ne!(c.caption, n.caption);
+            } else {
+                assert_eq!(c.caption, n.caption);
+                assert_eq!(c.truth, n.truth);
+            }
+        }
+        let f = noisy as f64 / 2000.0;
+        assert!((f - 0.3).abs() < 0.04, "{f}");
+        assert_eq!(
+            generate(&noisy_cfg, 7, 11).caption,
+            generate(&noisy_cfg, 7, 11).caption
+        );
     }
 
     #[test]

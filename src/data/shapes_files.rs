@@ -47,6 +47,7 @@ pub fn write_shapes_dir<S: Borrow<ShapesSample>>(
             image: p,
             caption: s.caption.clone(),
             objects: Some(s.objects.clone()),
+            noisy: s.noisy.then_some(true),
         })?;
     }
     w.finish()?;

@@ -12,6 +12,10 @@ pub const SHAPES_SCENE: u64 = 0;
 /// The shape drawn for each object of a shapes scene, apart from its layout so that twins can
 /// share a layout: stream = sample index.
 pub const SHAPES_SHAPE: u64 = 0x5a4e_5e5a_11ce_d00d;
+/// Which shapes samples get another scene's caption, and the donor scene: stream = sample index.
+pub const SHAPES_NOISE: u64 = 0x0015_e0ca_9710;
+/// CapFilt's nucleus sampling of synthetic captions: stream = the image's index in the manifest.
+pub const CAPFILT: u64 = 0xcab_f117;
 /// Training augmentation (random resized crops): stream = the sample's position in the data.
 pub const AUGMENT: u64 = 0x5eed_a06e;
 /// The order of a map-style source (and of tar shards) in each epoch: stream = epoch.

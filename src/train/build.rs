@@ -30,10 +30,16 @@ impl AnyTask {
     /// A fresh task for `cfg` (weights seeded by `train.seed`).
     pub fn new(cfg: &TrainConfig, device: &Device) -> Result<Self> {
         let (loss, seed) = (cfg.train.loss, cfg.train.seed);
+        let distil = |t: ClipTask| match &cfg.distill {
+            Some(d) => t.with_distill(d, seed),
+            None => Ok(t),
+        };
         Ok(match (&cfg.model, &cfg.finetune, &cfg.qformer) {
-            (Some(spec), _, _) => AnyTask::Clip(ClipTask::from_spec(spec, loss, seed, device)?),
+            (Some(spec), _, _) => {
+                AnyTask::Clip(distil(ClipTask::from_spec(spec, loss, seed, device)?)?)
+            }
             (None, Some(ft), _) => {
-                AnyTask::Clip(ClipTask::from_dir(&ft.model, loss, seed, device)?)
+                AnyTask::Clip(distil(ClipTask::from_dir(&ft.model, loss, seed, device)?)?)
             }
             (None, None, Some(_)) => AnyTask::Qformer(QformerTask::new(cfg, device)?),
             (None, None, None) => {
@@ -106,6 +112,18 @@ impl Task for AnyTask {
         self.task().scalars()
     }
 
+    fn state(&self) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+        self.task().state()
+    }
+
+    fn load_state(
+        &mut self,
+        state: &std::collections::HashMap<String, candle_core::Tensor>,
+        from: &str,
+    ) -> Result<()> {
+        self.task_mut().load_state(state, from)
+    }
+
     fn hf_config(&self) -> serde_json::Value {
         self.task().hf_config()
     }
@@ -172,6 +190,7 @@ pub fn source_for(cfg: &TrainConfig, image_size: usize) -> Result<Source> {
             pairs: PairSet::Seen,
             twins: d.shapes_twins,
             object_weights: d.shapes_object_weights.clone(),
+            caption_noise: d.shapes_caption_noise,
         }));
     }
     if webdataset::is_tar_pattern(s) {

@@ -12,6 +12,9 @@ use super::task::Task;
 use crate::error::{Error, Result};
 use crate::io::{write_dir_atomic, write_json};
 
+/// The task's own state in a checkpoint ([`Task::state`]), when it has any.
+pub const TASK_STATE: &str = "task_state.safetensors";
+
 /// `trainer_state.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainerState {
@@ -49,6 +52,12 @@ pub fn save(
         let p = tmp.join("optimizer.safetensors");
         candle_core::safetensors::save(&opt.state()?, &p)
             .map_err(|e| Error::weights(&p, e.to_string()))?;
+        let extra = task.state()?;
+        if !extra.is_empty() {
+            let p = tmp.join(TASK_STATE);
+            candle_core::safetensors::save(&extra, &p)
+                .map_err(|e| Error::weights(&p, e.to_string()))?;
+        }
         write_json(
             &tmp.join("trainer_state.json"),
             &serde_json::to_value(state).expect("state serialises"),

@@ -24,7 +24,47 @@ pub struct TrainConfig {
     pub finetune: Option<FinetuneSpec>,
     pub data: DataSpec,
     pub train: TrainSpec,
+    /// Momentum distillation with feature queues (the `[distill]` section; CLIP tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillSpec>,
 }
+
+/// ALBEF's momentum distillation (Li et al. 2021, §3.3; `configs/Pretrain.yaml`): an
+/// exponential-moving-average copy of the towers and projections gives soft targets, and queues
+/// of its features are extra negatives (`objectives::distill`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSpec {
+    /// EMA factor of the momentum copy, updated after every optimiser step (ALBEF: 0.995).
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    /// Weight of the momentum model's soft targets against the hard labels (ALBEF: 0.4).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Steps over which alpha ramps up from 0 (ALBEF: the first epoch); 0 = no ramp.
+    #[serde(default)]
+    pub alpha_warmup_steps: u64,
+    /// Momentum features kept as extra negatives, a multiple of the global batch
+    /// (batch_size × accum_steps; ALBEF: 65536 at batch 512).
+    pub queue_size: usize,
+    /// Hard targets spread over every batch and queue entry of the same image (BLIP); false is
+    /// ALBEF's one-hot diagonal. Equal when every image comes with one caption.
+    #[serde(default = "yes")]
+    pub same_image_targets: bool,
+}
+
+fn default_momentum() -> f64 {
+    0.995
+}
+fn default_alpha() -> f64 {
+    0.4
+}
+fn yes() -> bool {
+    true
+}
+
+/// The most entries a distillation queue may hold (each is a feature row per tower).
+pub const MAX_QUEUE: usize = 1 << 20;
 
 /// Fine-tuning a pretrained CLIP, as open_clip's `--pretrained`: the model directory's
 /// architecture, weights, tokenizer and preprocessing are all kept; only the data and the
@@ -211,6 +251,10 @@ pub struct DataSpec {
     /// (empty: uniform).
     #[serde(default)]
     pub shapes_object_weights: Vec<f32>,
+    /// Fraction of shapes training pairs given another scene's caption (noisy web data; see
+    /// `data::shapes::ShapesConfig::caption_noise`). Evaluation data stays clean.
+    #[serde(default)]
+    pub shapes_caption_noise: f32,
 }
 
 fn default_workers() -> usize {
@@ -374,7 +418,50 @@ impl TrainConfig {
         if let Some(q) = &self.qformer {
             Self::validate_qformer(q)?;
         }
+        if let Some(k) = &self.distill {
+            if self.qformer.is_some() {
+                return Err(
+                    "[distill] applies to CLIP training ([model] or [finetune]); the Q-Former \
+                     trains without it"
+                        .into(),
+                );
+            }
+            if t.loss != ContrastiveLoss::InfoNce {
+                return Err(
+                    "[distill] needs train.loss = \"infonce\": its soft targets are softmax \
+                     distributions (ALBEF), which the sigmoid loss has no counterpart of"
+                        .into(),
+                );
+            }
+            Self::validate_distill(k, t)?;
+        }
         Self::validate_data_train(d, t)
+    }
+
+    fn validate_distill(k: &DistillSpec, t: &TrainSpec) -> std::result::Result<(), String> {
+        if !(0.0..1.0).contains(&k.momentum) {
+            return Err(format!(
+                "distill.momentum ({}) must be in [0, 1)",
+                k.momentum
+            ));
+        }
+        if !(0.0..=1.0).contains(&k.alpha) {
+            return Err(format!("distill.alpha ({}) must be in [0, 1]", k.alpha));
+        }
+        if k.alpha_warmup_steps > MAX_STEPS {
+            return Err(format!(
+                "distill.alpha_warmup_steps must be at most {MAX_STEPS}"
+            ));
+        }
+        let global = t.batch_size.saturating_mul(t.accum_steps);
+        if k.queue_size > MAX_QUEUE || global == 0 || !k.queue_size.is_multiple_of(global) {
+            return Err(format!(
+                "distill.queue_size ({}) must be a multiple of the global batch (batch_size × \
+                 accum_steps = {global}) and at most {MAX_QUEUE}; 0 is no queue",
+                k.queue_size
+            ));
+        }
+        Ok(())
     }
 
     fn validate_clip(m: &ModelSpec) -> std::result::Result<(), String> {
@@ -527,6 +614,12 @@ impl TrainConfig {
                 "data.shapes_min_objects/shapes_max_objects must satisfy 1 <= min <= max <= 5"
                     .into(),
             );
+        }
+        if !(0.0..=1.0).contains(&d.shapes_caption_noise) {
+            return Err(format!(
+                "data.shapes_caption_noise {} must be between 0 and 1",
+                d.shapes_caption_noise
+            ));
         }
         let counts = d.shapes_max_objects - d.shapes_min_objects + 1;
         let sum: f32 = d.shapes_object_weights.iter().sum();

@@ -6,6 +6,7 @@
 pub mod build;
 pub mod checkpoint;
 pub mod config;
+pub mod distill;
 pub mod optim;
 pub mod plot;
 pub mod schedule;

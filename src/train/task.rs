@@ -122,6 +122,17 @@ pub trait Task {
         Ok(())
     }
 
+    /// State a resumed run needs besides the trainable variables and the optimiser (momentum
+    /// encoders, feature queues), saved in each checkpoint as `task_state.safetensors`.
+    fn state(&self) -> Result<HashMap<String, Tensor>> {
+        Ok(HashMap::new())
+    }
+
+    /// Restores [`Task::state`] from a checkpoint (`from` names it in errors).
+    fn load_state(&mut self, _state: &HashMap<String, Tensor>, _from: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Scalars worth logging each step besides the loss (e.g. the logit scale).
     fn scalars(&self) -> Vec<(String, f32)> {
         Vec::new()

@@ -179,6 +179,14 @@ pub fn run<T: Task>(
             .map_err(|e| Error::weights(&p, e.to_string()))?;
         opt.load_state(&st)
             .map_err(|e| Error::weights(&p, e.to_string()))?;
+        let p = ck.join(checkpoint::TASK_STATE);
+        let extra = if p.is_file() {
+            candle_core::safetensors::load(&p, &task.parts().device)
+                .map_err(|e| Error::weights(&p, e.to_string()))?
+        } else {
+            Default::default()
+        };
+        task.load_state(&extra, &ck.display().to_string())?;
         (step, position, samples, skipped, wall_before) = (
             state.step,
             state.data_position,

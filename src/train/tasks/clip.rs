@@ -21,7 +21,9 @@ use crate::infer::ClipPipeline;
 use crate::models::clip::{Clip, ClipConfig, ClipLayout};
 use crate::nn::ops::l2_normalize;
 use crate::objectives::contrastive::{ContrastiveLoss, CLIP_LOGIT_SCALE_MAX};
-use crate::train::config::ModelSpec;
+use crate::objectives::distill::{distilled_itc_loss, hard_targets, soft_targets};
+use crate::train::config::{DistillSpec, ModelSpec};
+use crate::train::distill::{Distillation, FeatureQueues};
 use crate::train::optim::Grads;
 use crate::train::task::{ExtraFiles, LossTerms, Task, TaskParts};
 use crate::train::tokenizer::{clip_special_ids, tokenizer_for};
@@ -31,6 +33,15 @@ pub struct ClipTask {
     pub model: Clip,
     pub loss: ContrastiveLoss,
     pub config: ClipConfig,
+    /// Momentum distillation (`[distill]`), when the run uses it.
+    pub distill: Option<Box<ClipDistill>>,
+}
+
+/// ALBEF's momentum distillation for CLIP: the momentum CLIP (towers and projections, an EMA of
+/// the trained ones) and its state.
+pub struct ClipDistill {
+    pub state: Distillation,
+    pub model: Clip,
 }
 
 impl ClipTask {
@@ -80,7 +91,20 @@ impl ClipTask {
             model,
             loss,
             config,
+            distill: None,
         })
+    }
+
+    /// Turns on momentum distillation: a momentum copy of every variable (equal to the model
+    /// now) and queues seeded by `seed`.
+    pub fn with_distill(mut self, spec: &DistillSpec, seed: u64) -> Result<Self> {
+        let device = self.parts.device.clone();
+        let dim = self.config.projection_dim;
+        let state = Distillation::new(spec, &self.vars(), dim, seed, &device)?;
+        let vb = VarBuilder::from_varmap(&state.varmap, DType::F32, &device);
+        let model = Clip::new(vb, &self.config, ClipLayout::Full)?;
+        self.distill = Some(Box::new(ClipDistill { state, model }));
+        Ok(self)
     }
 
     /// A fresh CLIP of the `[model]` section `spec`, its tokenizer and the CLIP preprocessing at
@@ -120,10 +144,67 @@ impl ClipTask {
     /// moves a ResNet tower's BatchNorm running statistics (once per micro-batch: the
     /// recomputation of accumulation's second pass passes `false`).
     pub fn features(&self, b: &Batch, update_bn: bool) -> Result<(Tensor, Tensor)> {
-        let pixels = b.pixel_tensor(&self.parts.device)?;
-        let img = l2_normalize(&self.model.image_features_train(&pixels, update_bn)?)?;
-        let txt = l2_normalize(&self.model.text_features(&b.tokens.ids, &b.tokens.mask)?)?;
-        Ok((img, txt))
+        features_of(&self.model, b, &self.parts.device, update_bn)
+    }
+
+    /// One optimiser step's gradients with momentum distillation (`objectives::distill`): the
+    /// momentum features of the whole batch and the queues make the columns and the targets;
+    /// each online row depends only on its own features and those constants, so micro-batches
+    /// add up to the large-batch gradient with no second pass. The batch's momentum features
+    /// then enter the queues.
+    fn distilled_grads(&mut self, micro: &[Batch], step: u64) -> Result<(Grads, LossTerms)> {
+        let scale = self
+            .model
+            .logit_scale
+            .clone()
+            .expect("full CLIP has logit_scale");
+        let d = self.distill.as_ref().expect("distilling");
+        let dev = &self.parts.device;
+        let (mut im, mut tm, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for b in micro {
+            let (i, t) = features_of(&d.model, b, dev, false)?;
+            im.push(i.detach());
+            tm.push(t.detach());
+            ids.extend_from_slice(&b.image_ids);
+        }
+        let (img_m, txt_m) = (Tensor::cat(&im, 0)?, Tensor::cat(&tm, 0)?);
+        let q = &d.state.queues;
+        let image_cols = FeatureQueues::columns(&img_m, &q.image)?;
+        let text_cols = FeatureQueues::columns(&txt_m, &q.text)?;
+        let s = scale.exp()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let alpha = d.state.alpha(step);
+        let hard = hard_targets(&ids, &q.ids, d.state.spec.same_image_targets, dev)?;
+        let t_i2t = soft_targets(&img_m, &text_cols, s, alpha, &hard)?;
+        let t_t2i = soft_targets(&txt_m, &image_cols, s, alpha, &hard)?;
+        let (rows, mut offset, mut total) = (ids.len(), 0usize, 0f32);
+        let mut grads = Grads::new();
+        for b in micro {
+            let n = b.len();
+            let (img, txt) = self.features(b, true)?;
+            let loss = distilled_itc_loss(
+                &img,
+                &txt,
+                &image_cols,
+                &text_cols,
+                &scale,
+                &t_i2t.narrow(0, offset, n)?,
+                &t_t2i.narrow(0, offset, n)?,
+                rows,
+            )?;
+            total += loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            self.parts.collect(&loss.backward()?, &mut grads)?;
+            offset += n;
+        }
+        if let Some(d) = self.distill.as_mut() {
+            d.state.queues.push(&img_m, &txt_m, &ids)?;
+        }
+        Ok((
+            grads,
+            LossTerms {
+                total,
+                parts: vec![("contrastive".into(), total)],
+            },
+        ))
     }
 
     fn loss_of(&self, img: &Tensor, txt: &Tensor, scale: &Tensor) -> Result<Tensor> {
@@ -146,7 +227,10 @@ impl Task for ClipTask {
         &["contrastive"]
     }
 
-    fn grads(&mut self, micro: &[Batch], _step: u64) -> Result<(Grads, LossTerms)> {
+    fn grads(&mut self, micro: &[Batch], step: u64) -> Result<(Grads, LossTerms)> {
+        if self.distill.is_some() {
+            return self.distilled_grads(micro, step);
+        }
         let scale = self
             .model
             .logit_scale
@@ -206,7 +290,24 @@ impl Task for ClipTask {
             let clamped = v.as_tensor().clamp(0.0, CLIP_LOGIT_SCALE_MAX)?;
             v.set(&clamped)?;
         }
+        if let Some(d) = &self.distill {
+            d.state.update()?;
+        }
         Ok(())
+    }
+
+    fn state(&self) -> Result<HashMap<String, Tensor>> {
+        match &self.distill {
+            Some(d) => d.state.state(),
+            None => Ok(HashMap::new()),
+        }
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>, from: &str) -> Result<()> {
+        match &mut self.distill {
+            Some(d) => d.state.load_state(state, from),
+            None => Ok(()),
+        }
     }
 
     fn scalars(&self) -> Vec<(String, f32)> {
@@ -220,4 +321,17 @@ impl Task for ClipTask {
     fn hf_config(&self) -> serde_json::Value {
         self.config.to_hf_json()
     }
+}
+
+/// L2-normalised (image, text) features of `model` for a batch, as training computes them.
+fn features_of(
+    model: &Clip,
+    b: &Batch,
+    device: &Device,
+    update_bn: bool,
+) -> Result<(Tensor, Tensor)> {
+    let pixels = b.pixel_tensor(device)?;
+    let img = l2_normalize(&model.image_features_train(&pixels, update_bn)?)?;
+    let txt = l2_normalize(&model.text_features(&b.tokens.ids, &b.tokens.mask)?)?;
+    Ok((img, txt))
 }

@@ -1,0 +1,252 @@
+//! Momentum distillation (ALBEF §3.3, BLIP's image-id targets): the loss, its targets and
+//! gradients, the queue update and the EMA against ALBEF's and BLIP's own formulas in PyTorch
+//! (tools/reference/make_distill_fixtures.py, float64); then in training — accumulation stays
+//! exact, every tensor learns, and a resumed run is bit-identical, momentum state included.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{max_abs_diff, reference, scratch, train};
+use vlalign::objectives::distill::{distilled_itc_loss, hard_targets, soft_targets};
+use vlalign::train::build::Run;
+use vlalign::train::config::{DistillSpec, TrainConfig};
+use vlalign::train::distill::{Distillation, FeatureQueues};
+use vlalign::train::task::Task;
+
+fn ids(t: &Tensor) -> Vec<i64> {
+    t.to_dtype(DType::I64).unwrap().to_vec1().unwrap()
+}
+
+/// ALBEF's and BLIP's ITA with distillation: targets, loss and every gradient to ~1e-12.
+#[test]
+fn distilled_loss_matches_albef_and_blip() {
+    let r = reference("distill.reference.safetensors");
+    for (case, same_image) in [("albef", false), ("blip", true)] {
+        let g = |k: &str| r[&format!("{case}/{k}")].clone();
+        let batch_ids: Vec<u64> = ids(&g("idx")).iter().map(|&i| i as u64).collect();
+        let queue_ids: Vec<Option<u64>> = ids(&g("idx_queue"))
+            .iter()
+            .map(|&i| (i >= 0).then_some(i as u64))
+            .collect();
+        let hard = hard_targets(&batch_ids, &queue_ids, same_image, &Device::Cpu).unwrap();
+        // ALBEF keeps its queues as [D, Q]; vlalign as rows [Q, D].
+        let image_cols = Tensor::cat(&[g("image_m"), g("image_queue").t().unwrap()], 0).unwrap();
+        let text_cols = Tensor::cat(&[g("text_m"), g("text_queue").t().unwrap()], 0).unwrap();
+        let t = g("t").to_scalar::<f64>().unwrap();
+        let alpha = g("alpha").to_scalar::<f64>().unwrap();
+        let ti = soft_targets(&g("image_m"), &text_cols, t.exp(), alpha, &hard).unwrap();
+        let tt = soft_targets(&g("text_m"), &image_cols, t.exp(), alpha, &hard).unwrap();
+        assert!(
+            max_abs_diff(&ti, &g("targets_i2t")) < 1e-7,
+            "{case} i2t targets"
+        );
+        assert!(
+            max_abs_diff(&tt, &g("targets_t2i")) < 1e-7,
+            "{case} t2i targets"
+        );
+        let img = Var::from_tensor(&g("image")).unwrap();
+        let txt = Var::from_tensor(&g("text")).unwrap();
+        let tv = Var::from_tensor(&g("t")).unwrap();
+        let loss =
+            distilled_itc_loss(&img, &txt, &image_cols, &text_cols, &tv, &ti, &tt, 4).unwrap();
+        let l = loss.to_scalar::<f64>().unwrap();
+        let want = g("loss").to_scalar::<f64>().unwrap();
+        assert!((l - want).abs() < 1e-12, "{case}: loss {l} vs {want}");
+        let grads = loss.backward().unwrap();
+        for (v, k) in [(&img, "grad_image"), (&txt, "grad_text"), (&tv, "grad_t")] {
+            let d = max_abs_diff(grads.get(v).unwrap(), &g(k));
+            assert!(d < 1e-7, "{case}: {k} off by {d}");
+        }
+    }
+}
+
+/// `_dequeue_and_enqueue` and `_momentum_update`, as ALBEF writes them.
+#[test]
+fn queue_and_momentum_updates_match_albef() {
+    let r = reference("distill.reference.safetensors");
+    let g = |k: &str| r[&format!("blip/{k}")].to_dtype(DType::F32).unwrap();
+    let mut q = FeatureQueues {
+        image: g("image_queue").t().unwrap().contiguous().unwrap(),
+        text: g("text_queue").t().unwrap().contiguous().unwrap(),
+        ids: ids(&g("idx_queue"))
+            .iter()
+            .map(|&i| (i >= 0).then_some(i as u64))
+            .collect(),
+        cursor: g("ptr")
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_scalar::<i64>()
+            .unwrap() as usize,
+    };
+    let batch_ids: Vec<u64> = ids(&g("idx")).iter().map(|&i| i as u64).collect();
+    q.push(&g("image_m"), &g("text_m"), &batch_ids).unwrap();
+    assert_eq!(
+        max_abs_diff(&q.image, &g("queue_image_after").t().unwrap()),
+        0.0
+    );
+    assert_eq!(
+        max_abs_diff(&q.text, &g("queue_text_after").t().unwrap()),
+        0.0
+    );
+    let after: Vec<Option<u64>> = ids(&g("idx_queue_after"))
+        .iter()
+        .map(|&i| (i >= 0).then_some(i as u64))
+        .collect();
+    assert_eq!(q.ids, after);
+    assert_eq!(q.cursor as i64, ids(&g("ptr_after").reshape(1).unwrap())[0]);
+
+    let spec = DistillSpec {
+        momentum: 0.995,
+        alpha: 0.4,
+        alpha_warmup_steps: 0,
+        queue_size: 0,
+        same_image_targets: true,
+    };
+    let p = Var::from_tensor(&r["ema/momentum"]).unwrap();
+    let d = Distillation::new(&spec, &[("w".into(), p.clone())], 4, 0, &Device::Cpu).unwrap();
+    p.set(&r["ema/param"]).unwrap();
+    d.update().unwrap();
+    let m = &d.state().unwrap()["momentum.w"];
+    assert!(max_abs_diff(m, &r["ema/after"]) < 1e-12);
+}
+
+const DISTILL: &str = r#"
+[distill]
+momentum = 0.9
+alpha = 0.4
+alpha_warmup_steps = 2
+queue_size = 16
+"#;
+
+/// The tiny CLIP of tests/training.rs with `[distill]`.
+fn tiny_distilled() -> TrainConfig {
+    TrainConfig::from_toml(&format!("{TINY}{DISTILL}")).unwrap()
+}
+
+const TINY: &str = r#"
+[model]
+image_size = 32
+patch_size = 8
+vision_width = 32
+vision_layers = 2
+vision_heads = 2
+vision_mlp = 64
+text_width = 32
+text_layers = 2
+text_heads = 2
+text_mlp = 64
+context_length = 32
+projection_dim = 16
+tokenizer = "shapes"
+[data]
+source = "shapes"
+workers = 2
+shapes_caption_noise = 0.3
+[train]
+steps = 6
+batch_size = 8
+lr = 1e-3
+warmup_steps = 2
+weight_decay = 0.1
+grad_clip = 1.0
+seed = 7
+checkpoint_every = 3
+log_every = 1
+"#;
+
+/// Every trainable tensor gets a finite gradient, and two micro-batches give the large batch's
+/// gradient (after a step, so that queue and momentum copy are no longer trivial).
+#[test]
+fn distilled_training_accumulates_exactly() {
+    let cfg = tiny_distilled();
+    let mut run = Run::new(cfg, &Device::Cpu).unwrap();
+    let mut loader = run.loader().unwrap();
+    let first = loader.next_batch().unwrap();
+    let task = &mut run.task;
+    task.grads(std::slice::from_ref(&first), 0).unwrap();
+    task.after_step().unwrap();
+    let big = loader.next_batch().unwrap();
+    let before = task.state().unwrap();
+    let (g_big, l_big) = task.grads(std::slice::from_ref(&big), 3).unwrap();
+    // Undo the big step's enqueue, then take the same step in two halves.
+    task.load_state(&before, "test").unwrap();
+    let (g_acc, l_acc) = task.grads(&[big.rows(0..4), big.rows(4..8)], 3).unwrap();
+    assert!(l_big.total.is_finite());
+    assert!(
+        (l_big.total - l_acc.total).abs() < 1e-5,
+        "{} vs {}",
+        l_big.total,
+        l_acc.total
+    );
+    let n_vars = task.vars().len();
+    assert_eq!(g_big.len(), n_vars, "every variable has a gradient");
+    let rel = common::grads_rel_diff(&g_big, &g_acc);
+    assert!(rel < 1e-4, "accumulated gradient off by {rel}");
+    for (name, g) in &g_big {
+        let n = common::grad_norm(g);
+        assert!(n.is_finite(), "{name}");
+    }
+    // The queue took the batch: its newest ids are the batch's.
+    let st = task.state().unwrap();
+    let filled: Vec<u8> = st["queue.filled"].to_vec1().unwrap();
+    assert_eq!(filled.iter().filter(|&&f| f == 1).count(), 16);
+}
+
+fn file(dir: &Path, rel: &str) -> Vec<u8> {
+    std::fs::read(dir.join(rel)).unwrap()
+}
+
+/// A distilled run stopped at step 3 and resumed ends bit-identical to one run straight
+/// through: weights, optimiser, momentum copy and queues.
+#[test]
+fn resumed_distilled_training_is_bit_exact() {
+    let cfg = tiny_distilled();
+    let straight = scratch("distill-straight");
+    train(&cfg, &straight, false);
+    let split = scratch("distill-split");
+    let mut first = cfg.clone();
+    first.train.steps = 3;
+    train(&first, &split, false);
+    let r = train(&cfg, &split, true);
+    assert_eq!((r.resumed_from, r.steps), (Some(3), 6));
+    common::assert_same_weights(&straight, &split);
+    for f in ["optimizer.safetensors", "task_state.safetensors"] {
+        let rel = format!("checkpoints/step-0000006/{f}");
+        assert!(file(&straight, &rel) == file(&split, &rel), "{f} differs");
+    }
+    // A checkpoint without its momentum state cannot resume a distilled run.
+    std::fs::remove_file(split.join("checkpoints/step-0000006/task_state.safetensors")).unwrap();
+    let mut more = cfg.clone();
+    more.train.steps = 7;
+    let opts = vlalign::train::trainer::RunOptions {
+        run_dir: split.clone(),
+        resume: true,
+        progress: false,
+    };
+    let e = Run::new(more, &Device::Cpu)
+        .unwrap()
+        .train(&opts, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("momentum"), "{e}");
+}
+
+/// Configs that cannot distil are refused with the key named.
+#[test]
+fn distill_config_errors_name_the_key() {
+    for (extra, needle) in [
+        ("[distill]\nqueue_size = 12\n", "queue_size"),
+        ("[distill]\nqueue_size = 16\nmomentum = 1.0\n", "momentum"),
+        ("[distill]\nqueue_size = 16\nalpha = 2\n", "alpha"),
+        ("[distill]\nqueue_size = 16\nwhat = 1\n", "what"),
+    ] {
+        let e = TrainConfig::from_toml(&format!("{TINY}{extra}")).unwrap_err();
+        assert!(e.contains(needle), "{extra}: {e}");
+    }
+    let siglip = TINY.replace("seed = 7", "seed = 7\nloss = \"siglip\"");
+    let e = TrainConfig::from_toml(&format!("{siglip}[distill]\nqueue_size = 16\n")).unwrap_err();
+    assert!(e.contains("infonce"), "{e}");
+}
