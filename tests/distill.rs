@@ -105,7 +105,7 @@ fn queue_and_momentum_updates_match_albef() {
         same_image_targets: true,
     };
     let p = Var::from_tensor(&r["ema/momentum"]).unwrap();
-    let d = Distillation::new(&spec, &[("w".into(), p.clone())], 4, 0, &Device::Cpu).unwrap();
+    let d = Distillation::new(&spec, &[("w".into(), p.clone())], &[4], 4, 0, &Device::Cpu).unwrap();
     p.set(&r["ema/param"]).unwrap();
     d.update().unwrap();
     let m = &d.state().unwrap()["momentum.w"];
@@ -249,4 +249,145 @@ fn distill_config_errors_name_the_key() {
     let siglip = TINY.replace("seed = 7", "seed = 7\nloss = \"siglip\"");
     let e = TrainConfig::from_toml(&format!("{siglip}[distill]\nqueue_size = 16\n")).unwrap_err();
     assert!(e.contains("infonce"), "{e}");
+}
+
+/// BLIP-2's ITC similarity (max over queries / temp, LAVIS) under ALBEF's distillation with
+/// BLIP's image-id targets, against PyTorch: what the Q-Former task computes in its first pass.
+#[test]
+fn qformer_distilled_itc_matches_pytorch() {
+    use vlalign::objectives::distill::{distilled_loss, mix_targets};
+    use vlalign::objectives::itc::max_over_queries;
+    let r = reference("distill.reference.safetensors");
+    let g = |k: &str| r[&format!("qformer/{k}")].clone();
+    let batch_ids: Vec<u64> = ids(&g("idx")).iter().map(|&i| i as u64).collect();
+    let queue_ids: Vec<Option<u64>> = ids(&g("idx_queue"))
+        .iter()
+        .map(|&i| (i >= 0).then_some(i as u64))
+        .collect();
+    let hard = hard_targets(&batch_ids, &queue_ids, true, &Device::Cpu).unwrap();
+    let image_cols = FeatureQueues::columns(&g("image_m"), &g("image_queue")).unwrap();
+    let text_cols = FeatureQueues::columns(&g("text_m"), &g("text_queue")).unwrap();
+    let alpha = g("alpha").to_scalar::<f64>().unwrap();
+    let temp = Var::from_tensor(&g("temp")).unwrap();
+    let t_m = temp.as_tensor().detach();
+    let sim_i2t_m = max_over_queries(&g("image_m"), &text_cols)
+        .unwrap()
+        .broadcast_div(&t_m)
+        .unwrap();
+    let sim_t2i_m = max_over_queries(&image_cols, &g("text_m"))
+        .unwrap()
+        .t()
+        .unwrap()
+        .broadcast_div(&t_m)
+        .unwrap();
+    let ti = mix_targets(&sim_i2t_m, alpha, &hard).unwrap();
+    let tt = mix_targets(&sim_t2i_m, alpha, &hard).unwrap();
+    assert!(max_abs_diff(&ti, &g("targets_i2t")) < 1e-7);
+    assert!(max_abs_diff(&tt, &g("targets_t2i")) < 1e-7);
+    let img = Var::from_tensor(&g("image")).unwrap();
+    let txt = Var::from_tensor(&g("text")).unwrap();
+    let sim_i2t = max_over_queries(&img, &text_cols)
+        .unwrap()
+        .broadcast_div(&temp)
+        .unwrap();
+    let sim_t2i = max_over_queries(&image_cols, &txt)
+        .unwrap()
+        .t()
+        .unwrap()
+        .broadcast_div(&temp)
+        .unwrap();
+    let loss = distilled_loss(&sim_i2t, &sim_t2i, &ti, &tt, 4).unwrap();
+    let l = loss.to_scalar::<f64>().unwrap();
+    let want = g("loss").to_scalar::<f64>().unwrap();
+    assert!((l - want).abs() < 1e-12, "loss {l} vs {want}");
+    let grads = loss.backward().unwrap();
+    for (v, k) in [
+        (&img, "grad_image"),
+        (&txt, "grad_text"),
+        (&temp, "grad_temp"),
+    ] {
+        let d = max_abs_diff(grads.get(v).unwrap(), &g(k));
+        assert!(d < 1e-7, "{k} off by {d}");
+    }
+}
+
+/// The tiny Q-Former of tests/qformer_training.rs with `[distill]`.
+fn tiny_qformer_distilled() -> TrainConfig {
+    let text = format!(
+        r#"
+[qformer]
+vision_model = "{}"
+hidden_size = 32
+num_hidden_layers = 2
+num_attention_heads = 4
+intermediate_size = 64
+cross_attention_frequency = 2
+num_query_tokens = 4
+embed_dim = 16
+max_text_len = 24
+tokenizer = "shapes"
+[data]
+source = "shapes"
+workers = 1
+shapes_caption_noise = 0.3
+[train]
+steps = 4
+batch_size = 6
+lr = 1e-3
+warmup_steps = 1
+weight_decay = 0.05
+seed = 11
+checkpoint_every = 2
+log_every = 1
+[distill]
+momentum = 0.9
+alpha = 0.4
+queue_size = 12
+"#,
+        common::fixture("clip-a").display()
+    );
+    TrainConfig::from_toml(&text).unwrap()
+}
+
+/// The Q-Former with distilled ITC: every trainable tensor learns, two micro-batches give the
+/// large batch's gradient once queue and momentum copy hold real features, and a resumed run
+/// is bit-identical (momentum state included).
+#[test]
+fn qformer_distillation_accumulates_and_resumes_exactly() {
+    let cfg = tiny_qformer_distilled();
+    let mut run = Run::new(cfg.clone(), &Device::Cpu).unwrap();
+    let mut loader = run.loader().unwrap();
+    let first = loader.next_batch().unwrap();
+    let task = &mut run.task;
+    task.grads(std::slice::from_ref(&first), 0).unwrap();
+    task.after_step().unwrap();
+    let big = loader.next_batch().unwrap();
+    let before = task.state().unwrap();
+    let (g_big, l_big) = task.grads(std::slice::from_ref(&big), 1).unwrap();
+    task.load_state(&before, "test").unwrap();
+    let (g_acc, l_acc) = task.grads(&[big.rows(0..3), big.rows(3..6)], 1).unwrap();
+    assert!(l_big.total.is_finite());
+    assert!(
+        (l_big.total - l_acc.total).abs() < 1e-4,
+        "{} vs {}",
+        l_big.total,
+        l_acc.total
+    );
+    let rel = common::grads_rel_diff(&g_big, &g_acc);
+    assert!(rel < 1e-3, "accumulated gradient off by {rel}");
+    assert_eq!(g_big.len(), task.vars().len());
+    for (name, g) in &g_big {
+        assert!(common::grad_norm(g).is_finite(), "{name}");
+    }
+
+    let straight = scratch("qformer-distill-straight");
+    train(&cfg, &straight, false);
+    let split = scratch("qformer-distill-split");
+    let mut first = cfg.clone();
+    first.train.steps = 2;
+    train(&first, &split, false);
+    train(&cfg, &split, true);
+    common::assert_same_weights(&straight, &split);
+    let rel = "checkpoints/step-0000004/task_state.safetensors";
+    assert!(file(&straight, rel) == file(&split, rel));
 }

@@ -157,3 +157,175 @@ fn train_caption_and_eval_a_tiny_qformer() {
         "/nonexistent.png",
     );
 }
+
+/// `vlalign capfilt` on a noisy shapes manifest: the report's counts agree with the manifest it
+/// writes, the filter is scored against the `noisy` flags (at threshold 0 every original pair is
+/// kept: recall 1, precision = the clean fraction counted from the input), the same seed writes
+/// the same manifest, and bad input is a one-line error.
+#[test]
+fn capfilt_filters_a_noisy_manifest() {
+    let dir = scratch("capfilt-cli");
+    let model = common::train_tiny_qformer(&dir).display().to_string();
+    let data = dir.join("noisy");
+    let o = vlalign(&[
+        "data",
+        "shapes",
+        "--out",
+        data.to_str().unwrap(),
+        "--n",
+        "24",
+        "--seed",
+        "3",
+        "--pairs",
+        "seen",
+        "--caption-noise",
+        "0.5",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let manifest = data.join("manifest.jsonl");
+    let entries = vlalign::data::manifest::read(&manifest).unwrap();
+    let noisy = entries.iter().filter(|e| e.noisy == Some(true)).count();
+    assert!(noisy > 0 && noisy < 24, "{noisy}");
+    let run = |out: &str, threshold: &str, extra: &[&str]| {
+        let out = dir.join(out);
+        let mut args = vec![
+            "capfilt",
+            "--captioner",
+            &model,
+            "--filter",
+            &model,
+            "--data",
+            manifest.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--threshold",
+            threshold,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let r = json(&vlalign(&args));
+        let kept = vlalign::data::manifest::read(&out.join("manifest.jsonl")).unwrap();
+        (r, kept, std::fs::read(out.join("manifest.jsonl")).unwrap())
+    };
+    let (r, kept, bytes) = run("all", "0", &[]);
+    assert_eq!(
+        (r["images"].as_u64(), r["pairs"].as_u64()),
+        (Some(24), Some(24))
+    );
+    assert_eq!(
+        (r["kept_original"].as_u64(), r["kept_synthetic"].as_u64()),
+        (Some(24), Some(24))
+    );
+    assert_eq!(kept.len(), 48);
+    assert!(kept
+        .iter()
+        .all(|e| e.image.is_absolute() && e.image.is_file()));
+    let s = &r["score"];
+    assert_eq!(s["recall"].as_f64(), Some(1.0));
+    let clean = (24 - noisy) as f64 / 24.0;
+    assert!(
+        (s["precision"].as_f64().unwrap() - clean).abs() < 1e-12,
+        "{s}"
+    );
+    assert_eq!(s["noisy_pairs"].as_u64(), Some(noisy as u64));
+    // Same seed, same synthetic captions.
+    let (_, _, again) = run("again", "0", &[]);
+    assert!(bytes == again);
+    // Originals only: the written manifest holds exactly what the report counts.
+    let (r, kept, _) = run("originals", "0", &["--no-synthetic"]);
+    assert_eq!(r["kept_synthetic"].as_u64(), Some(0));
+    assert_eq!(kept.len(), 24);
+    assert_eq!(kept.iter().filter(|e| e.noisy == Some(true)).count(), noisy);
+
+    let out = dir.join("err");
+    let m = manifest.to_str().unwrap();
+    let clip = fixture("clip-a");
+    for (args, needle) in [
+        (
+            vec![
+                "--captioner",
+                &model,
+                "--filter",
+                &model,
+                "--data",
+                "/nonexistent.jsonl",
+            ],
+            "/nonexistent.jsonl",
+        ),
+        (
+            vec![
+                "--captioner",
+                clip.to_str().unwrap(),
+                "--filter",
+                &model,
+                "--data",
+                m,
+            ],
+            "--captioner",
+        ),
+        (
+            vec![
+                "--captioner",
+                &model,
+                "--filter",
+                &model,
+                "--data",
+                m,
+                "--threshold",
+                "2",
+            ],
+            "--threshold",
+        ),
+        (
+            vec![
+                "--captioner",
+                &model,
+                "--filter",
+                &model,
+                "--data",
+                m,
+                "--top-p",
+                "0",
+            ],
+            "--top-p",
+        ),
+    ] {
+        let mut a = vec!["capfilt", "--out", out.to_str().unwrap()];
+        a.extend(args);
+        assert_only_error(&vlalign(&a), needle);
+    }
+    // A filter that keeps nothing writes nothing (a manifest with no pairs cannot train).
+    let none = dir.join("none");
+    common::assert_user_error(
+        &vlalign(&[
+            "capfilt",
+            "--captioner",
+            &model,
+            "--filter",
+            &model,
+            "--data",
+            m,
+            "--out",
+            none.to_str().unwrap(),
+            "--threshold",
+            "1",
+        ]),
+        "kept no pair",
+    );
+    assert!(!none.exists());
+    let full = dir.join("all");
+    assert_only_error(
+        &vlalign(&[
+            "capfilt",
+            "--captioner",
+            &model,
+            "--filter",
+            &model,
+            "--data",
+            m,
+            "--out",
+            full.to_str().unwrap(),
+        ]),
+        "not empty",
+    );
+}

@@ -4,5 +4,6 @@
 
 pub mod ann_bench;
 pub mod bench;
+pub mod capfilt;
 pub mod demo;
 pub mod serve_bench;

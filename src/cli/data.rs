@@ -49,6 +49,14 @@ pub struct ShapesArgs {
     /// marks them `"noisy": true`, so that filters (`vlalign capfilt`) can be scored.
     #[arg(long, default_value_t = 0.0)]
     caption_noise: f32,
+    /// Relative frequency of each object count (e.g. `6,1,1` for 1, 2, 3 objects, as
+    /// configs/clip-tiny.toml trains); default uniform.
+    #[arg(long, value_delimiter = ',')]
+    object_weights: Vec<f32>,
+    /// Consecutive images differ only in their shapes (the training stream's hard negatives,
+    /// `data.shapes_twins`).
+    #[arg(long)]
+    twins: bool,
 }
 
 pub fn run(c: Command) -> Result<()> {
@@ -75,6 +83,16 @@ pub fn run(c: Command) -> Result<()> {
             a.caption_noise
         );
     }
+    let counts = a.objects.map_or(3, |_| 1);
+    if !a.object_weights.is_empty()
+        && (a.object_weights.len() != counts
+            || a.object_weights
+                .iter()
+                .any(|w| !(w.is_finite() && *w >= 0.0))
+            || a.object_weights.iter().sum::<f32>() <= 0.0)
+    {
+        bail!("--object-weights needs {counts} non-negative weights (one per object count), not all zero");
+    }
     if a.n > MAX_IMAGES {
         bail!("--n {}: at most {MAX_IMAGES} images", a.n);
     }
@@ -90,8 +108,8 @@ pub fn run(c: Command) -> Result<()> {
         min_objects: a.objects.unwrap_or(1),
         max_objects: a.objects.unwrap_or(3),
         pairs,
-        twins: false,
-        object_weights: Vec::new(),
+        twins: a.twins,
+        object_weights: a.object_weights,
         caption_noise: a.caption_noise,
     };
     // Generated and written one at a time: memory stays flat for any --n.

@@ -1,6 +1,7 @@
 //! Command-line verbs (DESIGN.md §3), one file each: parse, call the library, print.
 
 mod bench;
+mod capfilt;
 mod caption;
 mod convert;
 mod data;
@@ -56,6 +57,9 @@ enum Command {
     Itm(itm::Args),
     /// Captions from a Q-Former's ITG head (greedy or beam search).
     Caption(caption::Args),
+    /// BLIP's CapFilt: caption every image of a manifest, keep the original and synthetic
+    /// captions that a Q-Former's ITM head says match, write a new manifest.
+    Capfilt(capfilt::Args),
     /// The images that best match a text: by cosine (CLIP) or ITC, optionally reranked by ITM
     /// (Q-Former).
     Retrieve(retrieve::Args),
@@ -85,6 +89,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Zeroshot(a) => zeroshot::run(a),
         Command::Itm(a) => itm::run(a),
         Command::Caption(a) => caption::run(a),
+        Command::Capfilt(a) => capfilt::run(a),
         Command::Retrieve(a) => retrieve::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Index(c) => index::run(c),

@@ -230,14 +230,8 @@ impl QformerPipeline {
         })
     }
 
-    /// Captions from the ITG head for image-feature rows `[N, tokens, E]`: greedy when
-    /// `beams == 1`, else beam search keeping `beams` hypotheses (generate.rs).
-    pub fn caption(
-        &self,
-        image_embeds: &Tensor,
-        beams: usize,
-        max_len: usize,
-    ) -> Result<Vec<Caption>> {
+    /// [DEC], the token captions start from, once the directory is known to caption.
+    fn caption_start(&self) -> Result<u32> {
         let dec = self.dec_id.ok_or_else(|| {
             Error::input(format!(
                 "{}: qformer_config has no bos_token_id ([DEC]); this directory was not trained for captioning",
@@ -250,6 +244,18 @@ impl QformerPipeline {
                 self.dir.display()
             )));
         }
+        Ok(dec)
+    }
+
+    /// Captions from the ITG head for image-feature rows `[N, tokens, E]`: greedy when
+    /// `beams == 1`, else beam search keeping `beams` hypotheses (generate.rs).
+    pub fn caption(
+        &self,
+        image_embeds: &Tensor,
+        beams: usize,
+        max_len: usize,
+    ) -> Result<Vec<Caption>> {
+        let dec = self.caption_start()?;
         let max_len = max_len
             .min(self.model.config().qformer.max_position_embeddings - 1)
             .max(1);
@@ -271,6 +277,41 @@ impl QformerPipeline {
                 let next =
                     |seqs: &[Vec<u32>]| self.next_logprobs(&img.repeat((seqs.len(), 1, 1))?, seqs);
                 out.push(self.finish(generate::beam(dec, eos, beams, max_len, next)?)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Captions sampled from the ITG head with nucleus sampling (`generate::nucleus`; BLIP's
+    /// CapFilt captioner): image-feature row i draws from `rngs[i]`.
+    pub fn caption_sampled(
+        &self,
+        image_embeds: &Tensor,
+        top_p: f32,
+        max_len: usize,
+        min_len: usize,
+        rngs: &mut [rand_chacha::ChaCha8Rng],
+    ) -> Result<Vec<Caption>> {
+        let dec = self.caption_start()?;
+        let max_len = max_len
+            .min(self.model.config().qformer.max_position_embeddings - 1)
+            .max(1);
+        let eos = self.eos();
+        let n = image_embeds.dim(0)?;
+        if rngs.len() != n {
+            return Err(Error::input(format!(
+                "{} random streams for {n} images",
+                rngs.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(n);
+        for s in (0..n).step_by(BATCH) {
+            let k = BATCH.min(n - s);
+            let img = image_embeds.narrow(0, s, k)?;
+            let next = |seqs: &[Vec<u32>]| self.next_logprobs(&img, seqs);
+            let rows = &mut rngs[s..s + k];
+            for g in generate::nucleus(dec, eos, max_len, min_len, top_p, rows, next)? {
+                out.push(self.finish(g)?);
             }
         }
         Ok(out)

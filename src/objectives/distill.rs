@@ -65,14 +65,35 @@ pub fn soft_targets(
     hard: &Tensor,
 ) -> Result<Tensor> {
     let sim = (a.detach().matmul(&b.detach().t()?)? * scale)?;
-    let soft = softmax_last(&sim)?;
-    (soft * alpha)? + (hard.detach().to_dtype(sim.dtype())? * (1.0 - alpha))?
+    mix_targets(&sim, alpha, hard)
+}
+
+/// `α · softmax(sim_m) + (1 − α) · hard` for momentum similarities `sim_m` `[B, B + Q]` (already
+/// temperature-scaled), detached.
+pub fn mix_targets(sim_m: &Tensor, alpha: f64, hard: &Tensor) -> Result<Tensor> {
+    let soft = softmax_last(&sim_m.detach())?;
+    (soft * alpha)? + (hard.detach().to_dtype(sim_m.dtype())? * (1.0 - alpha))?
 }
 
 /// Soft-target cross-entropy `−Σ_c log_softmax(logits)_rc · targets_rc`, summed over rows and
 /// divided by `rows` (the whole batch's row count: a micro-batch's share adds up to the mean).
 pub fn soft_cross_entropy_sum(logits: &Tensor, targets: &Tensor, rows: usize) -> Result<Tensor> {
     log_softmax(logits)?.mul(targets)?.sum_all()? / -(rows as f64)
+}
+
+/// `½ (CE(sim_i2t, targets_i2t) + CE(sim_t2i, targets_t2i))`, each summed over these rows and
+/// divided by the batch's `rows`: the distilled loss of any similarity (CLIP's scaled cosine,
+/// the Q-Former's max over queries).
+pub fn distilled_loss(
+    sim_i2t: &Tensor,
+    sim_t2i: &Tensor,
+    targets_i2t: &Tensor,
+    targets_t2i: &Tensor,
+    rows: usize,
+) -> Result<Tensor> {
+    let i2t = soft_cross_entropy_sum(sim_i2t, targets_i2t, rows)?;
+    let t2i = soft_cross_entropy_sum(sim_t2i, targets_t2i, rows)?;
+    (i2t + t2i)? / 2.0
 }
 
 /// ALBEF's distilled image–text contrastive loss (`loss_ita`) over L2-normalised online
@@ -95,9 +116,7 @@ pub fn distilled_itc_loss(
     let s = logit_scale.exp()?;
     let sim_i2t = image.matmul(&text_cols.t()?)?.broadcast_mul(&s)?;
     let sim_t2i = text.matmul(&image_cols.t()?)?.broadcast_mul(&s)?;
-    let i2t = soft_cross_entropy_sum(&sim_i2t, targets_i2t, rows)?;
-    let t2i = soft_cross_entropy_sum(&sim_t2i, targets_t2i, rows)?;
-    (i2t + t2i)? / 2.0
+    distilled_loss(&sim_i2t, &sim_t2i, targets_i2t, targets_t2i, rows)
 }
 
 /// ALBEF's α ramp: `alpha · min(1, step / warmup)` (ALBEF ramps over the first epoch,

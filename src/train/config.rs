@@ -24,7 +24,8 @@ pub struct TrainConfig {
     pub finetune: Option<FinetuneSpec>,
     pub data: DataSpec,
     pub train: TrainSpec,
-    /// Momentum distillation with feature queues (the `[distill]` section; CLIP tasks).
+    /// Momentum distillation with feature queues (the `[distill]` section): CLIP's contrastive
+    /// loss, or the Q-Former's ITC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillSpec>,
 }
@@ -419,14 +420,7 @@ impl TrainConfig {
             Self::validate_qformer(q)?;
         }
         if let Some(k) = &self.distill {
-            if self.qformer.is_some() {
-                return Err(
-                    "[distill] applies to CLIP training ([model] or [finetune]); the Q-Former \
-                     trains without it"
-                        .into(),
-                );
-            }
-            if t.loss != ContrastiveLoss::InfoNce {
+            if self.qformer.is_none() && t.loss != ContrastiveLoss::InfoNce {
                 return Err(
                     "[distill] needs train.loss = \"infonce\": its soft targets are softmax \
                      distributions (ALBEF), which the sigmoid loss has no counterpart of"

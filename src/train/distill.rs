@@ -20,7 +20,8 @@ use super::config::DistillSpec;
 use crate::error::{Error, Result};
 use crate::nn::ops::l2_normalize;
 
-/// Queues of momentum features: rows `[Q, D]` per tower and the image id of each row.
+/// Queues of momentum features: `[Q, …]` per tower (an entry is a `[D]` feature, or for the
+/// Q-Former's image side `[queries, D]`) and the image id of each entry.
 pub struct FeatureQueues {
     pub image: Tensor,
     pub text: Tensor,
@@ -31,22 +32,30 @@ pub struct FeatureQueues {
 }
 
 impl FeatureQueues {
-    /// `size` random unit rows of width `dim` per tower (ALBEF's `randn` + `normalize`), drawn
-    /// from `seed`.
-    pub fn new(size: usize, dim: usize, seed: u64, device: &Device) -> Result<Self> {
-        let rows = |name: &str| -> Result<Tensor> {
+    /// `size` random entries per tower, of shape `image_entry` and `[text_dim]`: standard
+    /// normal, every feature vector (the last dimension) L2-normalised (ALBEF's `randn` +
+    /// `normalize`), drawn from `seed`.
+    pub fn new(
+        size: usize,
+        image_entry: &[usize],
+        text_dim: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let rows = |name: &str, entry: &[usize]| -> Result<Tensor> {
             let init = candle_nn::Init::Randn {
                 mean: 0.0,
                 stdev: 1.0,
             };
-            let shape = candle_core::Shape::from((size, dim));
+            let dims: Vec<usize> = std::iter::once(size).chain(entry.iter().copied()).collect();
+            let shape = candle_core::Shape::from(dims);
             let v = crate::nn::init::seeded_values(&init, &shape, seed, name);
-            let t = Tensor::from_vec(v, (size, dim), device)?;
+            let t = Tensor::from_vec(v, shape, device)?;
             Ok(if size == 0 { t } else { l2_normalize(&t)? })
         };
         Ok(Self {
-            image: rows("distill.image_queue")?,
-            text: rows("distill.text_queue")?,
+            image: rows("distill.image_queue", image_entry)?,
+            text: rows("distill.text_queue", &[text_dim])?,
             ids: vec![None; size],
             cursor: 0,
         })
@@ -77,14 +86,22 @@ impl FeatureQueues {
             return Ok(());
         }
         let write = |queue: &Tensor, rows: &Tensor, cursor: usize| -> Result<Tensor> {
-            let (n, d) = rows.dims2()?;
+            let n = rows.dim(0)?;
+            let d = queue.elem_count() / q;
+            if rows.elem_count() != n * d {
+                return Err(Error::input(format!(
+                    "queue entries are {:?}, features {:?}",
+                    &queue.dims()[1..],
+                    &rows.dims()[1..]
+                )));
+            }
             let mut all: Vec<f32> = queue.flatten_all()?.to_vec1()?;
             let new: Vec<f32> = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             for r in 0..n {
                 let slot = (cursor + r) % q;
                 all[slot * d..(slot + 1) * d].copy_from_slice(&new[r * d..(r + 1) * d]);
             }
-            Ok(Tensor::from_vec(all, (q, d), queue.device())?)
+            Ok(Tensor::from_vec(all, queue.shape(), queue.device())?)
         };
         self.image = write(&self.image, &image.detach(), self.cursor)?;
         self.text = write(&self.text, &text.detach(), self.cursor)?;
@@ -109,11 +126,12 @@ pub struct Distillation {
 
 impl Distillation {
     /// A momentum copy of `online` (equal to it, as ALBEF's `copy_params`) and queues of
-    /// `spec.queue_size` random rows of width `dim`.
+    /// `spec.queue_size` random entries ([`FeatureQueues::new`]).
     pub fn new(
         spec: &DistillSpec,
         online: &[(String, Var)],
-        dim: usize,
+        image_entry: &[usize],
+        text_dim: usize,
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
@@ -132,7 +150,7 @@ impl Distillation {
             spec: spec.clone(),
             varmap,
             pairs,
-            queues: FeatureQueues::new(spec.queue_size, dim, seed, device)?,
+            queues: FeatureQueues::new(spec.queue_size, image_entry, text_dim, seed, device)?,
         })
     }
 
@@ -237,7 +255,7 @@ mod tests {
     #[test]
     fn queues_start_normalised_and_wrap() {
         let dev = Device::Cpu;
-        let mut q = FeatureQueues::new(4, 3, 0, &dev).unwrap();
+        let mut q = FeatureQueues::new(4, &[3], 3, 0, &dev).unwrap();
         let norms: Vec<f32> = q.image.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
         assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5), "{norms:?}");
         let rows = |v: f32| Tensor::full(v, (3, 3), &dev).unwrap();
@@ -256,7 +274,7 @@ mod tests {
     fn momentum_moves_towards_the_model_and_round_trips() {
         let dev = Device::Cpu;
         let p = Var::new(&[1f32, 2.0], &dev).unwrap();
-        let d = Distillation::new(&spec(2), &[("w".into(), p.clone())], 2, 0, &dev).unwrap();
+        let d = Distillation::new(&spec(2), &[("w".into(), p.clone())], &[2], 2, 0, &dev).unwrap();
         p.set(&Tensor::new(&[11f32, 2.0], &dev).unwrap()).unwrap();
         d.update().unwrap();
         let m: Vec<f32> = d.state().unwrap()["momentum.w"].to_vec1().unwrap();
@@ -264,7 +282,8 @@ mod tests {
             (m[0] - 2.0).abs() < 1e-6 && (m[1] - 2.0).abs() < 1e-6,
             "{m:?}"
         );
-        let mut d2 = Distillation::new(&spec(2), &[("w".into(), p.clone())], 2, 1, &dev).unwrap();
+        let mut d2 =
+            Distillation::new(&spec(2), &[("w".into(), p.clone())], &[2], 2, 1, &dev).unwrap();
         let mut d = d;
         d.queues
             .push(

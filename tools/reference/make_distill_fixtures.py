@@ -16,6 +16,8 @@ tests/fixtures/distill.reference.safetensors, for each case `albef` (one-hot dia
   {case}/queue_image_after, queue_text_after, idx_queue_after, ptr_after: after enqueueing the
       batch's momentum features at ptr {case}/ptr
   ema/param, ema/momentum, ema/after: one `_momentum_update` at momentum 0.995
+  qformer/*: the same for BLIP-2's ITC similarity (max over queries / temp; LAVIS), image
+      features and queue entries [NQ, D] per image, BLIP's image-id targets
 
 Run:  .venv/bin/python tools/reference/make_distill_fixtures.py
 """
@@ -91,6 +93,54 @@ def case(name, blip_targets, g):
     return {f"{name}/{k}": v for k, v in out.items()}
 
 
+def qformer_case(g):
+    """BLIP-2's ITC similarity (LAVIS blip2_qformer.py: the max over queries of query feature ·
+    text feature, divided by temp) under ALBEF's distillation, with BLIP's image-id targets.
+    Queues hold [Q, NQ, D] image entries and [Q, D] text entries (rows, vlalign's layout)."""
+    NQ = 3
+    unit = lambda *s: F.normalize(torch.randn(*s, generator=g, dtype=torch.float64), dim=-1)
+    image_feats = unit(B, NQ, D).requires_grad_()
+    text_feat = unit(B, D).requires_grad_()
+    image_feats_m, text_feat_m = unit(B, NQ, D), unit(B, D)
+    image_queue, text_queue = unit(Q, NQ, D), unit(Q, D)
+    idx = torch.tensor([3, 5, 3, 9])
+    idx_queue = torch.tensor([5, -100, 9, 4, -100, -100, 3, 7])
+    temp = torch.tensor(0.07, dtype=torch.float64, requires_grad=True)
+    alpha = 0.4
+
+    def sims(img_feats, txt_feat, img_all, txt_all, t):
+        # LAVIS: sim_q2t = (image_feats.unsqueeze(1) @ text_feat_all.unsqueeze(-1)).squeeze()
+        sim_q2t = torch.matmul(img_feats.unsqueeze(1), txt_all.unsqueeze(-1)).squeeze(-1)
+        sim_i2t = sim_q2t.max(-1)[0] / t
+        # LAVIS: sim_t2q = (text_feat.unsqueeze(1).unsqueeze(1) @ image_feats_all.permute(0, 2, 1))
+        sim_t2q = torch.matmul(txt_feat.unsqueeze(1).unsqueeze(1), img_all.permute(0, 2, 1)).squeeze(-2)
+        sim_t2i = sim_t2q.max(-1)[0] / t
+        return sim_i2t, sim_t2i
+
+    image_all = torch.cat([image_feats_m, image_queue], dim=0)
+    text_all = torch.cat([text_feat_m, text_queue], dim=0)
+    with torch.no_grad():
+        sim_i2t_m, sim_t2i_m = sims(image_feats_m, text_feat_m, image_all, text_all, temp)
+        idx_all = torch.cat([idx.view(1, -1), idx_queue.view(1, -1)], dim=1)
+        pos_idx = torch.eq(idx.view(-1, 1), idx_all).double()
+        sim_targets = pos_idx / pos_idx.sum(1, keepdim=True)
+        sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+        sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+    sim_i2t, sim_t2i = sims(image_feats, text_feat, image_all, text_all, temp)
+    loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+    loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+    loss = (loss_i2t + loss_t2i) / 2
+    loss.backward()
+    out = {
+        "image": image_feats.detach(), "text": text_feat.detach(), "image_m": image_feats_m,
+        "text_m": text_feat_m, "image_queue": image_queue, "text_queue": text_queue, "idx": idx,
+        "idx_queue": idx_queue, "temp": temp.detach(), "alpha": torch.tensor(alpha, dtype=torch.float64),
+        "targets_i2t": sim_i2t_targets, "targets_t2i": sim_t2i_targets, "loss": loss.detach(),
+        "grad_image": image_feats.grad, "grad_text": text_feat.grad, "grad_temp": temp.grad,
+    }
+    return {f"qformer/{k}": v for k, v in out.items()}
+
+
 def ema(g):
     # ALBEF._momentum_update: param_m.data = param_m.data * momentum + param.data * (1 - momentum)
     param = torch.randn(3, 5, generator=g, dtype=torch.float64)
@@ -105,6 +155,7 @@ def main():
     tensors.update(case("albef", False, g))
     tensors.update(case("blip", True, g))
     tensors.update(ema(g))
+    tensors.update(qformer_case(g))
     save_file({k: v.contiguous() for k, v in tensors.items()},
               fixture_path("distill.reference.safetensors"))
     print({k: v.item() for k, v in tensors.items() if k.endswith("/loss")})

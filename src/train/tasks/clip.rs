@@ -100,7 +100,7 @@ impl ClipTask {
     pub fn with_distill(mut self, spec: &DistillSpec, seed: u64) -> Result<Self> {
         let device = self.parts.device.clone();
         let dim = self.config.projection_dim;
-        let state = Distillation::new(spec, &self.vars(), dim, seed, &device)?;
+        let state = Distillation::new(spec, &self.vars(), &[dim], dim, seed, &device)?;
         let vb = VarBuilder::from_varmap(&state.varmap, DType::F32, &device);
         let model = Clip::new(vb, &self.config, ClipLayout::Full)?;
         self.distill = Some(Box::new(ClipDistill { state, model }));

@@ -29,6 +29,7 @@ use crate::objectives::itg::{decoder_ids, itg_loss};
 use crate::objectives::itm::{itm_loss, sample_hard_negatives_excluding};
 use crate::rng;
 use crate::train::config::{QformerInit, QformerSpec, TrainConfig};
+use crate::train::distill::Distillation;
 use crate::train::optim::Grads;
 use crate::train::task::{LossTerms, Task, TaskParts};
 use crate::train::tokenizer::tokenizer_for;
@@ -44,6 +45,21 @@ pub struct QformerTask {
     pub dec_id: u32,
     temp: Var,
     seed: u64,
+    /// Momentum distillation of ITC (`[distill]`), when the run uses it.
+    distill: Option<Box<QformerDistill>>,
+}
+
+/// Momentum distillation for the Q-Former's ITC (ALBEF §3.3, as BLIP applies it to its ITC): a
+/// momentum Q-Former (an EMA of every trained variable, over the same frozen image encoder) and
+/// its state; its query and [CLS] features give the soft targets, and the queues hold them.
+struct QformerDistill {
+    state: Distillation,
+    model: Blip2Qformer,
+}
+
+/// Query tokens per image: the entries of the image-side queue are `[queries, embed_dim]`.
+fn spec_queries(config: &Blip2Config) -> usize {
+    config.num_query_tokens
 }
 
 /// `(image i, text j) ↦ caption j is true of image i`, for the hard-negative draw: LAVIS keeps
@@ -153,6 +169,29 @@ impl QformerTask {
             device: device.clone(),
         };
         let temp = parts.var(TEMP).expect("temperature created");
+        let distill = match &cfg.distill {
+            Some(spec) => {
+                let entry = [spec_queries(&config), config.image_text_hidden_size];
+                let state = Distillation::new(
+                    spec,
+                    &parts.vars(),
+                    &entry,
+                    config.image_text_hidden_size,
+                    cfg.train.seed,
+                    device,
+                )?;
+                let vb = crate::nn::init::seeded_with_frozen(
+                    &state.varmap,
+                    cfg.train.seed,
+                    parts.frozen.clone(),
+                    DType::F32,
+                    device,
+                );
+                let model = Blip2Qformer::new(vb, &config, true)?;
+                Some(Box::new(QformerDistill { state, model }))
+            }
+            None => None,
+        };
         Ok(Self {
             parts,
             model,
@@ -160,6 +199,7 @@ impl QformerTask {
             dec_id,
             temp,
             seed: cfg.train.seed,
+            distill,
         })
     }
 
@@ -247,14 +287,35 @@ impl Task for QformerTask {
     }
 
     fn grads(&mut self, micro: &[Batch], step: u64) -> Result<(Grads, LossTerms)> {
-        self.step_grads(micro, step)
+        let (grads, terms, momentum) = self.step_grads(micro, step)?;
+        if let (Some(d), Some((img_m, txt_m, ids))) = (self.distill.as_mut(), momentum) {
+            d.state.queues.push(&img_m, &txt_m, &ids)?;
+        }
+        Ok((grads, terms))
     }
 
     fn after_step(&mut self) -> Result<()> {
         // BLIP/ALBEF keep the temperature in [0.001, 0.5].
         let clamped = self.temp.as_tensor().clamp(TEMP_MIN, TEMP_MAX)?;
         self.temp.set(&clamped)?;
+        if let Some(d) = &self.distill {
+            d.state.update()?;
+        }
         Ok(())
+    }
+
+    fn state(&self) -> Result<HashMap<String, Tensor>> {
+        match &self.distill {
+            Some(d) => d.state.state(),
+            None => Ok(HashMap::new()),
+        }
+    }
+
+    fn load_state(&mut self, state: &HashMap<String, Tensor>, from: &str) -> Result<()> {
+        match &mut self.distill {
+            Some(d) => d.state.load_state(state, from),
+            None => Ok(()),
+        }
     }
 
     fn scalars(&self) -> Vec<(String, f32)> {

@@ -21,14 +21,21 @@ use std::ops::Range;
 
 use candle_core::{Tensor, Var};
 
-use super::QformerTask;
+use super::{QformerDistill, QformerTask};
 use crate::data::batch::Batch;
 use crate::error::{Error, Result};
-use crate::objectives::itc::itc_loss;
+use crate::models::qformer::Blip2Qformer;
+use crate::objectives::distill::{distilled_loss, hard_targets, mix_targets};
+use crate::objectives::itc::{itc_loss, max_over_queries};
 use crate::objectives::itg::{decoder_ids, itg_loss_sum, itg_target_count};
 use crate::objectives::itm::itm_loss_sum;
+use crate::train::distill::FeatureQueues;
 use crate::train::optim::Grads;
 use crate::train::task::LossTerms;
+
+/// A step's gradients, loss terms and, when distilling, the batch's momentum ITC features and
+/// image ids (the queues take them once the step is done).
+pub(super) type StepOutput = (Grads, LossTerms, Option<(Tensor, Tensor, Vec<u64>)>);
 
 /// Threads each micro-batch is split over.
 pub const SHARDS: usize = 2;
@@ -90,19 +97,7 @@ fn scalar(t: &Tensor) -> Result<f32> {
 impl QformerTask {
     /// ITC features `([n, Q, D], [n, D])` of `range`, with a graph.
     fn itc_features(&self, rows: &StepRows, range: Range<usize>) -> Result<(Tensor, Tensor)> {
-        let ids: Vec<&Vec<u32>> = rows.ids[range.clone()].iter().collect();
-        let mask: Vec<&Vec<u32>> = rows.mask[range.clone()].iter().collect();
-        let (ids, mask) = trimmed(&ids, &mask);
-        let image = rows.image.narrow(0, range.start, range.len())?;
-        let img = self
-            .model
-            .itc_image_features(&self.model.query_output(&image)?)?;
-        let txt = self.model.itc_text_features(
-            &self
-                .model
-                .text_output(&Tensor::new(ids, &self.parts.device)?, &mask)?,
-        )?;
-        Ok((img, txt))
+        itc_features_of(&self.model, rows, range, &self.parts.device)
     }
 
     /// One shard's gradients and its shares of the ITM and ITG losses.
@@ -158,7 +153,7 @@ impl QformerTask {
 
     /// The gradient of ITC + ITM + ITG over all of `micro` (one batch of their concatenation)
     /// and the three terms.
-    pub(super) fn step_grads(&self, micro: &[Batch], step: u64) -> Result<(Grads, LossTerms)> {
+    pub(super) fn step_grads(&self, micro: &[Batch], step: u64) -> Result<StepOutput> {
         let mut images = Vec::with_capacity(micro.len());
         let mut bounds = Vec::with_capacity(micro.len());
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
@@ -194,7 +189,18 @@ impl QformerTask {
         let img = Var::from_tensor(&Tensor::cat(&img_parts, 0)?)?;
         let txt = Var::from_tensor(&Tensor::cat(&txt_parts, 0)?)?;
         let temp = self.temp.as_tensor();
-        let itc = itc_loss(img.as_tensor(), txt.as_tensor(), temp)?;
+        let image_ids: Vec<u64> = micro
+            .iter()
+            .flat_map(|b| b.image_ids.iter().copied())
+            .collect();
+        let (itc, momentum) = match &self.distill {
+            Some(d) => {
+                let (loss, m) =
+                    self.distilled_itc(d, &rows, &bounds, &img, &txt, &image_ids, step)?;
+                (loss, Some(m))
+            }
+            None => (itc_loss(img.as_tensor(), txt.as_tensor(), temp)?, None),
+        };
         let itc_grads = itc.backward()?;
         let mut grads = Grads::new();
         self.parts.collect(&itc_grads, &mut grads)?;
@@ -248,6 +254,7 @@ impl QformerTask {
             }
         }
         let itc = scalar(&itc)?;
+        let momentum = momentum.map(|(i, t)| (i, t, image_ids));
         Ok((
             grads,
             LossTerms {
@@ -258,6 +265,69 @@ impl QformerTask {
                     ("itg".into(), itg),
                 ],
             },
+            momentum,
         ))
     }
+
+    /// ITC with momentum distillation (ALBEF §3.3 on BLIP-2's max-over-queries similarity): the
+    /// momentum Q-Former's features of the batch and the queues are the columns; the targets mix
+    /// the momentum similarities' softmax with the hard labels; no label smoothing (the soft
+    /// targets take its place, as in BLIP). Returns the loss over the online features `img`,
+    /// `txt` and the batch's momentum features, for the queues.
+    #[allow(clippy::too_many_arguments)]
+    fn distilled_itc(
+        &self,
+        d: &QformerDistill,
+        rows: &StepRows,
+        bounds: &[Range<usize>],
+        img: &Var,
+        txt: &Var,
+        ids: &[u64],
+        step: u64,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let dev = &self.parts.device;
+        let (mut im, mut tm) = (Vec::new(), Vec::new());
+        for r in bounds {
+            let (i, t) = itc_features_of(&d.model, rows, r.clone(), dev)?;
+            im.push(i.detach());
+            tm.push(t.detach());
+        }
+        let (img_m, txt_m) = (Tensor::cat(&im, 0)?, Tensor::cat(&tm, 0)?);
+        let q = &d.state.queues;
+        let image_cols = FeatureQueues::columns(&img_m, &q.image)?;
+        let text_cols = FeatureQueues::columns(&txt_m, &q.text)?;
+        let temp = self.temp.as_tensor();
+        let temp_m = temp.detach();
+        let hard = hard_targets(ids, &q.ids, d.state.spec.same_image_targets, dev)?;
+        let alpha = d.state.alpha(step);
+        let sim_i2t_m = max_over_queries(&img_m, &text_cols)?.broadcast_div(&temp_m)?;
+        let sim_t2i_m = max_over_queries(&image_cols, &txt_m)?
+            .t()?
+            .broadcast_div(&temp_m)?;
+        let t_i2t = mix_targets(&sim_i2t_m, alpha, &hard)?;
+        let t_t2i = mix_targets(&sim_t2i_m, alpha, &hard)?;
+        let sim_i2t = max_over_queries(img.as_tensor(), &text_cols)?.broadcast_div(temp)?;
+        let sim_t2i = max_over_queries(&image_cols, txt.as_tensor())?
+            .t()?
+            .broadcast_div(temp)?;
+        let loss = distilled_loss(&sim_i2t, &sim_t2i, &t_i2t, &t_t2i, ids.len())?;
+        Ok((loss, (img_m, txt_m)))
+    }
+}
+
+/// ITC features `([n, Q, D], [n, D])` of `range` under `model` (the trained Q-Former or its
+/// momentum copy), with a graph.
+fn itc_features_of(
+    model: &Blip2Qformer,
+    rows: &StepRows,
+    range: Range<usize>,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let ids: Vec<&Vec<u32>> = rows.ids[range.clone()].iter().collect();
+    let mask: Vec<&Vec<u32>> = rows.mask[range.clone()].iter().collect();
+    let (ids, mask) = trimmed(&ids, &mask);
+    let image = rows.image.narrow(0, range.start, range.len())?;
+    let img = model.itc_image_features(&model.query_output(&image)?)?;
+    let txt = model.itc_text_features(&model.text_output(&Tensor::new(ids, device)?, &mask)?)?;
+    Ok((img, txt))
 }
