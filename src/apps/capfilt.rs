@@ -105,6 +105,9 @@ pub fn capfilt(
     let mut kept_lines = vec![false; entries.len()];
     let (mut kept_synthetic, mut skipped) = (0usize, Vec::new());
     for (c, chunk) in images.chunks(CHUNK).enumerate() {
+        if c % 16 == 0 {
+            tracing::info!("capfilt: {} of {} images", c * CHUNK, images.len());
+        }
         let mut loaded: Vec<(usize, RgbImage)> = Vec::new();
         for (j, (path, _)) in chunk.iter().enumerate() {
             match load_rgb(path) {
