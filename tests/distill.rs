@@ -164,6 +164,25 @@ fn distilled_training_accumulates_exactly() {
     let mut run = Run::new(cfg, &Device::Cpu).unwrap();
     let mut loader = run.loader().unwrap();
     let first = loader.next_batch().unwrap();
+    // The momentum CLIP starts as the model itself: the same features.
+    let clip = run.task.as_clip().unwrap();
+    let d = clip.distill.as_ref().unwrap();
+    let pixels = first.pixel_tensor(&Device::Cpu).unwrap();
+    let (ids, mask) = (&first.tokens.ids, &first.tokens.mask);
+    assert_eq!(
+        max_abs_diff(
+            &clip.model.image_features(&pixels).unwrap(),
+            &d.model.image_features(&pixels).unwrap()
+        ),
+        0.0
+    );
+    assert_eq!(
+        max_abs_diff(
+            &clip.model.text_features(ids, mask).unwrap(),
+            &d.model.text_features(ids, mask).unwrap()
+        ),
+        0.0
+    );
     let task = &mut run.task;
     task.grads(std::slice::from_ref(&first), 0).unwrap();
     task.after_step().unwrap();

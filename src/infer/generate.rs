@@ -248,7 +248,9 @@ mod tests {
     fn nucleus_sampling_keeps_the_top_p_mass() {
         use rand::SeedableRng;
         let rngs = |n: usize| -> Vec<ChaCha8Rng> {
-            (0..n as u64).map(|i| ChaCha8Rng::seed_from_u64(1000 + i)).collect()
+            (0..n as u64)
+                .map(|i| ChaCha8Rng::seed_from_u64(1000 + i))
+                .collect()
         };
         let g = nucleus(0, Some(1), 5, 0, 0.5, &mut rngs(200), toy).unwrap();
         assert!(g.iter().all(|g| g.ids == vec![2]));

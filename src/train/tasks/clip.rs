@@ -103,6 +103,13 @@ impl ClipTask {
         let state = Distillation::new(spec, &self.vars(), &[dim], dim, seed, &device)?;
         let vb = VarBuilder::from_varmap(&state.varmap, DType::F32, &device);
         let model = Clip::new(vb, &self.config, ClipLayout::Full)?;
+        // Every tensor of the momentum CLIP must be a copy; a name the copy lacks would have
+        // been created at random by the builder.
+        if state.varmap.all_vars().len() != self.vars().len() {
+            return Err(crate::error::Error::input(
+                "the momentum CLIP does not have the trained CLIP's variables",
+            ));
+        }
         self.distill = Some(Box::new(ClipDistill { state, model }));
         Ok(self)
     }

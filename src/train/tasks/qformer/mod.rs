@@ -188,6 +188,11 @@ impl QformerTask {
                     device,
                 );
                 let model = Blip2Qformer::new(vb, &config, true)?;
+                if state.varmap.all_vars().len() != parts.vars().len() {
+                    return Err(Error::input(
+                        "the momentum Q-Former does not have the trained Q-Former's variables",
+                    ));
+                }
                 Some(Box::new(QformerDistill { state, model }))
             }
             None => None,
