@@ -88,7 +88,7 @@ fn noisy_configs_are_clip_tiny_with_noise_and_distillation() {
     back.data.shapes_caption_noise = 0.0;
     assert_eq!(back, clean);
     let d = distilled.distill.clone().expect("[distill]");
-    assert_eq!((d.momentum, d.alpha), (0.995, 0.4));
+    assert_eq!((d.momentum, d.alpha), (0.99, 0.4));
     assert_eq!(d.queue_size % distilled.train.batch_size, 0);
     let mut plain = distilled.clone();
     plain.distill = None;
