@@ -108,17 +108,20 @@ pub fn capfilt(
         if c % 16 == 0 {
             tracing::info!("capfilt: {} of {} images", c * CHUNK, images.len());
         }
-        let mut loaded: Vec<(usize, RgbImage)> = Vec::new();
+        // The images of this chunk that could be read, and their indices into `images`.
+        let (mut loaded, mut imgs): (Vec<usize>, Vec<RgbImage>) = (Vec::new(), Vec::new());
         for (j, (path, _)) in chunk.iter().enumerate() {
             match load_rgb(path) {
-                Ok(img) => loaded.push((c * CHUNK + j, img)),
+                Ok(img) => {
+                    loaded.push(c * CHUNK + j);
+                    imgs.push(img);
+                }
                 Err(e) => skipped.push(e.to_string()),
             }
         }
         if loaded.is_empty() {
             continue;
         }
-        let imgs: Vec<RgbImage> = loaded.iter().map(|(_, i)| i.clone()).collect();
         let filt_embeds = filter.image_embeds(&imgs)?;
         let synthetic = if opts.synthetic {
             let cap_embeds = if same_model {
@@ -128,7 +131,7 @@ pub fn capfilt(
             };
             let mut rngs: Vec<ChaCha8Rng> = loaded
                 .iter()
-                .map(|(k, _)| crate::rng::stream(opts.seed, crate::rng::CAPFILT, *k as u64))
+                .map(|&k| crate::rng::stream(opts.seed, crate::rng::CAPFILT, k as u64))
                 .collect();
             captioner.caption_sampled(
                 &cap_embeds,
@@ -142,8 +145,8 @@ pub fn capfilt(
         };
         // Every original caption of these images, then each image's synthetic one.
         let mut pairs: Vec<(usize, &str)> = Vec::new();
-        for (row, (k, _)) in loaded.iter().enumerate() {
-            for &line in &images[*k].1 {
+        for (row, &k) in loaded.iter().enumerate() {
+            for &line in &images[k].1 {
                 pairs.push((row, entries[line].caption.as_str()));
             }
         }
@@ -152,8 +155,8 @@ pub fn capfilt(
         }
         let probs = match_probs(filter, &filt_embeds, &pairs)?;
         let mut p = probs.iter();
-        for (k, _) in &loaded {
-            for &line in &images[*k].1 {
+        for &k in &loaded {
+            for &line in &images[k].1 {
                 if *p.next().expect("one probability per pair") >= opts.threshold {
                     kept_lines[line] = true;
                     kept.push(Entry {
@@ -163,9 +166,9 @@ pub fn capfilt(
                 }
             }
         }
-        for ((k, _), s) in loaded.iter().zip(&synthetic) {
+        for (&k, s) in loaded.iter().zip(&synthetic) {
             if *p.next().expect("one probability per pair") >= opts.threshold {
-                let first = &entries[images[*k].1[0]];
+                let first = &entries[images[k].1[0]];
                 kept_synthetic += 1;
                 kept.push(Entry {
                     image: absolute(&first.image)?,
