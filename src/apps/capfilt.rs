@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{IndexOp, Tensor};
+use candle_core::Tensor;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
@@ -15,7 +15,6 @@ use crate::data::image::{load_rgb, RgbImage};
 use crate::data::manifest::{Entry, JsonlWriter};
 use crate::error::{Error, Result};
 use crate::infer::QformerPipeline;
-use crate::nn::ops::softmax_last;
 
 /// How captions are sampled and filtered.
 #[derive(Clone, Debug)]
@@ -218,8 +217,7 @@ fn match_probs(p: &QformerPipeline, embeds: &Tensor, pairs: &[(usize, &str)]) ->
         embeds.device(),
     )?;
     let texts: Vec<&str> = pairs.iter().map(|&(_, t)| t).collect();
-    let logits = p.itm_logits(&embeds.index_select(&idx, 0)?, &texts)?;
-    Ok(softmax_last(&logits)?.i((.., 1))?.to_vec1()?)
+    p.itm_probs(&embeds.index_select(&idx, 0)?, &texts)
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {

@@ -80,12 +80,10 @@ struct Decoded {
 /// A sample at a stream position: decoded, or why it was skipped.
 type Sample = (u64, std::result::Result<Decoded, String>);
 
-/// FNV-1a of a sample's image path or key: its image id in read data, where one image may come
-/// with several captions (lines of a manifest naming the same file).
+/// A sample's image id in read data, where one image may come with several captions (lines of
+/// a manifest naming the same file): FNV-1a of its path or key.
 fn image_id_of(name: &[u8]) -> u64 {
-    name.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    rng::fnv1a(name)
 }
 /// A raw (undecoded) batch from the tar stream, with the stream position after it.
 type RawBatch = (u64, Vec<(u64, webdataset::RawSample)>);

@@ -230,8 +230,9 @@ impl QformerPipeline {
         })
     }
 
-    /// [DEC], the token captions start from, once the directory is known to caption.
-    fn caption_start(&self) -> Result<u32> {
+    /// What every decoding needs: [DEC] (the start token), end-of-text, and `max_len` within the
+    /// model's positions; an error when the directory cannot caption.
+    fn decoding(&self, max_len: usize) -> Result<(u32, Option<u32>, usize)> {
         let dec = self.dec_id.ok_or_else(|| {
             Error::input(format!(
                 "{}: qformer_config has no bos_token_id ([DEC]); this directory was not trained for captioning",
@@ -244,7 +245,10 @@ impl QformerPipeline {
                 self.dir.display()
             )));
         }
-        Ok(dec)
+        let max_len = max_len
+            .min(self.model.config().qformer.max_position_embeddings - 1)
+            .max(1);
+        Ok((dec, self.eos(), max_len))
     }
 
     /// Captions from the ITG head for image-feature rows `[N, tokens, E]`: greedy when
@@ -255,11 +259,7 @@ impl QformerPipeline {
         beams: usize,
         max_len: usize,
     ) -> Result<Vec<Caption>> {
-        let dec = self.caption_start()?;
-        let max_len = max_len
-            .min(self.model.config().qformer.max_position_embeddings - 1)
-            .max(1);
-        let eos = self.eos();
+        let (dec, eos, max_len) = self.decoding(max_len)?;
         let n = image_embeds.dim(0)?;
         let mut out = Vec::with_capacity(n);
         if beams <= 1 {
@@ -292,11 +292,7 @@ impl QformerPipeline {
         min_len: usize,
         rngs: &mut [rand_chacha::ChaCha8Rng],
     ) -> Result<Vec<Caption>> {
-        let dec = self.caption_start()?;
-        let max_len = max_len
-            .min(self.model.config().qformer.max_position_embeddings - 1)
-            .max(1);
-        let eos = self.eos();
+        let (dec, eos, max_len) = self.decoding(max_len)?;
         let n = image_embeds.dim(0)?;
         if rngs.len() != n {
             return Err(Error::input(format!(

@@ -12,9 +12,7 @@ use rand_chacha::ChaCha8Rng;
 
 /// FNV-1a of the name: a stable per-tensor stream id.
 fn name_stream(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    crate::rng::fnv1a(name.as_bytes())
 }
 
 /// Values of `init` for `shape` from the stream (`seed`, `name`), as float32 on the CPU.

@@ -19,7 +19,7 @@
 //! online similarities compare online features with them too (`sim_i2t = image_feat @
 //! text_feat_all`, where `text_feat_all` holds the momentum text features). Both are kept here.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 use super::ops::log_softmax;
 use crate::nn::ops::softmax_last;
@@ -129,11 +129,6 @@ pub fn alpha_at(alpha: f64, warmup: u64, step: u64) -> f64 {
     }
 }
 
-/// Row sums of a target matrix, for checks: every row of [`soft_targets`] sums to 1.
-pub fn row_sums(t: &Tensor) -> Result<Vec<f32>> {
-    t.sum(D::Minus1)?.to_vec1()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,7 +183,13 @@ mod tests {
         let m = Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap();
         let c = Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap();
         let h = hard_targets(&[7, 8, 7], &[Some(8), None, Some(7)], true, &dev).unwrap();
-        for s in row_sums(&soft_targets(&m, &c, 10.0, 0.4, &h).unwrap()).unwrap() {
+        let t = soft_targets(&m, &c, 10.0, 0.4, &h).unwrap();
+        for s in t
+            .sum(candle_core::D::Minus1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+        {
             assert!((s - 1.0).abs() < 1e-6);
         }
     }

@@ -29,6 +29,14 @@ pub const BENCH_INPUTS: u64 = 0;
 /// Initial weights: the seed unsalted, stream = a hash of the tensor name (`nn::init`).
 pub const INIT: u64 = 0;
 
+/// FNV-1a of `bytes`: a stable 64-bit id for a name (a tensor's init stream, a sample's image
+/// id in read data).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// The generator of stream `index` under `seed ^ salt`.
 pub fn stream(seed: u64, salt: u64, index: u64) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ salt);

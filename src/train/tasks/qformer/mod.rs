@@ -57,11 +57,6 @@ struct QformerDistill {
     model: Blip2Qformer,
 }
 
-/// Query tokens per image: the entries of the image-side queue are `[queries, embed_dim]`.
-fn spec_queries(config: &Blip2Config) -> usize {
-    config.num_query_tokens
-}
-
 /// `(image i, text j) ↦ caption j is true of image i`, for the hard-negative draw: LAVIS keeps
 /// pairs that share an `image_id` out of the negatives; a source that knows more says so through
 /// [`CaptionTruth`] (shapes scenes know which captions are true of which scene, e.g. two
@@ -171,7 +166,8 @@ impl QformerTask {
         let temp = parts.var(TEMP).expect("temperature created");
         let distill = match &cfg.distill {
             Some(spec) => {
-                let entry = [spec_queries(&config), config.image_text_hidden_size];
+                // Image-side queue entries are `[queries, embed_dim]`.
+                let entry = [config.num_query_tokens, config.image_text_hidden_size];
                 let state = Distillation::new(
                     spec,
                     &parts.vars(),
