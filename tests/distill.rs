@@ -122,39 +122,19 @@ queue_size = 16
 
 /// The tiny CLIP of tests/training.rs with `[distill]`.
 fn tiny_distilled() -> TrainConfig {
-    TrainConfig::from_toml(&format!("{TINY}{DISTILL}")).unwrap()
+    TrainConfig::from_toml(&format!("{}{DISTILL}", tiny_noisy())).unwrap()
 }
 
-const TINY: &str = r#"
-[model]
-image_size = 32
-patch_size = 8
-vision_width = 32
-vision_layers = 2
-vision_heads = 2
-vision_mlp = 64
-text_width = 32
-text_layers = 2
-text_heads = 2
-text_mlp = 64
-context_length = 32
-projection_dim = 16
-tokenizer = "shapes"
-[data]
-source = "shapes"
-workers = 2
-shapes_caption_noise = 0.3
-[train]
-steps = 6
-batch_size = 8
-lr = 1e-3
-warmup_steps = 2
-weight_decay = 0.1
-grad_clip = 1.0
-seed = 7
-checkpoint_every = 3
-log_every = 1
-"#;
+/// The tiny CLIP of tests/training.rs on 30% noisy captions.
+fn tiny_noisy() -> String {
+    noisy(common::TINY_CLIP_TOML)
+}
+
+/// `toml` with 30% caption noise in its shapes data.
+fn noisy(toml: &str) -> String {
+    assert!(toml.contains("[data]\n"), "a config with a [data] section");
+    toml.replace("[data]\n", "[data]\nshapes_caption_noise = 0.3\n")
+}
 
 /// Every trainable tensor gets a finite gradient, and two micro-batches give the large batch's
 /// gradient (after a step, so that queue and momentum copy are no longer trivial).
@@ -262,10 +242,10 @@ fn distill_config_errors_name_the_key() {
         ("[distill]\nqueue_size = 16\nalpha = 2\n", "alpha"),
         ("[distill]\nqueue_size = 16\nwhat = 1\n", "what"),
     ] {
-        let e = TrainConfig::from_toml(&format!("{TINY}{extra}")).unwrap_err();
+        let e = TrainConfig::from_toml(&format!("{}{extra}", tiny_noisy())).unwrap_err();
         assert!(e.contains(needle), "{extra}: {e}");
     }
-    let siglip = TINY.replace("seed = 7", "seed = 7\nloss = \"siglip\"");
+    let siglip = tiny_noisy().replace("seed = 7", "seed = 7\nloss = \"siglip\"");
     let e = TrainConfig::from_toml(&format!("{siglip}[distill]\nqueue_size = 16\n")).unwrap_err();
     assert!(e.contains("infonce"), "{e}");
 }
@@ -333,37 +313,8 @@ fn qformer_distilled_itc_matches_pytorch() {
 /// The tiny Q-Former of tests/qformer_training.rs with `[distill]`.
 fn tiny_qformer_distilled() -> TrainConfig {
     let text = format!(
-        r#"
-[qformer]
-vision_model = "{}"
-hidden_size = 32
-num_hidden_layers = 2
-num_attention_heads = 4
-intermediate_size = 64
-cross_attention_frequency = 2
-num_query_tokens = 4
-embed_dim = 16
-max_text_len = 24
-tokenizer = "shapes"
-[data]
-source = "shapes"
-workers = 1
-shapes_caption_noise = 0.3
-[train]
-steps = 4
-batch_size = 6
-lr = 1e-3
-warmup_steps = 1
-weight_decay = 0.05
-seed = 11
-checkpoint_every = 2
-log_every = 1
-[distill]
-momentum = 0.9
-alpha = 0.4
-queue_size = 12
-"#,
-        common::fixture("clip-a").display()
+        "{}[distill]\nmomentum = 0.9\nalpha = 0.4\nqueue_size = 12\n",
+        noisy(&common::tiny_qformer_toml())
     );
     TrainConfig::from_toml(&text).unwrap()
 }

@@ -18,35 +18,7 @@ use vlalign::train::task::Task;
 use vlalign::train::tasks::qformer::QformerTask;
 
 fn tiny() -> TrainConfig {
-    let text = format!(
-        r#"
-[qformer]
-vision_model = "{}"
-hidden_size = 32
-num_hidden_layers = 2
-num_attention_heads = 4
-intermediate_size = 64
-cross_attention_frequency = 2
-num_query_tokens = 4
-embed_dim = 16
-max_text_len = 24
-tokenizer = "shapes"
-[data]
-source = "shapes"
-workers = 1
-[train]
-steps = 4
-batch_size = 6
-lr = 1e-3
-warmup_steps = 1
-weight_decay = 0.05
-seed = 11
-checkpoint_every = 2
-log_every = 1
-"#,
-        fixture("clip-a").display()
-    );
-    TrainConfig::from_toml(&text).unwrap()
+    TrainConfig::from_toml(&common::tiny_qformer_toml()).unwrap()
 }
 
 /// The Q-Former task of `cfg` and the first batch of its data.

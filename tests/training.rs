@@ -19,35 +19,7 @@ use vlalign::train::config::{ContrastiveLoss, TrainConfig};
 use vlalign::train::task::Task;
 use vlalign::train::trainer::RunOptions;
 
-const TINY: &str = r#"
-[model]
-image_size = 32
-patch_size = 8
-vision_width = 32
-vision_layers = 2
-vision_heads = 2
-vision_mlp = 64
-text_width = 32
-text_layers = 2
-text_heads = 2
-text_mlp = 64
-context_length = 32
-projection_dim = 16
-tokenizer = "shapes"
-[data]
-source = "shapes"
-workers = 2
-[train]
-steps = 6
-batch_size = 8
-lr = 1e-3
-warmup_steps = 2
-weight_decay = 0.1
-grad_clip = 1.0
-seed = 7
-checkpoint_every = 3
-log_every = 1
-"#;
+const TINY: &str = common::TINY_CLIP_TOML;
 
 fn tiny() -> TrainConfig {
     TrainConfig::from_toml(TINY).unwrap()

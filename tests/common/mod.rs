@@ -223,3 +223,67 @@ pub fn train_tiny_qformer(dir: &std::path::Path) -> PathBuf {
     ]));
     PathBuf::from(out["model_dir"].as_str().unwrap())
 }
+
+/// The tiny CLIP config the training tests share (tests/training.rs, tests/distill.rs).
+pub const TINY_CLIP_TOML: &str = r#"
+[model]
+image_size = 32
+patch_size = 8
+vision_width = 32
+vision_layers = 2
+vision_heads = 2
+vision_mlp = 64
+text_width = 32
+text_layers = 2
+text_heads = 2
+text_mlp = 64
+context_length = 32
+projection_dim = 16
+tokenizer = "shapes"
+[data]
+source = "shapes"
+workers = 2
+[train]
+steps = 6
+batch_size = 8
+lr = 1e-3
+warmup_steps = 2
+weight_decay = 0.1
+grad_clip = 1.0
+seed = 7
+checkpoint_every = 3
+log_every = 1
+"#;
+
+/// The tiny Q-Former config over the clip-a fixture's tower that the Q-Former training tests
+/// share (tests/qformer_training.rs, tests/distill.rs).
+pub fn tiny_qformer_toml() -> String {
+    format!(
+        r#"
+[qformer]
+vision_model = "{}"
+hidden_size = 32
+num_hidden_layers = 2
+num_attention_heads = 4
+intermediate_size = 64
+cross_attention_frequency = 2
+num_query_tokens = 4
+embed_dim = 16
+max_text_len = 24
+tokenizer = "shapes"
+[data]
+source = "shapes"
+workers = 1
+[train]
+steps = 4
+batch_size = 6
+lr = 1e-3
+warmup_steps = 1
+weight_decay = 0.05
+seed = 11
+checkpoint_every = 2
+log_every = 1
+"#,
+        fixture("clip-a").display()
+    )
+}
