@@ -174,6 +174,8 @@ fn model_kinds_are_decided_in_one_place() {
     assert!(matches!(kind("clip-a"), ModelKind::Clip(..)));
     assert!(matches!(kind("qformer-a"), ModelKind::Qformer(_)));
     assert!(matches!(kind("bert-a"), ModelKind::Bert(_)));
+    assert!(matches!(kind("lm-opt"), ModelKind::Lm(_)));
+    assert!(matches!(kind("lm-qwen2"), ModelKind::Lm(_)));
     let dev = Device::Cpu;
     assert!(matches!(
         Pipeline::load(&fixture("clip-a"), &dev).unwrap(),
@@ -194,19 +196,38 @@ fn model_kinds_are_decided_in_one_place() {
     assert!(e.contains("holds a BERT model"), "{e}");
 
     let dir = scratch("kind-llama");
-    std::fs::write(dir.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt_neox"}"#).unwrap();
     let e = load_err(&dir);
     assert!(
-        e.contains("model_type `llama` is not supported") && e.contains("clip_vision_model"),
+        e.contains("model_type `gpt_neox` is not supported") && e.contains("clip_vision_model"),
+        "{e}"
+    );
+    // A language model is a model kind, but not one `embed` runs.
+    let e = load_err(&fixture("lm-llama"));
+    assert!(e.contains("holds a language model"), "{e}");
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}"#,
+    )
+    .unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("rotary scaling `llama3` is not supported"),
         "{e}"
     );
     let q = std::fs::read_to_string(fixture("qformer-a/config.json")).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&q).unwrap();
-    v["architectures"] = serde_json::json!(["Blip2ForConditionalGeneration"]);
+    v["architectures"] = serde_json::json!(["Blip2Model"]);
     std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
     let e = load_err(&dir);
     assert!(
-        e.contains("Blip2ForConditionalGeneration") && e.contains("not supported yet"),
+        e.contains("architecture `Blip2Model` is not supported"),
+        "{e}"
+    );
+    assert!(matches!(kind("blip2-opt"), ModelKind::Blip2Lm(_)));
+    let e = load_err(&fixture("blip2-llama"));
+    assert!(
+        e.contains("holds a BLIP-2 (Q-Former + language model) model"),
         "{e}"
     );
     let dir = scratch("kind-open-clip");

@@ -138,7 +138,7 @@ fn train_caption_and_eval_a_tiny_qformer() {
         "--json",
     ]));
     assert_eq!(caps["captions"].as_array().unwrap().len(), 1);
-    assert!(caps["captions"][0]["caption"].is_string());
+    assert!(caps["captions"][0]["text"].is_string());
     let ev = json(&vlalign(&[
         "eval",
         "--model",

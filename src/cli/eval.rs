@@ -142,6 +142,6 @@ pub fn run(a: Args) -> Result<()> {
     }
     match Pipeline::load(&a.model, &a.device.resolve()?)? {
         Pipeline::Clip(p) => run_clip(&a, &set, &p),
-        Pipeline::Qformer(p) => run_qformer(&a, &set, &p),
+        other => run_qformer(&a, &set, &other.into_qformer("`vlalign eval`")?),
     }
 }

@@ -55,8 +55,10 @@ enum Command {
     Zeroshot(zeroshot::Args),
     /// ITM match probability and ITC score of an image against texts (Q-Former).
     Itm(itm::Args),
-    /// Captions from a Q-Former's ITG head (greedy or beam search).
+    /// Captions from a Q-Former's ITG head or a BLIP-2 model's language model.
     Caption(caption::Args),
+    /// Answers a question about an image with a BLIP-2 model ("Question: {} Answer:").
+    Ask(caption::AskArgs),
     /// BLIP's CapFilt: caption every image of a manifest, keep the original and synthetic
     /// captions that a Q-Former's ITM head says match, write a new manifest.
     Capfilt(capfilt::Args),
@@ -89,6 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Zeroshot(a) => zeroshot::run(a),
         Command::Itm(a) => itm::run(a),
         Command::Caption(a) => caption::run(a),
+        Command::Ask(a) => caption::ask(a),
         Command::Capfilt(a) => capfilt::run(a),
         Command::Retrieve(a) => retrieve::run(a),
         Command::Serve(a) => serve::run(a),

@@ -60,35 +60,45 @@ pub fn nucleus(
             .filter(|&(i, v)| v.is_finite() && !barred(i))
             .map(|(_, &v)| v)
             .fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(usize, f64)> = row
+        let probs: Vec<(usize, f64)> = row
             .iter()
             .enumerate()
             .filter(|&(i, v)| v.is_finite() && !barred(i))
             .map(|(i, &v)| (i, ((v - top) as f64).exp()))
             .collect();
-        if probs.is_empty() {
-            return eos.map_or(0, |e| e as usize);
-        }
-        // Most likely first; ties by token id, so the draw is deterministic.
-        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let total: f64 = probs.iter().map(|p| p.1).sum();
-        let (mut kept, mut acc) = (0, 0.0);
-        for p in &probs {
-            acc += p.1;
-            kept += 1;
-            if acc >= top_p as f64 * total {
-                break;
-            }
-        }
-        let mut u = rngs[r].random::<f64>() * acc;
-        for p in &probs[..kept] {
-            if u < p.1 {
-                return p.0;
-            }
-            u -= p.1;
-        }
-        probs[kept - 1].0
+        draw_top_p(probs, top_p, &mut rngs[r]).unwrap_or_else(|| eos.map_or(0, |e| e as usize))
     })
+}
+
+/// One draw from the top-p nucleus of unnormalised `weights` (token, weight): most likely first
+/// (ties by token id, so the draw is deterministic), the smallest prefix whose mass reaches
+/// `top_p`, renormalised. `None` when there is no candidate.
+pub(crate) fn draw_top_p(
+    mut weights: Vec<(usize, f64)>,
+    top_p: f32,
+    rng: &mut ChaCha8Rng,
+) -> Option<usize> {
+    if weights.is_empty() {
+        return None;
+    }
+    weights.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: f64 = weights.iter().map(|p| p.1).sum();
+    let (mut kept, mut acc) = (0, 0.0);
+    for p in &weights {
+        acc += p.1;
+        kept += 1;
+        if acc >= top_p as f64 * total {
+            break;
+        }
+    }
+    let mut u = rng.random::<f64>() * acc;
+    for p in &weights[..kept] {
+        if u < p.1 {
+            return Some(p.0);
+        }
+        u -= p.1;
+    }
+    Some(weights[kept - 1].0)
 }
 
 /// Decodes `n` sequences at once from `start`: `pick(row, log-probabilities, step)` chooses

@@ -4,10 +4,12 @@
 //! apps or the CLI.
 
 pub mod ann;
+pub mod blip2;
 pub mod clip;
 pub mod convert;
 pub mod generate;
 pub mod index;
+pub mod lm_generate;
 pub mod qformer;
 pub mod rank;
 pub mod zeroshot;
@@ -16,6 +18,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+pub use blip2::Blip2Pipeline;
 pub use clip::ClipPipeline;
 pub use qformer::QformerPipeline;
 
@@ -42,6 +45,8 @@ pub trait Embedder {
 pub enum Pipeline {
     Clip(ClipPipeline),
     Qformer(QformerPipeline),
+    /// BLIP-2 stage 2: the Q-Former feeding a frozen language model.
+    Blip2(Box<Blip2Pipeline>),
 }
 
 impl Pipeline {
@@ -51,9 +56,12 @@ impl Pipeline {
         match &md.kind {
             ModelKind::Clip(..) => Ok(Pipeline::Clip(ClipPipeline::from_dir(&md, device)?)),
             ModelKind::Qformer(_) => Ok(Pipeline::Qformer(QformerPipeline::from_dir(&md, device)?)),
+            ModelKind::Blip2Lm(_) => Ok(Pipeline::Blip2(Box::new(Blip2Pipeline::from_dir(
+                &md, device,
+            )?))),
             other => Err(Error::input(format!(
-                "{} holds a {} model, which no vlalign verb runs (CLIP and BLIP-2 Q-Former \
-                 directories do)",
+                "{} holds a {} model, which no vlalign verb runs (CLIP, BLIP-2 Q-Former and \
+                 BLIP-2 stage-2 directories do)",
                 dir.display(),
                 other.name()
             ))),
@@ -64,6 +72,7 @@ impl Pipeline {
         match self {
             Pipeline::Clip(p) => &p.dir,
             Pipeline::Qformer(p) => &p.dir,
+            Pipeline::Blip2(p) => &p.dir,
         }
     }
 
@@ -71,6 +80,7 @@ impl Pipeline {
         match self {
             Pipeline::Clip(_) => "CLIP",
             Pipeline::Qformer(_) => "BLIP-2 Q-Former",
+            Pipeline::Blip2(_) => "BLIP-2 (Q-Former + language model)",
         }
     }
 
@@ -87,6 +97,18 @@ impl Pipeline {
         match self {
             Pipeline::Clip(p) => Ok(p),
             other => Err(other.wrong(what, "a CLIP model directory")),
+        }
+    }
+
+    /// The BLIP-2 stage-2 pipeline; `what` names the caller in the error.
+    pub fn into_blip2(self, what: &str) -> Result<Blip2Pipeline> {
+        match self {
+            Pipeline::Blip2(p) => Ok(*p),
+            other => Err(other.wrong(
+                what,
+                "a BLIP-2 stage-2 directory (Blip2ForConditionalGeneration: a Q-Former feeding a \
+                 language model)",
+            )),
         }
     }
 

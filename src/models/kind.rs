@@ -9,13 +9,17 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::models::bert::BertConfig;
+use crate::models::blip2::Blip2LmConfig;
 use crate::models::clip::{ClipConfig, ClipLayout, ClipTextConfig, ClipVisionConfig};
+use crate::models::lm::LmConfig;
 use crate::models::open_clip::{self, OpenClipConfig};
 use crate::models::qformer::Blip2Config;
 
 /// The `model_type`s (and architectures) vlalign loads, for error messages.
 pub const SUPPORTED: &str = "clip (CLIPModel), clip_vision_model, clip_text_model, \
-    open_clip ViT CLIP (open_clip_config.json), blip-2 (Blip2ForImageTextRetrieval: the Q-Former of BLIP-2 stage 1), bert (BertModel)";
+    open_clip ViT CLIP (open_clip_config.json), blip-2 (Blip2ForImageTextRetrieval: the Q-Former of BLIP-2 stage 1; \
+    Blip2ForConditionalGeneration: stage 2, the Q-Former feeding a language model), bert (BertModel), \
+    opt / llama / qwen2 (causal language models)";
 
 /// The model families of a model directory, each with its parsed, validated config.
 #[derive(Clone, Debug)]
@@ -26,6 +30,10 @@ pub enum ModelKind {
     Qformer(Blip2Config),
     /// A BERT encoder (`BertModel`, or a task model with the encoder under `bert.`).
     Bert(BertConfig),
+    /// BLIP-2 stage 2: `Blip2ForConditionalGeneration` (the Q-Former feeding a frozen LM).
+    Blip2Lm(Box<Blip2LmConfig>),
+    /// A decoder-only causal LM (`OPTForCausalLM`, `LlamaForCausalLM`, `Qwen2ForCausalLM`).
+    Lm(LmConfig),
 }
 
 impl ModelKind {
@@ -35,6 +43,8 @@ impl ModelKind {
             ModelKind::Clip(..) => "CLIP",
             ModelKind::Qformer(_) => "BLIP-2 Q-Former",
             ModelKind::Bert(_) => "BERT",
+            ModelKind::Lm(_) => "language",
+            ModelKind::Blip2Lm(_) => "BLIP-2 (Q-Former + language model)",
         }
     }
 }
@@ -126,19 +136,29 @@ impl ModelDir {
                     .and_then(|a| a.as_array())
                     .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
                     .unwrap_or_default();
-                if let Some(other) = archs.iter().find(|a| **a != "Blip2ForImageTextRetrieval") {
-                    return Err(Error::config(
-                        &cfg_path,
-                        format!(
-                            "blip-2 architecture `{other}` is not supported yet; supported: {SUPPORTED}"
-                        ),
-                    ));
+                if archs.contains(&"Blip2ForConditionalGeneration") {
+                    let cfg = Blip2LmConfig::from_json(&value)
+                        .map_err(|m| Error::config(&cfg_path, m))?;
+                    ModelKind::Blip2Lm(Box::new(cfg))
+                } else {
+                    if let Some(other) = archs.iter().find(|a| **a != "Blip2ForImageTextRetrieval")
+                    {
+                        return Err(Error::config(
+                            &cfg_path,
+                            format!(
+                                "blip-2 architecture `{other}` is not supported; supported: {SUPPORTED}"
+                            ),
+                        ));
+                    }
+                    let cfg =
+                        Blip2Config::from_json(&value).map_err(|m| Error::config(&cfg_path, m))?;
+                    ModelKind::Qformer(cfg)
                 }
-                let cfg =
-                    Blip2Config::from_json(&value).map_err(|m| Error::config(&cfg_path, m))?;
-                ModelKind::Qformer(cfg)
             }
             "bert" => ModelKind::Bert(parse(value, &cfg_path)?),
+            t if LmConfig::MODEL_TYPES.contains(&t) => {
+                ModelKind::Lm(LmConfig::from_json(&value).map_err(|m| Error::config(&cfg_path, m))?)
+            }
             other => {
                 return Err(Error::config(
                     &cfg_path,
@@ -150,6 +170,7 @@ impl ModelDir {
             ModelKind::Clip(cfg, _) => cfg.validate(),
             ModelKind::Qformer(cfg) => cfg.validate(),
             ModelKind::Bert(cfg) => cfg.validate(),
+            ModelKind::Lm(_) | ModelKind::Blip2Lm(_) => Ok(()),
         };
         valid.map_err(|m| Error::config(&cfg_path, m))?;
         Ok(Self {
@@ -196,6 +217,22 @@ impl ModelDir {
         match &self.kind {
             ModelKind::Bert(cfg) => Ok(cfg),
             other => Err(self.wrong_kind(other, "a BERT", purpose)),
+        }
+    }
+
+    /// The config of a causal-LM directory; any other kind is an error naming `purpose`.
+    pub fn lm(&self, purpose: &str) -> Result<&LmConfig> {
+        match &self.kind {
+            ModelKind::Lm(cfg) => Ok(cfg),
+            other => Err(self.wrong_kind(other, "a causal language model", purpose)),
+        }
+    }
+
+    /// The config of a BLIP-2 stage-2 directory; any other kind is an error naming `purpose`.
+    pub fn blip2_lm(&self, purpose: &str) -> Result<&Blip2LmConfig> {
+        match &self.kind {
+            ModelKind::Blip2Lm(cfg) => Ok(cfg),
+            other => Err(self.wrong_kind(other, "a BLIP-2 stage-2 model", purpose)),
         }
     }
 

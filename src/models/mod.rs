@@ -4,8 +4,10 @@
 //! holds. Models import `nn` and `io`, never data, objectives, training or inference.
 
 pub mod bert;
+pub mod blip2;
 pub mod clip;
 pub mod kind;
+pub mod lm;
 pub mod open_clip;
 pub mod qformer;
 

@@ -12,6 +12,12 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// A layer over existing tensors: `weight` `[out, in]`, `bias` `[out]` (a tied LM head is the
+    /// token-embedding matrix).
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }

@@ -90,6 +90,36 @@ pub fn padding(mask: &[Vec<u32>], device: &Device) -> Result<Tensor> {
     Tensor::from_vec(v, (b, 1, 1, t), device)
 }
 
+/// The additive causal mask `[B, 1, new, past + new]` of a decoder LM step: the `new` positions
+/// follow `past` cached ones, and query `past + i` may attend key `j` when `j ≤ past + i` and
+/// `mask[b][j] == 1` (`mask` rows cover all `past + new` positions; transformers'
+/// `create_causal_mask` with a padding mask). A left-padded row's padding queries see nothing
+/// and come out uniform, as in transformers' eager attention; nothing reads them.
+pub fn causal(mask: &[Vec<u32>], past: usize, device: &Device) -> Result<Tensor> {
+    let b = mask.len();
+    let total = mask.first().map_or(0, Vec::len);
+    if total < past {
+        candle_core::bail!("causal mask: {total} positions cannot follow {past} cached ones");
+    }
+    let new = total - past;
+    let mut v = Vec::with_capacity(b * new * total);
+    for (bi, row) in mask.iter().enumerate() {
+        if row.len() != total {
+            candle_core::bail!("mask row {bi} has {} entries, row 0 has {total}", row.len());
+        }
+        for i in 0..new {
+            v.extend(row.iter().enumerate().map(|(j, &m)| {
+                if j <= past + i && m != 0 {
+                    0.0
+                } else {
+                    MASKED
+                }
+            }));
+        }
+    }
+    Tensor::from_vec(v, (b, 1, new, total), device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +177,32 @@ mod tests {
         let v: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(v, [0.0, 0.0, MASKED, 0.0, MASKED, MASKED]);
         assert!(qformer(QformerMode::Itm, 1, &[vec![1, 1], vec![1]], &Device::Cpu).is_err());
+    }
+
+    fn render_causal(mask: &[u32], past: usize) -> Vec<String> {
+        let m = causal(&[mask.to_vec()], past, &Device::Cpu).unwrap();
+        let t = mask.len();
+        let v: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+        v.chunks(t)
+            .map(|r| {
+                r.iter()
+                    .map(|&x| if x == 0.0 { '1' } else { '.' })
+                    .collect()
+            })
+            .collect()
+    }
+
+    // A left-padded row (pad, a, b, c): rows are queries, columns keys; derived by hand.
+    #[test]
+    fn causal_mask_is_lower_triangular_without_padded_keys() {
+        assert_eq!(
+            render_causal(&[0, 1, 1, 1], 0),
+            ["....", ".1..", ".11.", ".111"]
+        );
+        // The same row after two cached positions: only the last two queries.
+        assert_eq!(render_causal(&[0, 1, 1, 1], 2), [".11.", ".111"]);
+        // Right padding: the padded query sees the real tokens, no real query sees it.
+        assert_eq!(render_causal(&[1, 1, 0], 0), ["1..", "11.", "11."]);
+        assert!(causal(&[vec![1, 1]], 3, &Device::Cpu).is_err());
     }
 }

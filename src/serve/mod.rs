@@ -90,6 +90,13 @@ fn load(opts: &ServeOptions, s: &AppState) -> Result<Loaded> {
             p.model.config().image_text_hidden_size,
             1.0,
         ),
+        Pipeline::Blip2(_) => {
+            return Err(Error::input(format!(
+                "{}: `vlalign serve` runs CLIP and Q-Former (stage-1) directories; a BLIP-2 \
+                 stage-2 directory generates text with `vlalign caption` / `vlalign ask`",
+                opts.model.display()
+            )))
+        }
     };
     let index = match &opts.index {
         None => None,

@@ -35,6 +35,37 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Largest |a − b| over the positions `[b, t]` of `[B, T, ...]` tensors where `mask[b][t]` is
+/// 1 (a padding position's output is never read).
+pub fn max_abs_diff_where(a: &Tensor, b: &Tensor, mask: &[Vec<u32>]) -> f32 {
+    let mut worst = 0f32;
+    for (r, row) in mask.iter().enumerate() {
+        for (t, _) in row.iter().enumerate().filter(|(_, &m)| m == 1) {
+            let x = a.get(r).unwrap().get(t).unwrap();
+            let y = b.get(r).unwrap().get(t).unwrap();
+            worst = worst.max(max_abs_diff(&x, &y));
+        }
+    }
+    worst
+}
+
+/// Greedy generation of `n` tokens (no stop token) from each row of `embeds`.
+pub fn greedy_ids(
+    lm: &vlalign::models::lm::CausalLm,
+    embeds: &Tensor,
+    mask: &[Vec<u32>],
+    n: usize,
+) -> Vec<Vec<u32>> {
+    use vlalign::infer::lm_generate::{generate, GenerationConfig};
+    let history = vec![Vec::new(); mask.len()];
+    let cfg = GenerationConfig::greedy(n, vec![]);
+    generate(lm, embeds, mask, &history, &cfg, &mut [])
+        .unwrap()
+        .into_iter()
+        .map(|g| g.ids)
+        .collect()
+}
+
 /// Rows of an integer `[B, T]` tensor as u32.
 pub fn rows_u32(t: &Tensor) -> Vec<Vec<u32>> {
     t.to_dtype(DType::I64)

@@ -140,8 +140,16 @@ fn from_value<T: serde::de::DeserializeOwned>(
 }
 
 impl Blip2Config {
-    /// Parses a `config.json` value; errors name the key.
+    /// Parses a stage-1 `config.json` value; errors name the key.
     pub fn from_json(v: &serde_json::Value) -> Result<Self, String> {
+        let cfg = Self::parse(v)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The vision, Q-Former and query settings of any BLIP-2 `config.json`, checked by
+    /// [`Blip2Config::validate_queries`] only (stage 2's Q-Former reads no text).
+    pub fn parse(v: &serde_json::Value) -> Result<Self, String> {
         let vcfg = v
             .get("vision_config")
             .cloned()
@@ -164,7 +172,7 @@ impl Blip2Config {
             num_query_tokens: get("num_query_tokens", 32),
             image_text_hidden_size: get("image_text_hidden_size", 256),
         };
-        cfg.validate()?;
+        cfg.validate_queries()?;
         Ok(cfg)
     }
 
@@ -196,7 +204,22 @@ impl Blip2Config {
         })
     }
 
+    /// A stage-1 (`Blip2ForImageTextRetrieval`) config: [`Blip2Config::validate_queries`], and
+    /// a Q-Former that reads text.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_queries()?;
+        if !self.qformer.use_qformer_text_input {
+            return Err(
+                "qformer_config.use_qformer_text_input is false: the Q-Former has no text \
+                 feed-forward, so it cannot read text (stage-1 checkpoints set it true)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The vision tower, Q-Former and query settings, common to both stages.
+    pub fn validate_queries(&self) -> Result<(), String> {
         let q = &self.qformer;
         validate_tower(
             "qformer_config",
@@ -205,13 +228,6 @@ impl Blip2Config {
             q.num_hidden_layers,
             q.layer_norm_eps,
         )?;
-        if !q.use_qformer_text_input {
-            return Err(
-                "qformer_config.use_qformer_text_input is false: the Q-Former has no text \
-                 feed-forward, so it cannot read text (stage-1 checkpoints set it true)"
-                    .into(),
-            );
-        }
         match &self.vision {
             VisionConfig::Blip2(c) => validate_tower(
                 "vision_config",

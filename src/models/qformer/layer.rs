@@ -14,7 +14,8 @@ use crate::models::bert::layers::{FeedForward, PostLnAttention};
 pub struct QformerLayer {
     attention: PostLnAttention,
     crossattention: Option<PostLnAttention>,
-    ffn_text: FeedForward,
+    /// Absent without `use_qformer_text_input` (BLIP-2 stage 2 reads queries only).
+    ffn_text: Option<FeedForward>,
     ffn_query: FeedForward,
 }
 
@@ -49,7 +50,11 @@ impl QformerLayer {
             } else {
                 None
             },
-            ffn_text: ffn("intermediate", "output")?,
+            ffn_text: if c.use_qformer_text_input {
+                Some(ffn("intermediate", "output")?)
+            } else {
+                None
+            },
             ffn_query: ffn("intermediate_query", "output_query")?,
         })
     }
@@ -65,8 +70,16 @@ impl QformerLayer {
         image: Option<&Tensor>,
     ) -> Result<Tensor> {
         let a = self.attention.forward(x, None, mask)?;
+        let ffn_text = || {
+            self.ffn_text.as_ref().ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "this Q-Former has no text feed-forward (use_qformer_text_input is false)"
+                        .into(),
+                )
+            })
+        };
         if queries == 0 {
-            return self.ffn_text.forward(&a);
+            return ffn_text()?.forward(&a);
         }
         let len = a.dim(1)?;
         let mut q = a.narrow(1, 0, queries)?;
@@ -80,9 +93,7 @@ impl QformerLayer {
         if len == queries {
             return Ok(q);
         }
-        let t = self
-            .ffn_text
-            .forward(&a.narrow(1, queries, len - queries)?)?;
+        let t = ffn_text()?.forward(&a.narrow(1, queries, len - queries)?)?;
         Tensor::cat(&[&q, &t], 1)
     }
 }

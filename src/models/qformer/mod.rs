@@ -53,25 +53,42 @@ struct LmHead {
     bias: Tensor,
 }
 
+/// Stage 1's text branch and heads (`Blip2ForImageTextRetrieval`): the text embeddings, the
+/// ITC projections, the ITM head and the optional ITG head. Stage 2
+/// (`Blip2ForConditionalGeneration`) has none of them: its Q-Former reads queries only.
+#[derive(Clone, Debug)]
+struct Stage1 {
+    word_embeddings: Embedding,
+    position_embeddings: Tensor,
+    vision_projection: Linear,
+    text_projection: Linear,
+    itm_head: Linear,
+    lm_head: Option<LmHead>,
+}
+
+/// Which parts a Q-Former checkpoint holds besides the queries, layers and image encoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Heads {
+    /// Stage 1 (text branch, ITC/ITM heads), with the ITG head when `lm_head`.
+    Stage1 { lm_head: bool },
+    /// Stage 2: queries only.
+    QueriesOnly,
+}
+
 #[derive(Clone, Debug)]
 pub struct Blip2Qformer {
     pub vision: ImageEncoder,
     /// The learned queries (BLIP-2 §3.1), `[1, Q, H]`.
     query_tokens: Tensor,
-    word_embeddings: Embedding,
-    position_embeddings: Tensor,
     layernorm: LayerNorm,
     layers: Vec<QformerLayer>,
-    vision_projection: Linear,
-    text_projection: Linear,
-    itm_head: Linear,
-    lm_head: Option<LmHead>,
+    stage1: Option<Stage1>,
     cfg: Blip2Config,
 }
 
 impl Blip2Qformer {
-    /// `vb` points at the checkpoint root; `with_lm_head` adds the ITG head.
-    pub fn new(vb: VarBuilder, cfg: &Blip2Config, with_lm_head: bool) -> Result<Self> {
+    /// `vb` points at the checkpoint root; `heads` says which heads it holds.
+    pub fn new(vb: VarBuilder, cfg: &Blip2Config, heads: Heads) -> Result<Self> {
         let q = &cfg.qformer;
         let h = q.hidden_size;
         let vision = match &cfg.vision {
@@ -80,10 +97,33 @@ impl Blip2Qformer {
             }
             VisionConfig::Clip(c) => ImageEncoder::Clip(ClipVision::new(vb.pp("vision_model"), c)?),
         };
+        let qf = vb.pp("qformer");
+        let stage1 = match heads {
+            Heads::Stage1 { lm_head } => Some(Self::stage1(&vb, cfg, lm_head)?),
+            Heads::QueriesOnly => None,
+        };
+        Ok(Self {
+            vision,
+            query_tokens: vb.get_with_hints(
+                (1, cfg.num_query_tokens, h),
+                "query_tokens",
+                normal(0.02),
+            )?,
+            layernorm: LayerNorm::new(qf.pp("layernorm"), h, q.layer_norm_eps)?,
+            layers: (0..q.num_hidden_layers)
+                .map(|i| QformerLayer::new(qf.pp("encoder").pp("layer").pp(i), q, i))
+                .collect::<Result<_>>()?,
+            stage1,
+            cfg: cfg.clone(),
+        })
+    }
+
+    fn stage1(vb: &VarBuilder, cfg: &Blip2Config, with_lm_head: bool) -> Result<Stage1> {
+        let q = &cfg.qformer;
+        let h = q.hidden_size;
         let emb = vb.pp("embeddings");
         let words =
             emb.get_with_hints((q.vocab_size, h), "word_embeddings.weight", normal(0.02))?;
-        let qf = vb.pp("qformer");
         let lm_head = if with_lm_head {
             let p = vb.pp("cls").pp("predictions");
             Some(LmHead {
@@ -94,28 +134,28 @@ impl Blip2Qformer {
         } else {
             None
         };
-        Ok(Self {
-            vision,
-            query_tokens: vb.get_with_hints(
-                (1, cfg.num_query_tokens, h),
-                "query_tokens",
-                normal(0.02),
-            )?,
+        Ok(Stage1 {
             word_embeddings: Embedding::new(words, h),
             position_embeddings: emb.get_with_hints(
                 (q.max_position_embeddings, h),
                 "position_embeddings.weight",
                 normal(0.02),
             )?,
-            layernorm: LayerNorm::new(qf.pp("layernorm"), h, q.layer_norm_eps)?,
-            layers: (0..q.num_hidden_layers)
-                .map(|i| QformerLayer::new(qf.pp("encoder").pp("layer").pp(i), q, i))
-                .collect::<Result<_>>()?,
             vision_projection: linear(h, cfg.image_text_hidden_size, vb.pp("vision_projection"))?,
             text_projection: linear(h, cfg.image_text_hidden_size, vb.pp("text_projection"))?,
             itm_head: linear(h, 2, vb.pp("itm_head"))?,
             lm_head,
-            cfg: cfg.clone(),
+        })
+    }
+
+    /// The stage-1 text branch and heads, or an error for a stage-2 (queries-only) Q-Former.
+    fn text_branch(&self) -> Result<&Stage1> {
+        self.stage1.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "this Q-Former reads queries only (a BLIP-2 stage-2 model): it has no text \
+                 embeddings or ITC/ITM heads"
+                    .into(),
+            )
         })
     }
 
@@ -135,7 +175,7 @@ impl Blip2Qformer {
         let w = Weights::open(dir)?;
         let lm = w.names().iter().any(|n| n == "cls.predictions.bias");
         w.build(DType::F32, device, &["position_ids", "temp"], |vb| {
-            Self::new(vb, cfg, lm)
+            Self::new(vb, cfg, Heads::Stage1 { lm_head: lm })
         })
     }
 
@@ -148,7 +188,7 @@ impl Blip2Qformer {
     }
 
     pub fn has_lm_head(&self) -> bool {
-        self.lm_head.is_some()
+        self.stage1.as_ref().is_some_and(|s| s.lm_head.is_some())
     }
 
     /// The frozen image features `[B, N, E]`.
@@ -179,8 +219,9 @@ impl Blip2Qformer {
                     self.cfg.qformer.max_position_embeddings
                 );
             }
-            let pos = self.position_embeddings.narrow(0, 0, t)?.unsqueeze(0)?;
-            parts.push(self.word_embeddings.forward(ids)?.broadcast_add(&pos)?);
+            let text = self.text_branch()?;
+            let pos = text.position_embeddings.narrow(0, 0, t)?.unsqueeze(0)?;
+            parts.push(text.word_embeddings.forward(ids)?.broadcast_add(&pos)?);
         }
         let queries = batch_queries.map_or(0, |_| self.cfg.num_query_tokens);
         let mut x = self.layernorm.forward(&Tensor::cat(&parts, 1)?)?;
@@ -203,13 +244,18 @@ impl Blip2Qformer {
 
     /// `normalize(vision_projection(query_output))`: `[B, Q, D]`.
     pub fn itc_image_features(&self, query_output: &Tensor) -> Result<Tensor> {
-        l2_normalize(&self.vision_projection.forward(query_output)?)
+        l2_normalize(
+            &self
+                .text_branch()?
+                .vision_projection
+                .forward(query_output)?,
+        )
     }
 
     /// `normalize(text_projection(text_output[:, 0]))`, the [CLS] feature: `[B, D]`.
     pub fn itc_text_features(&self, text_output: &Tensor) -> Result<Tensor> {
         let cls = text_output.narrow(1, 0, 1)?.squeeze(1)?;
-        l2_normalize(&self.text_projection.forward(&cls)?)
+        l2_normalize(&self.text_branch()?.text_projection.forward(&cls)?)
     }
 
     /// Joint pass over `[queries; text]` of paired rows under `mode`'s mask: `[B, Q+T, H]`.
@@ -251,7 +297,7 @@ impl Blip2Qformer {
     /// `itm_head` averaged over the query positions of a multimodal output.
     pub fn itm_head_mean(&self, multimodal: &Tensor) -> Result<Tensor> {
         let q = multimodal.narrow(1, 0, self.cfg.num_query_tokens)?;
-        self.itm_head.forward(&q)?.mean(1)
+        self.text_branch()?.itm_head.forward(&q)?.mean(1)
     }
 
     /// ITG logits `[B, T, V]` over the text positions of the multimodal causal pass (`ids` start
@@ -270,7 +316,8 @@ impl Blip2Qformer {
 
     /// The ITG head on text hidden states `[B, T, H]` → `[B, T, V]`.
     pub fn lm_logits(&self, text_hidden: &Tensor) -> Result<Tensor> {
-        let head = self.lm_head.as_ref().ok_or_else(|| {
+        let text = self.text_branch()?;
+        let head = text.lm_head.as_ref().ok_or_else(|| {
             candle_core::Error::Msg(
                 "this model directory has no ITG head (cls.predictions.*)".into(),
             )
@@ -281,7 +328,7 @@ impl Blip2Qformer {
             .hidden_act
             .forward(&head.dense.forward(text_hidden)?)?;
         let x = head.layer_norm.forward(&x)?;
-        x.broadcast_matmul(&self.word_embeddings.embeddings().t()?)?
+        x.broadcast_matmul(&text.word_embeddings.embeddings().t()?)?
             .broadcast_add(&head.bias)
     }
 }

@@ -22,7 +22,7 @@ use crate::models::bert::BertConfig;
 use crate::models::qformer::clip_tower::frozen_clip_vision;
 use crate::models::qformer::config::{Blip2Config, QformerConfig, VisionConfig};
 use crate::models::qformer::from_bert::{bert_config, qformer_from_bert};
-use crate::models::qformer::Blip2Qformer;
+use crate::models::qformer::{Blip2Qformer, Heads};
 use crate::nn::Activation;
 use crate::objectives::itc::{itc_loss, max_over_queries, TEMP_INIT, TEMP_MAX, TEMP_MIN};
 use crate::objectives::itg::{decoder_ids, itg_loss};
@@ -153,7 +153,7 @@ impl QformerTask {
             DType::F32,
             device,
         );
-        let model = Blip2Qformer::new(vb.clone(), &config, true)?;
+        let model = Blip2Qformer::new(vb.clone(), &config, Heads::Stage1 { lm_head: true })?;
         vb.get_with_hints((), TEMP, candle_nn::Init::Const(TEMP_INIT))?;
         let parts = TaskParts {
             varmap,
@@ -183,7 +183,7 @@ impl QformerTask {
                     DType::F32,
                     device,
                 );
-                let model = Blip2Qformer::new(vb, &config, true)?;
+                let model = Blip2Qformer::new(vb, &config, Heads::Stage1 { lm_head: true })?;
                 if state.varmap.all_vars().len() != parts.vars().len() {
                     return Err(Error::input(
                         "the momentum Q-Former does not have the trained Q-Former's variables",
