@@ -1,4 +1,4 @@
-//! `vlalign demo [--out DIR] [--json] [--resume] [--stage clip|qformer]`
+//! `vlalign demo [--out DIR] [--json] [--resume] [--stage clip|qformer|blip2]`
 
 use std::path::PathBuf;
 
@@ -15,6 +15,9 @@ enum Stage {
     /// BLIP-2 stage 1: a Q-Former on the frozen vision tower of the CLIP in --out (trained
     /// first when absent).
     Qformer,
+    /// BLIP-2 stage 2: the stage-1 Q-Former in --out bridged to the frozen SmolLM2-135M
+    /// (tools/fetch_smollm2.sh); the earlier stages run first when absent.
+    Blip2,
 }
 
 #[derive(clap::Args)]
@@ -25,8 +28,8 @@ pub struct Args {
     /// Continue an interrupted demo from its last checkpoint.
     #[arg(long)]
     resume: bool,
-    /// Train with this config instead of the stage's built-in configs/clip-tiny.toml or
-    /// configs/qformer-tiny.toml (data.source must be "shapes").
+    /// Train with this config instead of the stage's built-in configs/clip-tiny.toml,
+    /// configs/qformer-tiny.toml or configs/blip2-smollm2.toml (data.source must be "shapes").
     #[arg(long)]
     config: Option<PathBuf>,
     /// Overrides train.steps (the warm-up is cut to at most a fifth of it); the default reaches
@@ -41,6 +44,50 @@ pub struct Args {
     stage: Stage,
     #[command(flatten)]
     device: DeviceOpt,
+}
+
+fn run_blip2(a: &Args, opts: &DemoOptions) -> Result<()> {
+    let r = demo::blip2::run(opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let pct = |x: f64| format!("{:5.1}%", x * 100.0);
+    println!();
+    println!(
+        "vlalign demo --stage blip2: the stage-1 Q-Former feeding the frozen {} ({} steps, {:.0} s \
+         training, {:.0} s in all)",
+        r.language_model.display(),
+        r.steps,
+        r.train_seconds,
+        r.wall_seconds
+    );
+    println!(
+        "  caption word accuracy (colour + shape), seen compositions ({})   {}",
+        r.n_seen,
+        pct(r.caption_accuracy_seen)
+    );
+    println!(
+        "  caption word accuracy (colour + shape), unseen compositions ({}) {}",
+        r.n_unseen,
+        pct(r.caption_accuracy_unseen)
+    );
+    println!(
+        "  ask \"what colour is the {{shape}}?\" (never trained on questions)   {}",
+        pct(r.ask_colour_accuracy)
+    );
+    println!(
+        "  ask \"what shape is it?\"                                           {}",
+        pct(r.ask_shape_accuracy)
+    );
+    for e in &r.examples {
+        println!(
+            "  {:<40} → {:?} | colour: {:?} | shape: {:?}",
+            e.truth, e.caption, e.colour_answer, e.shape_answer
+        );
+    }
+    println!("  model: {}", r.model_dir.display());
+    Ok(())
 }
 
 fn run_qformer(a: &Args, opts: &DemoOptions) -> Result<()> {
@@ -108,8 +155,10 @@ pub fn run(a: Args) -> Result<()> {
         progress: true,
         device: a.device.resolve()?,
     };
-    if a.stage == Stage::Qformer {
-        return run_qformer(&a, &opts);
+    match a.stage {
+        Stage::Qformer => return run_qformer(&a, &opts),
+        Stage::Blip2 => return run_blip2(&a, &opts),
+        Stage::Clip => {}
     }
     let r = demo::clip::run(&opts)?;
     if a.json {

@@ -69,6 +69,12 @@ impl TextTokenizer {
         Self::from_bytes(&bytes, path, context, pad_name.as_deref())
     }
 
+    /// A tokenizer from `tokenizer.json` bytes (e.g. one rebuilt from a GGUF's metadata);
+    /// `origin` names it in errors.
+    pub fn from_json_bytes(bytes: &[u8], origin: &Path, context: usize) -> Result<Self> {
+        Self::from_bytes(bytes, origin, context, None)
+    }
+
     /// The bundled CLIP tokenizer.
     pub fn bundled_clip(context: usize) -> Result<Self> {
         Self::from_bytes(

@@ -5,4 +5,5 @@ pub mod distill;
 pub mod itc;
 pub mod itg;
 pub mod itm;
+pub mod lm;
 pub mod ops;

@@ -11,6 +11,7 @@ use candle_core::{Device, Var};
 use super::config::{AugmentKind, TrainConfig};
 use super::optim::Grads;
 use super::task::{LossTerms, Task, TaskParts};
+use super::tasks::blip2::Blip2Task;
 use super::tasks::clip::ClipTask;
 use super::tasks::qformer::QformerTask;
 use super::trainer::{self, EvalHook, RunOptions, RunReport};
@@ -24,6 +25,7 @@ use crate::error::{Error, Result};
 pub enum AnyTask {
     Clip(ClipTask),
     Qformer(QformerTask),
+    Blip2(Box<Blip2Task>),
 }
 
 impl AnyTask {
@@ -42,9 +44,12 @@ impl AnyTask {
                 AnyTask::Clip(distil(ClipTask::from_dir(&ft.model, loss, seed, device)?)?)
             }
             (None, None, Some(_)) => AnyTask::Qformer(QformerTask::new(cfg, device)?),
+            (None, None, None) if cfg.blip2.is_some() => {
+                AnyTask::Blip2(Box::new(Blip2Task::new(cfg, device)?))
+            }
             (None, None, None) => {
                 return Err(Error::input(
-                    "the config has no [model], [finetune] or [qformer] section",
+                    "the config has no [model], [finetune], [qformer] or [blip2] section",
                 ))
             }
         })
@@ -55,6 +60,7 @@ impl AnyTask {
         match self {
             AnyTask::Clip(t) => t.config.image_size(),
             AnyTask::Qformer(t) => t.config.vision.image_size(),
+            AnyTask::Blip2(t) => t.config.blip2.vision.image_size(),
         }
     }
 
@@ -76,6 +82,7 @@ impl AnyTask {
         match self {
             AnyTask::Clip(t) => t,
             AnyTask::Qformer(t) => t,
+            AnyTask::Blip2(t) => t.as_ref(),
         }
     }
 
@@ -83,6 +90,7 @@ impl AnyTask {
         match self {
             AnyTask::Clip(t) => t,
             AnyTask::Qformer(t) => t,
+            AnyTask::Blip2(t) => t.as_mut(),
         }
     }
 }

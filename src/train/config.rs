@@ -19,6 +19,10 @@ pub struct TrainConfig {
     /// A BLIP-2 Q-Former to train in stage 1 on a frozen image encoder (the `[qformer]` section).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qformer: Option<QformerSpec>,
+    /// BLIP-2 stage 2: a trained Q-Former bridged to a frozen language model (the `[blip2]`
+    /// section).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blip2: Option<Blip2Spec>,
     /// A CLIP to fine-tune from a model directory (the `[finetune]` section).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finetune: Option<FinetuneSpec>,
@@ -111,6 +115,26 @@ pub struct QformerSpec {
     /// `"shapes"` (word-level shapes vocabulary) or a BERT `tokenizer.json`; a [DEC] token is
     /// appended to the vocabulary for ITG either way.
     pub tokenizer: TokenizerSpec,
+}
+
+/// BLIP-2 stage 2 (Li et al. 2023, §3.3): the stage-1 Q-Former and a new fully connected
+/// projection learn to feed a frozen language model soft visual prompts; the image encoder and
+/// the LM stay frozen; the loss is the LM's cross-entropy on the caption tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Blip2Spec {
+    /// A stage-1 model directory (a `[qformer]` run's `model/`): its frozen image encoder, its
+    /// queries and Q-Former layers (trained further), its image preprocessing.
+    pub qformer: String,
+    /// The frozen LM: a transformers causal-LM directory (config.json, model.safetensors,
+    /// tokenizer.json; OPT, Llama, Qwen2) or a llama.cpp `.gguf` file (e.g. SmolLM2-135M from
+    /// `tools/fetch_smollm2.sh`). The trained directory refers to it rather than copying it.
+    pub language_model: String,
+    /// Text before every caption, not a target (LAVIS: "a photo of"); "" for none.
+    #[serde(default)]
+    pub prompt: String,
+    /// Most tokens of prompt + caption + end token (longer texts are cut, keeping the end token).
+    pub max_text_len: usize,
 }
 
 /// Where the Q-Former's weights start: `"random"`, or any other string, a BERT model directory.
@@ -395,20 +419,22 @@ impl TrainConfig {
             self.model.is_some(),
             self.qformer.is_some(),
             self.finetune.is_some(),
+            self.blip2.is_some(),
         ];
         match given.iter().filter(|g| **g).count() {
             0 => {
                 return Err(
                     "missing [model] (a CLIP to train), [finetune] (a CLIP model \
-                            directory to fine-tune) or [qformer] (a BLIP-2 Q-Former)"
+                            directory to fine-tune), [qformer] (a BLIP-2 Q-Former) or [blip2] \
+                            (BLIP-2 stage 2)"
                         .into(),
                 )
             }
             1 => {}
             _ => {
                 return Err(
-                    "give one of [model] (a CLIP), [finetune] (a CLIP directory) and \
-                            [qformer] (a BLIP-2 Q-Former), not several"
+                    "give one of [model] (a CLIP), [finetune] (a CLIP directory), \
+                            [qformer] (a BLIP-2 Q-Former) and [blip2] (stage 2), not several"
                         .into(),
                 )
             }
@@ -418,6 +444,17 @@ impl TrainConfig {
         }
         if let Some(q) = &self.qformer {
             Self::validate_qformer(q)?;
+        }
+        if let Some(b) = &self.blip2 {
+            if !(4..=512).contains(&b.max_text_len) {
+                return Err(format!(
+                    "blip2.max_text_len ({}) must be between 4 and 512",
+                    b.max_text_len
+                ));
+            }
+            if self.distill.is_some() {
+                return Err("[distill] applies to contrastive objectives, not to [blip2]".into());
+            }
         }
         if let Some(k) = &self.distill {
             if self.qformer.is_none() && t.loss != ContrastiveLoss::InfoNce {

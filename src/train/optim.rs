@@ -11,6 +11,19 @@ use candle_core::{DType, Result, Tensor, Var};
 /// the same seed gives bit-identical runs (a `HashMap` iterates in a random order per run).
 pub type Grads = std::collections::BTreeMap<String, Tensor>;
 
+/// Adds `part` into `total`, name by name (the callers add parts in a fixed order).
+pub fn add_grads(total: &mut Grads, part: Grads) -> candle_core::Result<()> {
+    for (name, g) in part {
+        match total.get_mut(&name) {
+            Some(t) => *t = (&*t + &g)?,
+            None => {
+                total.insert(name, g);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
     pub beta1: f64,

@@ -3,7 +3,8 @@ transformers 5 writes them (config.json, model.safetensors, tokenizer.json, proc
 with the image processor inside), one over an OPT decoder and one over a Llama decoder, with a
 byte-level BPE tokenizer trained here on shape captions plus the `<image>` token.
 
-Writes tests/fixtures/blip2-{opt,llama}/ and tests/fixtures/blip2-{opt,llama}.reference.safetensors:
+Writes tests/fixtures/blip2-{opt,llama}/, tests/fixtures/blip2-{opt,llama}-lm/ (the language model
+alone with the tokenizer: a frozen LM for the stage-2 training tests) and tests/fixtures/blip2-{opt,llama}.reference.safetensors:
 
   pixel_values           [2, 3, S, S]: the processor on two random 40x36 RGB images, saved as
                          tests/fixtures/blip2-{opt,llama}-images/{0,1}.png
@@ -128,6 +129,10 @@ def build(name, seed):
     out_dir = os.path.dirname(fixture_path(name, "config.json"))
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    # The language model alone with its tokenizer: a frozen LM for stage-2 training tests.
+    lm_dir = os.path.dirname(fixture_path(f"{name}-lm", "config.json"))
+    model.language_model.save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
 
     g = torch.Generator().manual_seed(seed + 2)
     images = [

@@ -1,8 +1,10 @@
 //! `vlalign demo`: the main job on built-in data (DESIGN.md §5), in two stages that share the
 //! run builder and differ only in their config and their report — [`clip`] trains the tiny CLIP
 //! of configs/clip-tiny.toml; [`qformer`] trains BLIP-2 stage 1 of configs/qformer-tiny.toml on
-//! that CLIP's frozen vision tower. Both evaluate on held-out images generated here.
+//! that CLIP's frozen vision tower; [`blip2`] bridges that Q-Former to a frozen pretrained LM
+//! (BLIP-2 stage 2, configs/blip2-smollm2.toml). All evaluate on held-out images generated here.
 
+pub mod blip2;
 pub mod clip;
 pub mod qformer;
 
@@ -34,6 +36,19 @@ pub struct DemoOptions {
 }
 
 impl DemoOptions {
+    /// The options of an earlier stage run because its model is missing: the built-in config
+    /// and its own step count, the rest as given.
+    fn earlier_stage(&self) -> Self {
+        Self {
+            out: self.out.clone(),
+            config: None,
+            resume: self.resume,
+            steps: None,
+            progress: self.progress,
+            device: self.device.clone(),
+        }
+    }
+
     /// The stage's config: `--config` or the built-in `toml` (named `name` in errors), with
     /// `--steps` applied; the data must be the built-in shapes.
     fn config(&self, name: &str, toml: &str) -> Result<TrainConfig> {

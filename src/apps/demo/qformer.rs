@@ -92,14 +92,7 @@ pub fn run(opts: &DemoOptions) -> Result<QformerDemoReport> {
             "no CLIP at {}: running the CLIP demo first",
             clip_dir.display()
         );
-        clip::run(&DemoOptions {
-            out: opts.out.clone(),
-            config: None,
-            resume: opts.resume,
-            steps: None,
-            progress: opts.progress,
-            device: opts.device.clone(),
-        })?;
+        clip::run(&opts.earlier_stage())?;
     }
     let t_stage = Instant::now();
     let mut cfg = opts.config("configs/qformer-tiny.toml", QFORMER_TINY_TOML)?;

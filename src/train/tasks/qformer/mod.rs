@@ -8,6 +8,8 @@
 
 mod step;
 
+pub use step::SHARDS;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;

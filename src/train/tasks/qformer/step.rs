@@ -30,7 +30,7 @@ use crate::objectives::itc::{itc_loss, max_over_queries};
 use crate::objectives::itg::{decoder_ids, itg_loss_sum, itg_target_count};
 use crate::objectives::itm::itm_loss_sum;
 use crate::train::distill::FeatureQueues;
-use crate::train::optim::Grads;
+use crate::train::optim::{add_grads, Grads};
 use crate::train::task::LossTerms;
 
 /// A step's gradients, loss terms and, when distilling, the batch's momentum ITC features and
@@ -76,18 +76,6 @@ fn trimmed(ids: &[&Vec<u32>], mask: &[&Vec<u32>]) -> (Vec<Vec<u32>>, Vec<Vec<u32
             .collect()
     };
     (cut(ids), cut(mask))
-}
-
-fn add_into(total: &mut Grads, part: Grads) -> Result<()> {
-    for (name, g) in part {
-        match total.get_mut(&name) {
-            Some(t) => *t = (&*t + &g)?,
-            None => {
-                total.insert(name, g);
-            }
-        }
-    }
-    Ok(())
 }
 
 fn scalar(t: &Tensor) -> Result<f32> {
@@ -248,7 +236,7 @@ impl QformerTask {
             });
             for res in results {
                 let (g, m, t) = res?;
-                add_into(&mut grads, g)?;
+                add_grads(&mut grads, g)?;
                 itm += m;
                 itg += t;
             }
