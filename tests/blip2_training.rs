@@ -120,8 +120,12 @@ fn trained_directory_captions_and_answers() {
             "target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             fixture("blip2-llama-lm").to_str().unwrap(),
         )
-        .replace("steps = 300 ", "steps = 2 ")
-        .replace("batch_size = 16 ", "batch_size = 4 ");
+        .replace("steps = 200 ", "steps = 2 ")
+        .replace("batch_size = 8 ", "batch_size = 4 ");
+    assert!(
+        cfg.contains("steps = 2 ") && cfg.contains("batch_size = 4 "),
+        "the preset's steps / batch_size lines changed: update this test"
+    );
     std::fs::write(&cfg_path, cfg).unwrap();
     let run = dir.join("stage2");
     let out = common::json(&common::vlalign(&[
