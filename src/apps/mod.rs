@@ -6,4 +6,5 @@ pub mod ann_bench;
 pub mod bench;
 pub mod capfilt;
 pub mod demo;
+pub mod lm_bench;
 pub mod serve_bench;

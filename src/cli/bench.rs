@@ -1,4 +1,4 @@
-//! `vlalign bench [--suite default|vit-b32] [--batch N] [--json]`
+//! `vlalign bench [--suite default|vit-b32|serve|ann|lm|kernels] [--batch N] [--json]`
 
 use anyhow::{bail, Result};
 
@@ -19,6 +19,9 @@ enum Suite {
     /// The image-search index on synthetic clustered embeddings (--sizes, --dim): HNSW build
     /// time, recall@10 against the exact top 10, queries/s of the exact scan and of the graph.
     Ann,
+    /// Greedy generation from a decoder LM (--lm: a directory or .gguf) with the KV cache:
+    /// tokens/s at batch 1 and 8, as the twin tools/reference/bench_lm_torch.py.
+    Lm,
     /// No timing: the fused kernels (LayerNorm, softmax, GELUs, bias) against candle's
     /// compositions on --device, values and gradients (relative max differences).
     Kernels,
@@ -44,6 +47,9 @@ pub struct Args {
     /// Requests per setting of the serve suite (spread over the clients).
     #[arg(long, default_value_t = 256)]
     requests: usize,
+    /// Language model of the lm suite (a causal-LM directory or a .gguf file).
+    #[arg(long, default_value = "target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    lm: std::path::PathBuf,
     /// Collection sizes of the ann suite.
     #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
     sizes: Vec<usize>,
@@ -111,6 +117,26 @@ pub fn run(a: Args) -> Result<()> {
                     r.p99_ms
                 );
             }
+        }
+        return Ok(());
+    }
+    if a.suite == Suite::Lm {
+        let r = vlalign::apps::lm_bench::run(&a.lm, a.iters.max(1), &device)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{}: greedy, {}-token prompt + {} new tokens, KV cache",
+                r.model, r.prompt_tokens, r.new_tokens
+            );
+            println!(
+                "  batch 1: {:8.1} ms  {:6.1} tokens/s",
+                r.batch1_ms, r.batch1_tokens_per_s
+            );
+            println!(
+                "  batch 8: {:8.1} ms  {:6.1} tokens/s",
+                r.batch8_ms, r.batch8_tokens_per_s
+            );
         }
         return Ok(());
     }

@@ -135,6 +135,12 @@ pub struct Blip2Spec {
     pub prompt: String,
     /// Most tokens of prompt + caption + end token (longer texts are cut, keeping the end token).
     pub max_text_len: usize,
+    /// Start the projection at the LM's input scale: its weights and bias are scaled so that
+    /// unit-variance query outputs map to soft prompts with the token embeddings' RMS (PyTorch's
+    /// default initialisation makes them several times larger than SmolLM2's embeddings; on the
+    /// demo, 200 steps reach loss 1.54 with it and 2.17 without).
+    #[serde(default = "yes")]
+    pub projection_init_to_embedding_scale: bool,
 }
 
 /// Where the Q-Former's weights start: `"random"`, or any other string, a BERT model directory.

@@ -279,6 +279,19 @@ impl CausalLm {
         }
     }
 
+    /// Root mean square of the token-embedding matrix: the scale of the inputs the LM was trained
+    /// on.
+    pub fn embedding_rms(&self) -> Result<f32> {
+        self.parts()
+            .0
+            .embed_tokens
+            .embeddings()
+            .sqr()?
+            .mean_all()?
+            .sqrt()?
+            .to_scalar::<f32>()
+    }
+
     /// Vocabulary logits of hidden states `[..., W]` (the LM head).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         use candle_nn::Module;

@@ -125,6 +125,21 @@ impl Blip2Task {
             device,
         );
         let model = Blip2Lm::new(vb, &config, Some(lm))?;
+        if spec.projection_init_to_embedding_scale {
+            // nn.Linear's U(±1/√in) has std 1/√(3·in): outputs of unit-variance inputs have
+            // std 1/√3; scale them to the embeddings' RMS.
+            let factor = (model.lm.embedding_rms()? as f64) * 3f64.sqrt();
+            for name in ["language_projection.weight", "language_projection.bias"] {
+                let v = varmap
+                    .data()
+                    .lock()
+                    .expect("varmap lock")
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| Error::input(format!("no variable {name}")))?;
+                v.set(&(v.as_tensor() * factor)?)?;
+            }
+        }
         let processor = match processor_for_dir(stage1)? {
             Some((p, _)) => p,
             None => ImageProcessor::clip_default(config.blip2.vision.image_size()),
