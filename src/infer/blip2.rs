@@ -83,7 +83,7 @@ impl Blip2Pipeline {
         let dir = md.path.as_path();
         let cfg = md.blip2_lm("the BLIP-2 pipeline")?;
         let tokenizer = tokenizer_for(dir, cfg.language_model.as_deref())?;
-        let model = Blip2Lm::load(dir, device)?;
+        let model = Blip2Lm::from_model_dir(md, device)?;
         let size = cfg.blip2.vision.image_size();
         let processor = match processor_for_dir(dir)? {
             Some((p, _)) => p,

@@ -55,7 +55,15 @@ impl Blip2Lm {
     /// Loads a stage-2 model directory; the LM from its `language_model.*` tensors, or from the
     /// directory / GGUF file `vlalign_language_model` names (relative to `dir`).
     pub fn load(dir: &Path, device: &Device) -> crate::error::Result<Self> {
-        let md = crate::models::ModelDir::open(dir)?;
+        Self::from_model_dir(&crate::models::ModelDir::open(dir)?, device)
+    }
+
+    /// [`Blip2Lm::load`] of an opened model directory.
+    pub fn from_model_dir(
+        md: &crate::models::ModelDir,
+        device: &Device,
+    ) -> crate::error::Result<Self> {
+        let dir = md.path.as_path();
         let cfg = md.blip2_lm("loading a BLIP-2 model")?.clone();
         let external = match &cfg.language_model {
             Some(p) => {

@@ -125,21 +125,6 @@ impl Blip2Task {
             device,
         );
         let model = Blip2Lm::new(vb, &config, Some(lm))?;
-        if spec.projection_init_to_embedding_scale {
-            // nn.Linear's U(±1/√in) has std 1/√(3·in): outputs of unit-variance inputs have
-            // std 1/√3; scale them to the embeddings' RMS.
-            let factor = (model.lm.embedding_rms()? as f64) * 3f64.sqrt();
-            for name in ["language_projection.weight", "language_projection.bias"] {
-                let v = varmap
-                    .data()
-                    .lock()
-                    .expect("varmap lock")
-                    .get(name)
-                    .cloned()
-                    .ok_or_else(|| Error::input(format!("no variable {name}")))?;
-                v.set(&(v.as_tensor() * factor)?)?;
-            }
-        }
         let processor = match processor_for_dir(stage1)? {
             Some((p, _)) => p,
             None => ImageProcessor::clip_default(config.blip2.vision.image_size()),
@@ -160,6 +145,15 @@ impl Blip2Task {
             end_id,
             max_text_len: spec.max_text_len,
         };
+        if spec.projection_init_to_embedding_scale {
+            // nn.Linear's U(±1/√in) has std 1/√(3·in): outputs of unit-variance inputs have
+            // std 1/√3; scale them to the embeddings' RMS.
+            let factor = (task.model.lm.embedding_rms()? as f64) * 3f64.sqrt();
+            for name in ["language_projection.weight", "language_projection.bias"] {
+                let v = task.parts.var(name).expect("the projection is a variable");
+                v.set(&(v.as_tensor() * factor)?)?;
+            }
+        }
         task.prompt_ids = task.tokenise(&spec.prompt)?;
         if task.prompt_ids.len() + 2 > spec.max_text_len {
             return Err(Error::input(format!(
@@ -197,16 +191,21 @@ impl Blip2Task {
         self.prompt_ids.len().min(text.len() - 1)
     }
 
+    /// The texts of `b`'s captions ([`Blip2Task::text_ids`]).
+    fn texts(&self, b: &Batch) -> Result<Vec<Vec<u32>>> {
+        b.captions.iter().map(|c| self.text_ids(c)).collect()
+    }
+
     /// The summed caption cross-entropy of `b` and its target count.
     pub fn loss_sum(&self, b: &Batch) -> Result<(Tensor, usize)> {
+        self.loss_sum_of(b, &self.texts(b)?)
+    }
+
+    /// [`Blip2Task::loss_sum`] of `b` whose captions are already the texts `texts`.
+    fn loss_sum_of(&self, b: &Batch, texts: &[Vec<u32>]) -> Result<(Tensor, usize)> {
         let device = &self.parts.device;
         let prefix = self.model.image_prefix(&b.pixel_tensor(device)?)?;
         let q = self.model.num_queries();
-        let texts: Vec<Vec<u32>> = b
-            .captions
-            .iter()
-            .map(|c| self.text_ids(c))
-            .collect::<Result<_>>()?;
         let longest = texts.iter().map(Vec::len).max().unwrap_or(0);
         let pad = self.parts.tokenizer.pad_id();
         let (mut rows, mut mask) = (Vec::new(), Vec::new());
@@ -236,13 +235,11 @@ impl Blip2Task {
         let logits = self.model.lm.logits(&picked)?;
         Ok((token_cross_entropy_sum(&logits, &targets)?, targets.len()))
     }
-}
 
-impl Blip2Task {
     /// The gradients of one shard's summed loss divided by the step's target count `total`,
     /// and that loss.
-    fn shard_grads(&self, b: &Batch, total: f64) -> Result<(Grads, f64)> {
-        let (sum, _) = self.loss_sum(b)?;
+    fn shard_grads(&self, b: &Batch, texts: &[Vec<u32>], total: f64) -> Result<(Grads, f64)> {
+        let (sum, _) = self.loss_sum_of(b, texts)?;
         let l = (sum / total)?;
         let mut grads = Grads::new();
         self.parts.collect(&l.backward()?, &mut grads)?;
@@ -266,31 +263,32 @@ impl Task for Blip2Task {
     /// Each micro-batch's summed cross-entropy divided by the step's total target count: the
     /// micro-batches' gradients add up to the large batch's mean exactly.
     fn grads(&mut self, micro: &[Batch], _step: u64) -> Result<(Grads, LossTerms)> {
-        let mut count = 0;
-        for b in micro {
-            for c in &b.captions {
-                let t = self.text_ids(c)?;
-                count += caption_targets(&t, self.prompt_len(&t)).len();
-            }
-        }
+        // Every caption tokenised once: the step's target count first, then the shards' losses.
+        let texts: Vec<Vec<Vec<u32>>> =
+            micro.iter().map(|b| self.texts(b)).collect::<Result<_>>()?;
+        let count: usize = texts
+            .iter()
+            .flatten()
+            .map(|t| caption_targets(t, self.prompt_len(t)).len())
+            .sum();
         let total = count.max(1) as f64;
         let mut grads = Grads::new();
         let mut loss = 0f64;
         let this = &*self;
-        for b in micro {
+        for (b, texts) in micro.iter().zip(&texts) {
             // SHARDS fixed row ranges on parallel threads, added in order: the same sums on any
             // core count (as the Q-Former step).
             let n = b.len();
-            let shards: Vec<Batch> = (0..SHARDS)
+            let shards: Vec<(Batch, &[Vec<u32>])> = (0..SHARDS)
                 .map(|k| n * k / SHARDS..n * (k + 1) / SHARDS)
                 .filter(|r| !r.is_empty())
-                .map(|r| b.rows(r))
+                .map(|r| (b.rows(r.clone()), &texts[r]))
                 .collect();
             // rayon's pool: its threads (and their allocator heaps) live across steps, where
             // fresh threads each step made the kernel zero new pages for ~20% of the time.
             let results: Vec<Result<(Grads, f64)>> = shards
                 .par_iter()
-                .map(|s| this.shard_grads(s, total))
+                .map(|(s, t)| this.shard_grads(s, t, total))
                 .collect();
             for res in results {
                 let (g, l) = res?;
