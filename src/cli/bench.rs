@@ -20,7 +20,8 @@ enum Suite {
     /// time, recall@10 against the exact top 10, queries/s of the exact scan and of the graph.
     Ann,
     /// Greedy generation from a decoder LM (--lm: a directory or .gguf) with the KV cache:
-    /// tokens/s at batch 1 and 8, as the twin tools/reference/bench_lm_torch.py.
+    /// tokens/s at batch 1 and 8, and the LM's share of a BLIP-2 stage-2 training step, as the
+    /// twin tools/reference/bench_lm_torch.py.
     Lm,
     /// No timing: the fused kernels (LayerNorm, softmax, GELUs, bias) against candle's
     /// compositions on --device, values and gradients (relative max differences).
@@ -137,6 +138,12 @@ pub fn run(a: Args) -> Result<()> {
                 "  batch 8: {:8.1} ms  {:6.1} tokens/s",
                 r.batch8_ms, r.batch8_tokens_per_s
             );
+            println!(
+                "stage-2 training step (LM share: 8 x (8 queries + 24 tokens), 16 targets/row, \
+                 backward to the projection)"
+            );
+            println!("  one graph:       {:8.1} ms", r.step_batch8_ms);
+            println!("  two row shards:  {:8.1} ms", r.step_batch8_sharded_ms);
         }
         return Ok(());
     }

@@ -67,10 +67,8 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let k = *dims.last().expect("linear input has a last dimension");
         let rows = x.elem_count() / k.max(1);
-        let y = x
-            .contiguous()?
-            .reshape((rows, k))?
-            .matmul(&self.weight.t()?)?;
+        // A frozen weight (no gradient path) contributes no weight-gradient gemm to backward.
+        let y = super::frozen::matmul_t(&x.contiguous()?.reshape((rows, k))?, &self.weight)?;
         let y = match &self.bias {
             Some(b) if super::fused::supported(&y) => super::fused::add_bias(&y, b)?,
             Some(b) => y.broadcast_add(b)?,

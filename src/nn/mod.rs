@@ -8,6 +8,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod frozen;
 pub mod fused;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
