@@ -120,7 +120,7 @@ fn trained_directory_captions_and_answers() {
             "target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             fixture("blip2-llama-lm").to_str().unwrap(),
         )
-        .replace("steps = 200 ", "steps = 2 ")
+        .replace("steps = 600 ", "steps = 2 ")
         .replace("batch_size = 8 ", "batch_size = 4 ");
     assert!(
         cfg.contains("steps = 2 ") && cfg.contains("batch_size = 4 "),

@@ -173,9 +173,11 @@ impl Blip2Task {
     }
 
     /// The text of one caption: `prompt + " " + caption` tokenised together (as LAVIS joins the
-    /// prompt and the caption into one string), cut to `max_text_len − 1`, then the end token.
+    /// prompt and the caption into one string), cut to `max_text_len − 1`, then the end token. A
+    /// caption that already begins with the prompt as whole words ("a photo of a red star" under
+    /// "a photo of") is taken as it is: doubled, it would teach the LM to repeat the prompt.
     fn text_ids(&self, caption: &str) -> Result<Vec<u32>> {
-        let joined = if self.prompt.is_empty() {
+        let joined = if self.prompt.is_empty() || starts_with_words(caption, &self.prompt) {
             caption.to_string()
         } else {
             format!("{} {}", self.prompt, caption)
@@ -308,5 +310,24 @@ impl Task for Blip2Task {
 
     fn hf_config(&self) -> serde_json::Value {
         self.config.to_hf_json()
+    }
+}
+
+/// Whether `text` begins with the words of `prefix` (followed by a space or nothing).
+fn starts_with_words(text: &str, prefix: &str) -> bool {
+    text.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::starts_with_words;
+
+    #[test]
+    fn a_prompt_is_a_caption_prefix_only_as_whole_words() {
+        assert!(starts_with_words("a photo of a red star", "a photo of"));
+        assert!(starts_with_words("a photo of", "a photo of"));
+        assert!(!starts_with_words("a photo offset", "a photo of"));
+        assert!(!starts_with_words("red star", "a photo of"));
     }
 }
