@@ -157,8 +157,9 @@ pub fn generate(
 fn last_logits(lm: &CausalLm, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
     let t = hidden.dim(1)?;
     let logits = lm.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)?;
-    crate::nn::ops::ensure_finite(&logits, "language-model logits")?;
-    Ok(logits.to_vec2::<f32>()?)
+    let rows = logits.to_vec2::<f32>()?;
+    crate::nn::ops::ensure_finite_rows(&rows, "language-model logits")?;
+    Ok(rows)
 }
 
 /// transformers' `RepetitionPenaltyLogitsProcessor` (each distinct earlier token: a negative

@@ -37,13 +37,26 @@ pub fn ensure_finite(t: &Tensor, what: &str) -> crate::error::Result<()> {
         .sum_all()?
         .to_scalar::<f32>()?;
     if bad > 0.0 {
-        return Err(crate::error::Error::NonFinite(format!(
-            "{what}: {bad} of {} values are NaN or infinite (corrupt weights, a bad config value \
-             such as layer_norm_eps or rescale_factor, or a diverged model)",
-            t.elem_count()
-        )));
+        return Err(non_finite(what, bad as usize, t.elem_count()));
     }
     Ok(())
+}
+
+/// [`ensure_finite`] for values already on the host (a decode step's logit rows): the check
+/// costs one pass and no tensor ops.
+pub fn ensure_finite_rows(rows: &[Vec<f32>], what: &str) -> crate::error::Result<()> {
+    let bad = rows.iter().flatten().filter(|x| !x.is_finite()).count();
+    if bad > 0 {
+        return Err(non_finite(what, bad, rows.iter().map(Vec::len).sum()));
+    }
+    Ok(())
+}
+
+fn non_finite(what: &str, bad: usize, total: usize) -> crate::error::Error {
+    crate::error::Error::NonFinite(format!(
+        "{what}: {bad} of {total} values are NaN or infinite (corrupt weights, a bad config value \
+         such as layer_norm_eps or rescale_factor, or a diverged model)"
+    ))
 }
 
 #[cfg(test)]
@@ -59,6 +72,10 @@ mod tests {
             let t = Tensor::new(&[[1f32, bad], [2.0, 3.0]], &dev).unwrap();
             let e = ensure_finite(&t, "scores").unwrap_err().to_string();
             assert!(e.starts_with("scores: 1 of 4 values"), "{e}");
+            let rows = vec![vec![1f32, bad], vec![2.0, 3.0]];
+            let e = ensure_finite_rows(&rows, "logits").unwrap_err().to_string();
+            assert!(e.starts_with("logits: 1 of 4 values"), "{e}");
         }
+        assert!(ensure_finite_rows(&[vec![1f32, -3e38]], "x").is_ok());
     }
 }
