@@ -81,7 +81,8 @@ fn clip_tiny_bench_spec() -> ModelSpec {
     }
 }
 
-fn median(v: &[f64]) -> f64 {
+/// The middle value of `v` (the upper one of an even count).
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     s[s.len() / 2]

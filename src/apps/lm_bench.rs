@@ -55,23 +55,23 @@ fn median_ms(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
         f()?;
         t.push(s.elapsed().as_secs_f64() * 1e3);
     }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+    Ok(super::bench::median(&t))
+}
+
+/// Ids 1000, 1001, … (`n` of them) in each of `rows` rows (the twin uses the same).
+fn repeated_ids(rows: usize, n: usize, device: &Device) -> Result<Tensor> {
+    let ids: Vec<u32> = (0..rows).flat_map(|_| 1000..1000 + n as u32).collect();
+    Ok(Tensor::from_vec(ids, (rows, n), device)?)
 }
 
 pub fn run(model: &Path, iters: usize, device: &Device) -> Result<LmBenchReport> {
-    let (lm, _) = CausalLm::load(model, device)?;
+    let (lm, lm_cfg) = CausalLm::load(model, device)?;
     let cfg = GenerationConfig {
         min_new_tokens: NEW_TOKENS,
         ..GenerationConfig::greedy(NEW_TOKENS, Vec::new())
     };
     let time = |b: usize| -> Result<f64> {
-        // Prompt ids 1000..1016 in every row (the twin uses the same).
-        let ids: Vec<u32> = (0..b)
-            .flat_map(|_| 1000..1000 + PROMPT_TOKENS as u32)
-            .collect();
-        let ids = Tensor::from_vec(ids, (b, PROMPT_TOKENS), device)?;
-        let embeds = lm.embed(&ids)?;
+        let embeds = lm.embed(&repeated_ids(b, PROMPT_TOKENS, device)?)?;
         let mask = vec![vec![1u32; PROMPT_TOKENS]; b];
         let history = vec![Vec::new(); b];
         median_ms(iters, || {
@@ -80,8 +80,8 @@ pub fn run(model: &Path, iters: usize, device: &Device) -> Result<LmBenchReport>
     };
     let (b1, b8) = (time(1)?, time(8)?);
     let (step, sharded) = (
-        step_ms(&lm, iters, device, 1)?,
-        step_ms(&lm, iters, device, 2)?,
+        step_ms(&lm, lm_cfg.embed_width(), iters, device, 1)?,
+        step_ms(&lm, lm_cfg.embed_width(), iters, device, 2)?,
     );
     Ok(LmBenchReport {
         model: model.display().to_string(),
@@ -103,10 +103,7 @@ fn step_grad(lm: &CausalLm, queries: &Tensor, proj: &Var, rows: usize) -> Result
         &crate::nn::Linear::new(proj.as_tensor().clone(), None),
         queries,
     )?;
-    let ids: Vec<u32> = (0..rows)
-        .flat_map(|_| 1000..1000 + STEP_TEXT as u32)
-        .collect();
-    let text = lm.embed(&Tensor::from_vec(ids, (rows, STEP_TEXT), device)?)?;
+    let text = lm.embed(&repeated_ids(rows, STEP_TEXT, device)?)?;
     let embeds = Tensor::cat(&[&prefix, &text], 1)?;
     let len = STEP_QUERIES + STEP_TEXT;
     let hidden = lm.forward(&embeds, &vec![vec![1u32; len]; rows], &mut lm.cache())?;
@@ -132,9 +129,15 @@ fn step_grad(lm: &CausalLm, queries: &Tensor, proj: &Var, rows: usize) -> Result
         .ok_or_else(|| crate::error::Error::input("the projection got no gradient"))
 }
 
-/// Median ms of the training-step workload for [`STEP_ROWS`] rows split into `shards`.
-fn step_ms(lm: &CausalLm, iters: usize, device: &Device, shards: usize) -> Result<f64> {
-    let width = lm.embed(&Tensor::new(&[0u32], device)?)?.dim(1)?;
+/// Median ms of the training-step workload for [`STEP_ROWS`] rows split into `shards`; `width`
+/// is the LM's input-embedding width.
+fn step_ms(
+    lm: &CausalLm,
+    width: usize,
+    iters: usize,
+    device: &Device,
+    shards: usize,
+) -> Result<f64> {
     // Fixed values, as the twin's: queries sin(0.37 i), projection 0.02 cos(0.11 i) (row-major).
     let pattern = |n: usize, f: f64, phase: f64, scale: f64| -> Result<Tensor> {
         let i = Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?;
