@@ -3,10 +3,11 @@
 //!
 //! ARCHITECTURE.md is the code map. The layers, each importing only those below it:
 //! `apps` (demo, bench) → `train`, `eval` → `infer` → `models`, `objectives`, `data` → `nn`,
-//! `io`, `rng` → `error`.
+//! `io`, `rng`, `dist` → `error`.
 
 pub mod apps;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod infer;

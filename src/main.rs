@@ -30,8 +30,10 @@ fn main() {
     // candle asks for its matmul thread count on every matmul, and without RAYON_NUM_THREADS it
     // recounts the physical cores from /proc/cpuinfo each time (~5% of a decode run in perf).
     // Counted once here, with candle's own rule, it is the same number.
+    // Ranks of one MPI job on one machine share its cores.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = candle_core::utils::get_num_threads();
+        let local = vlalign::dist::launched_local_size().unwrap_or(1).max(1);
+        let n = (candle_core::utils::get_num_threads() / local).max(1);
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let args = cli::Cli::parse();

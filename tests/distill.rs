@@ -223,6 +223,7 @@ fn resumed_distilled_training_is_bit_exact() {
         run_dir: split.clone(),
         resume: true,
         progress: false,
+        comm: vlalign::dist::single(),
     };
     let e = Run::new(more, &Device::Cpu)
         .unwrap()

@@ -145,6 +145,7 @@ fn resumed_training_is_bit_exact() {
         run_dir: split.clone(),
         resume: false,
         progress: false,
+        comm: vlalign::dist::single(),
     };
     let e = Run::new(cfg.clone(), &Device::Cpu)
         .unwrap()
@@ -171,6 +172,7 @@ fn tiny_loader(source: Source, batch: usize) -> Loader {
         seed: 1,
         augment: Augment::RandomResizedCrop { scale: (0.5, 1.0) },
         shuffle_buffer: 3,
+        shard: (0, 1),
     };
     Loader::start(
         source,
@@ -316,6 +318,7 @@ fn one_writer_per_run_directory() {
         run_dir: dir.clone(),
         resume: false,
         progress: false,
+        comm: vlalign::dist::single(),
     };
     let e = Run::new(tiny(), &Device::Cpu)
         .unwrap()
@@ -340,6 +343,7 @@ fn training_error(source: &Path, run_dir: &Path) -> String {
         run_dir: run_dir.to_path_buf(),
         resume: false,
         progress: false,
+        comm: vlalign::dist::single(),
     };
     Run::new(cfg, &Device::Cpu)
         .unwrap()

@@ -1,8 +1,10 @@
 //! `vlalign train --config FILE [--data SRC] [--out RUN] [--resume] [--steps N]`
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Result;
+use vlalign::dist::Comm;
 use vlalign::train::build::Run;
 use vlalign::train::config::TrainConfig;
 use vlalign::train::trainer::RunOptions;
@@ -34,6 +36,30 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    #[cfg(feature = "mpi")]
+    if vlalign::dist::launched_size().is_some() {
+        let mpi = Arc::new(vlalign::dist::mpi::MpiComm::init()?);
+        let result = train(a, mpi.clone());
+        if let Err(e) = &result {
+            if mpi.size() > 1 {
+                // The other ranks would wait for this one in their next collective.
+                eprintln!("error: {e:#} (rank {} of {})", mpi.rank(), mpi.size());
+                mpi.abort(1);
+            }
+        }
+        return result;
+    }
+    if let Some(n) = vlalign::dist::launched_size().filter(|&n| n > 1) {
+        anyhow::bail!(
+            "started by an MPI launcher with {n} ranks, but this vlalign was built without MPI: \
+             each rank would train alone. Build it with `cargo build --release --features mpi`"
+        );
+    }
+    train(a, vlalign::dist::single())
+}
+
+fn train(a: Args, comm: Arc<dyn Comm>) -> Result<()> {
+    let root = comm.rank() == 0;
     let mut cfg = TrainConfig::from_file(&a.config)?;
     if let Some(d) = a.data {
         cfg.data.source = d;
@@ -53,8 +79,12 @@ pub fn run(a: Args) -> Result<()> {
         run_dir: out,
         resume: a.resume,
         progress: true,
+        comm,
     };
     let r = Run::new(cfg, &a.device.resolve()?)?.train(&opts, None)?;
+    if !root {
+        return Ok(());
+    }
     if a.json {
         println!(
             "{}",

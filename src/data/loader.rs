@@ -21,6 +21,7 @@ use super::resample::resize_rgb8;
 use super::shapes::{self, ShapesConfig};
 use super::text::TextTokenizer;
 use super::webdataset;
+use crate::dist::shard_range;
 use crate::error::{Error, Result};
 use crate::rng;
 
@@ -66,6 +67,9 @@ pub struct LoaderConfig {
     pub augment: Augment,
     /// Shuffle buffer of the tar stream, in samples.
     pub shuffle_buffer: usize,
+    /// (rank, ranks) of a data-parallel run: every rank reads the same sequence of global
+    /// batches of `batch_size` samples and decodes only its part ([`shard_range`]).
+    pub shard: (usize, usize),
 }
 
 /// A decoded sample.
@@ -287,6 +291,15 @@ impl Loader {
         if cfg.batch_size == 0 {
             return Err(Error::input("batch size must be at least 1"));
         }
+        let (rank, ranks) = cfg.shard;
+        if rank >= ranks || cfg.batch_size < ranks {
+            return Err(Error::input(format!(
+                "a global batch of {} samples cannot be shared by {ranks} ranks (rank {rank}): \
+                 train.batch_size must be at least the number of ranks",
+                cfg.batch_size
+            )));
+        }
+        let part = shard_range(cfg.batch_size, rank, ranks);
         let workers = cfg.workers.max(1);
         let epoch_len = source.epoch_len();
         let prep = Arc::new(Prep {
@@ -303,9 +316,14 @@ impl Loader {
                 for _ in 0..workers {
                     let (rtx, rrx) = sync_channel::<RawBatch>(cfg.prefetch.max(1));
                     let (otx, orx) = sync_channel(cfg.prefetch.max(1));
-                    let prep = prep.clone();
+                    let (prep, part) = (prep.clone(), part.clone());
                     threads.push(std::thread::spawn(move || {
-                        for (end, raw) in rrx {
+                        for (end, mut raw) in rrx {
+                            // This rank's part of the global batch (a short last batch cannot
+                            // occur: the stream hands out full batches only).
+                            let raw: Vec<_> = raw
+                                .drain(part.start.min(raw.len())..part.end.min(raw.len()))
+                                .collect();
                             let samples = raw
                                 .into_iter()
                                 .map(|(pos, r)| {
@@ -341,12 +359,13 @@ impl Loader {
                     let (tx, rx) = sync_channel(cfg.prefetch.max(1));
                     let (source, prep) = (source.clone(), prep.clone());
                     let (b, seed) = (cfg.batch_size as u64, cfg.seed);
+                    let (lo, hi) = (part.start as u64, part.end as u64);
                     threads.push(std::thread::spawn(move || {
                         let mut order = (0, Vec::new());
                         let mut k = w as u64;
                         loop {
                             let start = position + k * b;
-                            let samples: Vec<Sample> = (start..start + b)
+                            let samples: Vec<Sample> = (start + lo..start + hi)
                                 .map(|p| map_sample(&source, seed, p, &mut order))
                                 .collect();
                             if tx.send(prep.batch(samples, start + b)).is_err() {

@@ -12,7 +12,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::ops::{cross_entropy_diagonal, log_sigmoid};
+use super::ops::{cross_entropy_diagonal, log_sigmoid, log_softmax};
 
 /// Initial log temperature of CLIP, ln(1/0.07).
 pub const CLIP_LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778;
@@ -93,6 +93,57 @@ pub fn siglip_loss(
     // z = 2·I − 1: +1 for the matching pairs, −1 for every other pair.
     let z = ((Tensor::eye(n, l.dtype(), l.device())? * 2.0)? - 1.0)?;
     log_sigmoid(&l.mul(&z)?)?.sum_all()? / -(n as f64)
+}
+
+/// This rank's part of a contrastive loss over a batch spread across ranks (open_clip
+/// `ClipLoss(local_loss=True)`, `SigLipLoss`): the rows this rank holds (`rows_*`, global batch
+/// positions `offset..offset + rows`) against every column of the global batch (`cols_*`,
+/// `n_global` rows), divided by `n_global` so that the parts of all ranks add up to the
+/// whole-batch loss ([`ContrastiveLoss::loss`]). `rows_text` is unused by SigLIP, whose loss is
+/// a sum over pairs and so needs only the image rows.
+#[allow(clippy::too_many_arguments)]
+pub fn loss_rows(
+    loss: ContrastiveLoss,
+    rows_image: &Tensor,
+    rows_text: &Tensor,
+    cols_image: &Tensor,
+    cols_text: &Tensor,
+    offset: usize,
+    logit_scale: &Tensor,
+    logit_bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let n_global = cols_image.dim(0)?;
+    let rows = rows_image.dim(0)?;
+    if offset + rows > n_global || cols_text.dim(0)? != n_global {
+        candle_core::bail!(
+            "rows {offset}..{} of a batch of {n_global} images and {} texts",
+            offset + rows,
+            cols_text.dim(0)?
+        );
+    }
+    // The one-hot of row i's matching column, offset + i.
+    let mut hot = vec![0f32; rows * n_global];
+    for i in 0..rows {
+        hot[i * n_global + offset + i] = 1.0;
+    }
+    let hot = Tensor::from_vec(hot, (rows, n_global), rows_image.device())?
+        .to_dtype(rows_image.dtype())?;
+    match loss {
+        ContrastiveLoss::InfoNce => {
+            let per_image = logits(rows_image, cols_text, logit_scale)?;
+            let per_text = logits(rows_text, cols_image, logit_scale)?;
+            let ce = |l: &Tensor| log_softmax(l)?.mul(&hot)?.sum_all();
+            (ce(&per_image)? + ce(&per_text)?)? / -(2.0 * n_global as f64)
+        }
+        ContrastiveLoss::SigLip => {
+            let Some(b) = logit_bias else {
+                candle_core::bail!("the SigLIP loss needs a logit bias")
+            };
+            let l = logits(rows_image, cols_text, logit_scale)?.broadcast_add(b)?;
+            let z = ((hot * 2.0)? - 1.0)?;
+            log_sigmoid(&l.mul(&z)?)?.sum_all()? / -(n_global as f64)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -179,5 +230,68 @@ mod tests {
             let num = (eval(&img, &txt, &s(h), &b) - eval(&img, &txt, &s(-h), &b)) / (2.0 * h);
             assert!((num - gt).abs() < 1e-6, "scale grad {num} vs {gt}");
         }
+    }
+
+    /// The row parts of a batch split three ways add up to the whole-batch loss, and so do their
+    /// gradients (with respect to rows and columns together), for both losses.
+    #[test]
+    fn row_parts_add_up_to_the_batch_loss() {
+        let dev = Device::Cpu;
+        let img = Tensor::randn(0f64, 1.0, (7, 4), &dev).unwrap();
+        let txt = Tensor::randn(0f64, 1.0, (7, 4), &dev).unwrap();
+        let t = Var::new(1.1f64, &dev).unwrap();
+        let b = Var::new(-1.5f64, &dev).unwrap();
+        for loss in [ContrastiveLoss::InfoNce, ContrastiveLoss::SigLip] {
+            let (vi, vt) = (
+                Var::from_tensor(&img).unwrap(),
+                Var::from_tensor(&txt).unwrap(),
+            );
+            let whole = loss.loss(&vi, &vt, &t, Some(&b)).unwrap();
+            let g_whole = whole.backward().unwrap();
+            let mut sum = 0f64;
+            let zeros = || Tensor::zeros((7, 4), DType::F64, &dev).unwrap();
+            let (mut g_img, mut g_txt) = (zeros(), zeros());
+            let mut g_scale = 0f64;
+            for part in [0..2usize, 2..3, 3..7] {
+                let (ri, rt) = (
+                    Var::from_tensor(&img.narrow(0, part.start, part.len()).unwrap()).unwrap(),
+                    Var::from_tensor(&txt.narrow(0, part.start, part.len()).unwrap()).unwrap(),
+                );
+                let (ci, ct) = (
+                    Var::from_tensor(&img).unwrap(),
+                    Var::from_tensor(&txt).unwrap(),
+                );
+                let l = loss_rows(loss, &ri, &rt, &ci, &ct, part.start, &t, Some(&b)).unwrap();
+                sum += l.to_scalar::<f64>().unwrap();
+                let g = l.backward().unwrap();
+                // A row's gradient in its place, plus the columns' (SigLIP uses no text rows
+                // and no image columns).
+                let placed = |v: &Var| match g.get(v) {
+                    Some(x) => zeros().slice_assign(&[part.clone(), 0..4], x).unwrap(),
+                    None => zeros(),
+                };
+                let whole_of = |v: &Var| g.get(v).cloned().unwrap_or_else(zeros);
+                g_img = (g_img + placed(&ri) + whole_of(&ci)).unwrap();
+                g_txt = (g_txt + placed(&rt) + whole_of(&ct)).unwrap();
+                g_scale += g.get(&t).unwrap().to_scalar::<f64>().unwrap();
+            }
+            let w = whole.to_scalar::<f64>().unwrap();
+            assert!((sum - w).abs() < 1e-12, "{loss:?}: {sum} vs {w}");
+            for (got, v) in [(g_img, &vi), (g_txt, &vt)] {
+                let diff = (got - g_whole.get(v).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(diff < 1e-12, "{loss:?} feature gradient off by {diff}");
+            }
+            let gs = g_whole.get(&t).unwrap().to_scalar::<f64>().unwrap();
+            assert!((g_scale - gs).abs() < 1e-12, "{loss:?}: {g_scale} vs {gs}");
+        }
+        let e = Tensor::zeros((2, 4), DType::F64, &dev).unwrap();
+        assert!(loss_rows(ContrastiveLoss::InfoNce, &e, &e, &img, &txt, 6, &t, None).is_err());
     }
 }

@@ -108,6 +108,10 @@ impl Task for AnyTask {
         self.task_mut().grads(micro, step)
     }
 
+    fn data_parallel(&self) -> Result<()> {
+        self.task().data_parallel()
+    }
+
     fn loss_names(&self) -> &'static [&'static str] {
         self.task().loss_names()
     }
@@ -162,7 +166,17 @@ impl Run {
 
     /// A factory for the run's loader: call it with the stream position to start at.
     pub fn loader_factory(&self) -> impl FnOnce(u64) -> Result<Loader> {
-        let lc = loader_config(&self.config);
+        self.rank_loader_factory(0, 1)
+    }
+
+    /// The loader factory of rank `rank` of `size`: its part of every global batch.
+    pub fn rank_loader_factory(
+        &self,
+        rank: usize,
+        size: usize,
+    ) -> impl FnOnce(u64) -> Result<Loader> {
+        let mut lc = loader_config(&self.config);
+        lc.shard = (rank, size);
         let source = self.source.clone();
         let parts = self.task.parts();
         let (processor, tokenizer) = (parts.processor.clone(), Arc::new(parts.tokenizer.clone()));
@@ -180,7 +194,7 @@ impl Run {
         opts: &RunOptions,
         eval: Option<EvalHook<AnyTask>>,
     ) -> Result<RunReport> {
-        let loader = self.loader_factory();
+        let loader = self.rank_loader_factory(opts.comm.rank(), opts.comm.size());
         trainer::run(&mut self.task, &self.config, opts, loader, eval)
     }
 }
@@ -228,5 +242,6 @@ pub fn loader_config(cfg: &TrainConfig) -> LoaderConfig {
             AugmentKind::None => Augment::None,
         },
         shuffle_buffer: d.shuffle_buffer,
+        shard: (0, 1),
     }
 }

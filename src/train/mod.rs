@@ -6,6 +6,7 @@
 pub mod build;
 pub mod checkpoint;
 pub mod config;
+pub mod data_parallel;
 pub mod distill;
 pub mod optim;
 pub mod plot;

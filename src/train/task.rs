@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
@@ -14,6 +15,7 @@ use super::optim::Grads;
 use crate::data::batch::Batch;
 use crate::data::image::ImageProcessor;
 use crate::data::text::TextTokenizer;
+use crate::dist::Comm;
 use crate::error::{Error, Result};
 use crate::io::model_files::{write_model_files, ModelFiles};
 
@@ -40,6 +42,9 @@ pub struct TaskParts {
     /// Extra files written into model directories (e.g. tokenizer_config.json).
     pub extra_files: ExtraFiles,
     pub device: Device,
+    /// The ranks of a data-parallel run ([`crate::dist::single`] for one process); the trainer
+    /// sets it, and tasks whose loss couples samples exchange features through it.
+    pub comm: Arc<dyn Comm>,
 }
 
 impl TaskParts {
@@ -113,6 +118,15 @@ pub trait Task {
     /// one large batch) and the loss terms. A task whose loss couples samples (contrastive
     /// losses) must make the accumulated gradient equal the large-batch one.
     fn grads(&mut self, micro: &[Batch], step: u64) -> Result<(Grads, LossTerms)>;
+
+    /// Whether the task trains with its batch spread over ranks; `Err` says why not. Under
+    /// several ranks [`Task::grads`] returns this rank's part of the gradient and of the loss
+    /// terms, which the trainer sums over ranks.
+    fn data_parallel(&self) -> Result<()> {
+        Err(Error::input(
+            "this task does not train data-parallel yet; run it as one process",
+        ))
+    }
 
     /// The names of the loss terms [`Task::grads`] reports.
     fn loss_names(&self) -> &'static [&'static str];

@@ -4,17 +4,20 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::json;
 
 use super::checkpoint::{self, TrainerState};
 use super::config::TrainConfig;
+use super::data_parallel::{self as dp, StartCounters};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use super::task::Task;
 use crate::data::batch::Batch;
 use crate::data::loader::Loader;
+use crate::dist::Comm;
 use crate::error::{Error, Result};
 
 /// Samples a stream of unknown length (tar shards) may yield with no usable batch before the
@@ -27,6 +30,9 @@ pub struct RunOptions {
     pub resume: bool,
     /// Draw a progress bar (when stderr is a terminal) or print progress lines.
     pub progress: bool,
+    /// The ranks of a data-parallel run ([`crate::dist::single`] for one process): each takes
+    /// its part of every global batch (`train.batch_size`) and the gradients are summed.
+    pub comm: Arc<dyn Comm>,
 }
 
 /// Named metric values, for metrics.jsonl and the plots.
@@ -155,8 +161,18 @@ pub fn run<T: Task>(
     mut eval: Option<EvalHook<T>>,
 ) -> Result<RunReport> {
     let t = &cfg.train;
-    let _lock = lock_run_dir(&opts.run_dir)?;
-    let resume_from = prepare_run_dir(cfg, opts)?;
+    let comm = opts.comm.clone();
+    let root = comm.rank() == 0;
+    if comm.size() > 1 {
+        task.data_parallel()?;
+    }
+    task.parts_mut().comm = comm.clone();
+    // Rank 0 alone owns the run directory; the others take its state below.
+    let _lock = root.then(|| lock_run_dir(&opts.run_dir)).transpose()?;
+    let resume_from = match root {
+        true => prepare_run_dir(cfg, opts)?,
+        false => None,
+    };
     let mut opt = AdamW::new(
         task.vars(),
         AdamWConfig {
@@ -171,7 +187,9 @@ pub fn run<T: Task>(
     let (mut samples, mut skipped, mut wall_before) = (0u64, 0u64, 0f64);
     let metrics_path = opts.run_dir.join("metrics.jsonl");
     let mut resumed_from = None;
-    if let Some(ck) = &resume_from {
+    if !root {
+        // Counters, weights and optimiser state come from rank 0 (below).
+    } else if let Some(ck) = &resume_from {
         let state = checkpoint::load_state(ck)?;
         task.load_weights(ck)?;
         let p = ck.join("optimizer.safetensors");
@@ -206,11 +224,33 @@ pub fn run<T: Task>(
     } else {
         truncate_metrics(&metrics_path, 0)?;
     }
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut counters = StartCounters {
+        step,
+        position,
+        samples,
+        skipped,
+        wall_before,
+        resumed: resumed_from.is_some(),
+    };
+    dp::share_start(comm.as_ref(), &task.vars(), &mut opt, &mut counters)?;
+    (step, position, samples, skipped, wall_before) = (
+        counters.step,
+        counters.position,
+        counters.samples,
+        counters.skipped,
+        counters.wall_before,
+    );
+    resumed_from = counters.resumed.then_some(step);
+    let mut metrics: Box<dyn Write> = match root {
+        true => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(|e| Error::io(&metrics_path, e))?,
+        ),
+        false => Box::new(std::io::sink()),
+    };
     let schedule = Schedule {
         base_lr: t.lr,
         min_lr: t.min_lr,
@@ -223,7 +263,8 @@ pub fn run<T: Task>(
     let barren_limit = loader.epoch_len().unwrap_or(BARREN_STREAM).max(1);
     let (mut barren, mut last_skip, mut warned_ratio) = (0u64, String::new(), false);
     let start_position = position;
-    let bar = (opts.progress && std::io::stderr().is_terminal()).then(|| {
+    let progress = opts.progress && root;
+    let bar = (progress && std::io::stderr().is_terminal()).then(|| {
         let pb = indicatif::ProgressBar::new(t.steps);
         pb.set_style(
             indicatif::ProgressStyle::with_template(
@@ -243,12 +284,15 @@ pub fn run<T: Task>(
     while step < t.steps {
         // Gather the accumulation micro-batches, skipping what the loader could not read.
         let mut micro: Vec<Batch> = Vec::with_capacity(t.accum_steps);
+        let mut step_samples = 0u64;
         while micro.len() < t.accum_steps {
             let before = position;
             let b = loader.next_batch()?;
             position = b.position;
+            // Every rank holds a part of the global batch: they decide together.
+            let counts = dp::batch_counts(comm.as_ref(), b.len(), b.skipped.len())?;
+            skipped += counts.skipped;
             for why in &b.skipped {
-                skipped += 1;
                 if warned < 10 {
                     tracing::warn!("skipped sample: {why}");
                     warned += 1;
@@ -257,11 +301,13 @@ pub fn run<T: Task>(
             if let Some(why) = b.skipped.last() {
                 last_skip = why.clone();
             }
-            if b.len() >= 2 {
+            // A contrastive batch needs two samples, and every rank at least one.
+            if counts.usable >= 2 && counts.fewest >= 1 {
                 barren = 0;
+                step_samples += counts.usable;
                 micro.push(b);
             } else {
-                skipped += b.len() as u64;
+                skipped += counts.usable;
                 // A source with no usable sample would otherwise be read forever.
                 barren += position.saturating_sub(before);
                 if barren >= barren_limit {
@@ -279,7 +325,8 @@ pub fn run<T: Task>(
                 }
             }
             let consumed = position.saturating_sub(start_position);
-            if !warned_ratio && consumed >= barren_limit.min(1000) && skipped * 2 > consumed {
+            if root && !warned_ratio && consumed >= barren_limit.min(1000) && skipped * 2 > consumed
+            {
                 warned_ratio = true;
                 tracing::warn!(
                     "{skipped} of the first {consumed} samples were skipped (unreadable or \
@@ -291,7 +338,8 @@ pub fn run<T: Task>(
                 );
             }
         }
-        let (mut grads, terms) = task.grads(&micro, step)?;
+        let (mut grads, mut terms) = task.grads(&micro, step)?;
+        dp::sum_step(comm.as_ref(), &task.vars(), &mut grads, &mut terms)?;
         if !terms.total.is_finite() {
             return Err(Error::input(format!(
                 "non-finite loss ({}) at step {}; stopping: nothing from this step is saved \
@@ -316,7 +364,7 @@ pub fn run<T: Task>(
         opt.step(&grads, lr)?;
         task.after_step()?;
         step += 1;
-        samples += micro.iter().map(|b| b.len() as u64).sum::<u64>();
+        samples += step_samples;
         last_loss = terms.total;
         let elapsed = started.elapsed().as_secs_f64();
         let rate = (samples - start_samples) as f64 / elapsed.max(1e-9);
@@ -340,7 +388,7 @@ pub fn run<T: Task>(
                 m[k] = json!(v);
             }
             writeln!(metrics, "{m}").map_err(|e| Error::io(&metrics_path, e))?;
-            if opts.progress && bar.is_none() {
+            if progress && bar.is_none() {
                 eprintln!(
                     "step {step}/{} loss {last_loss:.4} lr {lr:.2e} {rate:.0} samples/s",
                     t.steps
@@ -348,7 +396,7 @@ pub fn run<T: Task>(
             }
             last_metrics = m;
         }
-        if let Some(hook) = eval.as_mut() {
+        if let Some(hook) = eval.as_mut().filter(|_| root) {
             if step.is_multiple_of(hook.every) || step == t.steps {
                 let results = (hook.run)(&*task)?;
                 let mut m = json!({"step": step});
@@ -375,7 +423,9 @@ pub fn run<T: Task>(
                 metrics: last_metrics.clone(),
             };
             ensure_weights_finite(&*task, step)?;
-            checkpoint::save(&opts.run_dir, &*task, &opt, &state, t.keep_checkpoints)?;
+            if root {
+                checkpoint::save(&opts.run_dir, &*task, &opt, &state, t.keep_checkpoints)?;
+            }
         }
     }
     if let Some(pb) = &bar {
@@ -383,9 +433,11 @@ pub fn run<T: Task>(
     }
     ensure_weights_finite(&*task, step)?;
     let model_dir = opts.run_dir.join("model");
-    crate::io::write_dir_atomic(&model_dir, |tmp| task.write_model(tmp))?;
-    plot_metrics(&opts.run_dir, task.loss_names())?;
-    if skipped > 0 {
+    if root {
+        crate::io::write_dir_atomic(&model_dir, |tmp| task.write_model(tmp))?;
+        plot_metrics(&opts.run_dir, task.loss_names())?;
+    }
+    if skipped > 0 && root {
         eprintln!("{skipped} samples were skipped (unreadable or corrupt); see warnings above");
     }
     let wall = started.elapsed().as_secs_f64();

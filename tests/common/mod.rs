@@ -178,6 +178,7 @@ pub fn train(
         run_dir: dir.to_path_buf(),
         resume,
         progress: false,
+        comm: vlalign::dist::single(),
     };
     vlalign::train::build::Run::new(cfg.clone(), &Device::Cpu)
         .unwrap()

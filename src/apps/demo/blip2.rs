@@ -179,6 +179,7 @@ pub fn run(opts: &DemoOptions) -> Result<Blip2DemoReport> {
         run_dir: opts.out.join("blip2"),
         resume: opts.resume,
         progress: opts.progress,
+        comm: crate::dist::single(),
     };
     let t_train = Instant::now();
     let report = run.train(&run_opts, None)?;

@@ -109,6 +109,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         run_dir: opts.out.clone(),
         resume: opts.resume,
         progress: opts.progress,
+        comm: crate::dist::single(),
     };
     let t_train = Instant::now();
     let report = run.train(&run_opts, Some(hook))?;

@@ -108,6 +108,7 @@ pub fn run(opts: &DemoOptions) -> Result<QformerDemoReport> {
         run_dir: opts.out.join("qformer"),
         resume: opts.resume,
         progress: opts.progress,
+        comm: crate::dist::single(),
     };
     let t_train = Instant::now();
     let report = run.train(&run_opts, None)?;

@@ -137,6 +137,7 @@ impl Blip2Task {
                 tokenizer,
                 extra_files: Vec::new(),
                 device: device.clone(),
+                comm: crate::dist::single(),
             },
             model,
             config,

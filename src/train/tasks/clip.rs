@@ -64,6 +64,7 @@ impl ClipTask {
             tokenizer,
             extra_files,
             device: device.clone(),
+            comm: crate::dist::single(),
         };
         Self::assemble(config, loss, vb, parts)
     }
@@ -234,9 +235,31 @@ impl Task for ClipTask {
         &["contrastive"]
     }
 
+    fn data_parallel(&self) -> Result<()> {
+        if self.distill.is_some() {
+            return Err(crate::error::Error::input(
+                "momentum distillation does not train data-parallel yet (its feature queues \
+                 would need the global batch); run it as one process",
+            ));
+        }
+        if self.config.vision_resnet.is_some() {
+            return Err(crate::error::Error::input(
+                "a ResNet image tower does not train data-parallel: its BatchNorm normalises \
+                 with each rank's own batch statistics, so N ranks would not equal one process \
+                 with the global batch (open_clip uses per-rank statistics too); run it as one \
+                 process",
+            ));
+        }
+        Ok(())
+    }
+
     fn grads(&mut self, micro: &[Batch], step: u64) -> Result<(Grads, LossTerms)> {
         if self.distill.is_some() {
             return self.distilled_grads(micro, step);
+        }
+        if self.parts.comm.size() > 1 {
+            let comm = self.parts.comm.clone();
+            return self.data_parallel_grads(micro, comm.as_ref());
         }
         let scale = self
             .model

@@ -75,6 +75,7 @@ impl ClipTask {
             tokenizer,
             extra_files: side_files(dir)?,
             device: device.clone(),
+            comm: crate::dist::single(),
         };
         let task = ClipTask::assemble(cfg.clone(), loss, vb, parts)
             .map_err(|e| Error::weights(dir, e.to_string()))?;

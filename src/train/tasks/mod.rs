@@ -3,5 +3,6 @@
 
 pub mod blip2;
 pub mod clip;
+mod clip_dp;
 pub mod finetune;
 pub mod qformer;

@@ -164,6 +164,7 @@ impl QformerTask {
             tokenizer,
             extra_files,
             device: device.clone(),
+            comm: crate::dist::single(),
         };
         let temp = parts.var(TEMP).expect("temperature created");
         let distill = match &cfg.distill {

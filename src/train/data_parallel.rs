@@ -1,0 +1,177 @@
+//! What the trainer adds when a run has several ranks ([`crate::dist::Comm`]): every rank
+//! starts from rank 0's state, agrees on which batches are usable, and applies the same summed
+//! gradient, so that the ranks stay identical and the run equals one process with the global
+//! batch (up to the order of float additions).
+//!
+//! Rank 0 alone touches the run directory (lock, config, metrics, checkpoints, model); the
+//! others take the weights, the optimiser state and the counters from it at the start — also on
+//! `--resume`, so a run resumes with any number of ranks (the data position counts global
+//! samples, and the optimiser state is the same on every rank).
+
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::optim::{AdamW, Grads};
+use super::task::LossTerms;
+use crate::dist::{self, Comm};
+use crate::error::{Error, Result};
+
+/// The trainer's counters at the start of a run, shared from rank 0.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StartCounters {
+    pub step: u64,
+    pub position: u64,
+    pub samples: u64,
+    pub skipped: u64,
+    pub wall_before: f64,
+    pub resumed: bool,
+}
+
+/// Copies rank 0's trainable variables, optimiser state and counters to every rank.
+pub fn share_start(
+    comm: &dyn Comm,
+    vars: &[(String, Var)],
+    opt: &mut AdamW,
+    counters: &mut StartCounters,
+) -> Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let root = comm.rank() == 0;
+    let mut json = if root {
+        serde_json::to_vec(counters).map_err(|e| Error::input(e.to_string()))?
+    } else {
+        Vec::new()
+    };
+    dist::broadcast_bytes(comm, &mut json, 0)?;
+    *counters = serde_json::from_slice(&json)
+        .map_err(|e| Error::input(format!("counters from rank 0: {e}")))?;
+    for (_, var) in by_name(vars) {
+        let t = broadcast_tensor(comm, var.as_tensor())?;
+        if !root {
+            var.set(&t)?;
+        }
+    }
+    let mut state = opt.state()?;
+    let mut keys: Vec<String> = state.keys().filter(|k| *k != "step").cloned().collect();
+    keys.sort();
+    for k in keys {
+        let t = broadcast_tensor(comm, &state[&k])?;
+        state.insert(k, t);
+    }
+    // The optimiser's step count, exactly: its high and low 24 bits as two f32 integers.
+    let n = opt.steps_taken();
+    let mut step = [(n >> 24) as f32, (n & 0xff_ffff) as f32];
+    comm.broadcast_f32(&mut step, 0)?;
+    let n = ((step[0] as u64) << 24) | step[1] as u64;
+    let device = state.values().next().map(|t| t.device().clone());
+    if let Some(device) = device {
+        state.insert("step".into(), Tensor::new(n as f64, &device)?);
+    }
+    if !root {
+        opt.load_state(&state)?;
+    }
+    Ok(())
+}
+
+/// The variables in name order: the order every rank sends them in.
+fn by_name(vars: &[(String, Var)]) -> Vec<&(String, Var)> {
+    let mut sorted: Vec<&(String, Var)> = vars.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    sorted
+}
+
+/// Rank 0's values of `t` (same shape everywhere), in `t`'s dtype.
+fn broadcast_tensor(comm: &dyn Comm, t: &Tensor) -> Result<Tensor> {
+    let mut v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    comm.broadcast_f32(&mut v, 0)?;
+    Ok(Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())?)
+}
+
+/// A loader batch seen from every rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchCounts {
+    /// Usable samples over all ranks.
+    pub usable: u64,
+    /// The fewest usable samples any rank holds.
+    pub fewest: u64,
+    /// Samples skipped (unreadable) over all ranks.
+    pub skipped: u64,
+}
+
+/// Every rank's usable and skipped sample counts of its part of one global batch.
+pub fn batch_counts(comm: &dyn Comm, usable: usize, skipped: usize) -> Result<BatchCounts> {
+    if comm.size() == 1 {
+        let (u, s) = (usable as u64, skipped as u64);
+        return Ok(BatchCounts {
+            usable: u,
+            fewest: u,
+            skipped: s,
+        });
+    }
+    let mut send = (usable as u64).to_le_bytes().to_vec();
+    send.extend((skipped as u64).to_le_bytes());
+    let all = comm.all_gather_u8(&send)?;
+    let pairs: Vec<(u64, u64)> = all
+        .chunks_exact(16)
+        .map(|c| {
+            let w = |k: usize| u64::from_le_bytes(c[k..k + 8].try_into().expect("8 bytes"));
+            (w(0), w(8))
+        })
+        .collect();
+    Ok(BatchCounts {
+        usable: pairs.iter().map(|p| p.0).sum(),
+        fewest: pairs.iter().map(|p| p.0).min().unwrap_or(0),
+        skipped: pairs.iter().map(|p| p.1).sum(),
+    })
+}
+
+/// Sums the ranks' gradient parts and loss terms in one all-reduce (variables in name order,
+/// a flag per variable saying whether any rank has its gradient), so that every rank then holds
+/// the same global gradient.
+pub fn sum_step(
+    comm: &dyn Comm,
+    vars: &[(String, Var)],
+    grads: &mut Grads,
+    terms: &mut LossTerms,
+) -> Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let sorted = by_name(vars);
+    let mut buf = Vec::new();
+    let mut flags = Vec::with_capacity(sorted.len());
+    for (name, var) in &sorted {
+        match grads.get(name) {
+            Some(g) => {
+                buf.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+                flags.push(1.0);
+            }
+            None => {
+                buf.resize(buf.len() + var.elem_count(), 0.0);
+                flags.push(0.0);
+            }
+        }
+    }
+    let n_grads = buf.len();
+    buf.extend(flags);
+    buf.push(terms.total);
+    buf.extend(terms.parts.iter().map(|p| p.1));
+    dist::all_reduce_sum(comm, &mut buf)?;
+    let mut at = 0;
+    for (k, (name, var)) in sorted.iter().enumerate() {
+        let n = var.elem_count();
+        if buf[n_grads + k] > 0.0 {
+            let g = Tensor::from_slice(&buf[at..at + n], var.shape(), var.device())?
+                .to_dtype(var.dtype())?;
+            grads.insert(name.clone(), g);
+        }
+        at += n;
+    }
+    let rest = &buf[n_grads + sorted.len()..];
+    terms.total = rest[0];
+    for (p, v) in terms.parts.iter_mut().zip(&rest[1..]) {
+        p.1 = *v;
+    }
+    Ok(())
+}
