@@ -15,6 +15,19 @@ pub trait CaptionTruth: Send + Sync + std::fmt::Debug {
     fn caption_fits(&self, other: &dyn CaptionTruth) -> bool;
     /// This value as `Any`, so that an implementation can recognise its own kind in `other`.
     fn as_any(&self) -> &dyn Any;
+    /// This value as bytes that [`decode_truth`] reads back (a data-parallel step gathers the
+    /// truths of every rank's samples): a kind tag, then the kind's own encoding.
+    fn encode(&self) -> Vec<u8>;
+}
+
+/// A [`CaptionTruth`] from [`CaptionTruth::encode`]'s bytes; `None` for bytes no kind reads.
+pub fn decode_truth(bytes: &[u8]) -> Option<Arc<dyn CaptionTruth>> {
+    match bytes.split_first()? {
+        (&super::shapes::SCENE_TRUTH_TAG, rest) => {
+            super::shapes::SceneTruth::decode(rest).map(|t| Arc::new(t) as Arc<dyn CaptionTruth>)
+        }
+        _ => None,
+    }
 }
 
 /// One batch, ready for a model: pixels `[B, 3, H, W]` and padded token ids.

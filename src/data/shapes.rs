@@ -234,6 +234,77 @@ impl crate::data::batch::CaptionTruth for SceneTruth {
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
+
+    /// The tag, the objects (colour, shape, size, position), then the claims (colour, shape,
+    /// size and position or 255 when unworded) and the relation (an index into [`RELATIONS`]
+    /// or 255), one byte each.
+    fn encode(&self) -> Vec<u8> {
+        let mut b = vec![SCENE_TRUTH_TAG, self.objects.len() as u8];
+        for o in &self.objects {
+            b.extend([o.color, o.shape, o.size, o.position].map(|x| x as u8));
+        }
+        b.push(self.claims.objects.len() as u8);
+        let opt = |x: Option<usize>| x.map_or(NONE, |v| v as u8);
+        for c in &self.claims.objects {
+            b.extend([c.color as u8, c.shape as u8, opt(c.size), opt(c.position)]);
+        }
+        let rel = self
+            .claims
+            .relation
+            .and_then(|r| RELATIONS.iter().position(|x| *x == r));
+        b.push(opt(rel));
+        b
+    }
+}
+
+/// The kind tag of an encoded [`SceneTruth`].
+pub const SCENE_TRUTH_TAG: u8 = 1;
+/// "Not worded" in an encoded claim.
+const NONE: u8 = 255;
+/// Every relation [`relation_of`] names.
+const RELATIONS: [&str; 4] = ["above it", "below it", "to its left", "to its right"];
+
+impl SceneTruth {
+    /// Reads [`crate::data::batch::CaptionTruth::encode`]'s bytes after the tag; `None` when
+    /// they do not describe a scene of this generator.
+    pub fn decode(b: &[u8]) -> Option<SceneTruth> {
+        let mut it = b.iter().copied();
+        let mut next = || it.next();
+        let index = |x: u8, n: usize| ((x as usize) < n).then_some(x as usize);
+        let opt = |x: u8, n: usize| match x {
+            NONE => Some(None),
+            _ => index(x, n).map(Some),
+        };
+        let mut objects = Vec::new();
+        for _ in 0..next()? {
+            objects.push(Placed {
+                color: index(next()?, COLORS.len())?,
+                shape: index(next()?, SHAPES.len())?,
+                size: index(next()?, SIZES.len())?,
+                position: index(next()?, POSITIONS.len())?,
+            });
+        }
+        let mut claims = Vec::new();
+        for _ in 0..next()? {
+            claims.push(Claim {
+                color: index(next()?, COLORS.len())?,
+                shape: index(next()?, SHAPES.len())?,
+                size: opt(next()?, SIZES.len())?,
+                position: opt(next()?, POSITIONS.len())?,
+            });
+        }
+        let relation = opt(next()?, RELATIONS.len())?.map(|r| RELATIONS[r]);
+        if next().is_some() {
+            return None;
+        }
+        Some(SceneTruth {
+            objects,
+            claims: Claims {
+                objects: claims,
+                relation,
+            },
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -832,6 +903,28 @@ mod tests {
         assert_eq!(a.caption, b.caption);
         assert_ne!(generate(&cfg, 7, 4).image, a.image);
         assert_ne!(generate(&cfg, 8, 3).image, a.image);
+    }
+
+    /// Encoded and decoded, a scene's truth is equal and answers every caption as before.
+    #[test]
+    fn scene_truths_survive_encoding() {
+        use crate::data::batch::{decode_truth, CaptionTruth};
+        let cfg = ShapesConfig {
+            max_objects: 3,
+            ..ShapesConfig::default()
+        };
+        let truths: Vec<SceneTruth> = (0..60).map(|k| generate(&cfg, 5, k).truth).collect();
+        for a in &truths {
+            let bytes = CaptionTruth::encode(a);
+            let back = decode_truth(&bytes).expect("decodes");
+            let back = back.as_any().downcast_ref::<SceneTruth>().unwrap();
+            assert_eq!(back, a);
+            for b in &truths {
+                assert_eq!(back.caption_fits(b), a.caption_fits(b));
+            }
+            assert!(decode_truth(&bytes[..bytes.len() - 1]).is_none());
+            assert!(SceneTruth::decode(&[1, 9, 9, 9, 9]).is_none());
+        }
     }
 
     #[test]

@@ -156,6 +156,20 @@ pub fn reduce_scatter_sum(comm: &dyn Comm, send: &[f32], counts: &[usize]) -> Re
 
 /// Every rank's `send` of any length, concatenated in rank order, and each rank's length.
 pub fn all_gather_varlen(comm: &dyn Comm, send: &[f32]) -> Result<(Vec<f32>, Vec<usize>)> {
+    varlen(comm, send, |x| comm.all_gather_f32(x))
+}
+
+/// Every rank's `send` of any length, concatenated in rank order, and each rank's length.
+pub fn all_gather_varlen_bytes(comm: &dyn Comm, send: &[u8]) -> Result<(Vec<u8>, Vec<usize>)> {
+    varlen(comm, send, |x| comm.all_gather_u8(x))
+}
+
+/// An all-gather of unequal lengths: the lengths first, then every part padded to the longest.
+fn varlen<T: Copy + Default>(
+    comm: &dyn Comm,
+    send: &[T],
+    gather: impl Fn(&[T]) -> Result<Vec<T>>,
+) -> Result<(Vec<T>, Vec<usize>)> {
     let counts: Vec<usize> = all_gather_u64(comm, send.len() as u64)?
         .into_iter()
         .map(|c| c as usize)
@@ -165,8 +179,8 @@ pub fn all_gather_varlen(comm: &dyn Comm, send: &[f32]) -> Result<(Vec<f32>, Vec
     }
     let chunk = counts.iter().copied().max().unwrap_or(0);
     let mut padded = send.to_vec();
-    padded.resize(chunk, 0.0);
-    let all = comm.all_gather_f32(&padded)?;
+    padded.resize(chunk, T::default());
+    let all = gather(&padded)?;
     let mut out = Vec::with_capacity(counts.iter().sum());
     for (k, &c) in counts.iter().enumerate() {
         out.extend_from_slice(&all[k * chunk..k * chunk + c]);

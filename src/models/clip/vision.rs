@@ -87,8 +87,13 @@ impl ClipVision {
     /// Every token after all layers and `post_layernorm` `[B, 1 + grid², hidden]`: the image
     /// features a BLIP-2 Q-Former reads from a frozen CLIP tower (LAVIS's `ln_vision`).
     pub fn normed_hidden_states(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.post_layernorm
-            .forward(&self.hidden_states(pixels, None)?)
+        self.post_norm(&self.hidden_states(pixels, None)?)
+    }
+
+    /// `post_layernorm` over every token of `hidden` (the second half of
+    /// [`ClipVision::normed_hidden_states`]).
+    pub fn post_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.post_layernorm.forward(hidden)
     }
 
     /// `(last_hidden_state, pooled)`: pooled is `post_layernorm` of the class token.

@@ -37,9 +37,23 @@ pub enum ImageEncoder {
 impl ImageEncoder {
     /// `[B, N, E]`: every token (class token first) after the final LayerNorm.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.post_norm(&self.hidden_states(pixels)?)
+    }
+
+    /// Every token before the final LayerNorm (BLIP-2's `ln_vision`, which stage 1 trains): the
+    /// frozen part of [`ImageEncoder::forward`].
+    pub fn hidden_states(&self, pixels: &Tensor) -> Result<Tensor> {
         match self {
-            ImageEncoder::Blip2(v) => v.forward(pixels),
-            ImageEncoder::Clip(v) => v.normed_hidden_states(pixels),
+            ImageEncoder::Blip2(v) => v.hidden_states(pixels),
+            ImageEncoder::Clip(v) => v.hidden_states(pixels, None),
+        }
+    }
+
+    /// The final LayerNorm over every token of `hidden`.
+    pub fn post_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        match self {
+            ImageEncoder::Blip2(v) => v.post_norm(hidden),
+            ImageEncoder::Clip(v) => v.post_norm(hidden),
         }
     }
 }
@@ -191,9 +205,19 @@ impl Blip2Qformer {
         self.stage1.as_ref().is_some_and(|s| s.lm_head.is_some())
     }
 
-    /// The frozen image features `[B, N, E]`.
+    /// The image features `[B, N, E]` the queries read: the frozen tower's, then `ln_vision`.
     pub fn image_embeds(&self, pixels: &Tensor) -> Result<Tensor> {
         self.vision.forward(pixels)
+    }
+
+    /// The frozen tower's features before `ln_vision` (which stage 1 trains).
+    pub fn image_hidden(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.vision.hidden_states(pixels)
+    }
+
+    /// `ln_vision` over `hidden` (from [`Blip2Qformer::image_hidden`]).
+    pub fn ln_vision(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.vision.post_norm(hidden)
     }
 
     /// Runs the Q-Former over `[queries; text]`: queries when `batch_queries` is `Some(B)`, text

@@ -102,6 +102,16 @@ impl Blip2Vision {
     /// `last_hidden_state` after `post_layernorm`: `[B, 1 + grid², hidden]`, the features the
     /// Q-Former cross-attends to.
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.post_norm(&self.hidden_states(pixels)?)
+    }
+
+    /// `post_layernorm` over every token of `hidden`.
+    pub fn post_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.post_layernorm.forward(hidden)
+    }
+
+    /// `last_hidden_state` before `post_layernorm`.
+    pub fn hidden_states(&self, pixels: &Tensor) -> Result<Tensor> {
         let (b, c, hgt, wid) = pixels.dims4()?;
         let (size, p) = (self.cfg.image_size, self.cfg.patch_size);
         if c != 3 || hgt != size || wid != size {
@@ -114,6 +124,6 @@ impl Blip2Vision {
         for layer in &self.layers {
             x = layer.forward(&x)?;
         }
-        self.post_layernorm.forward(&x)
+        Ok(x)
     }
 }

@@ -6,6 +6,7 @@
 //! (`models::qformer::clip_tower`); `ln_vision` (`vision_model.post_layernorm`) is new and
 //! trained, as in LAVIS. The step itself is in step.rs.
 
+mod global;
 mod step;
 
 pub use step::SHARDS;
@@ -288,6 +289,16 @@ impl Task for QformerTask {
 
     fn loss_names(&self) -> &'static [&'static str] {
         &["itc", "itm", "itg"]
+    }
+
+    fn data_parallel(&self) -> Result<()> {
+        match self.distill {
+            Some(_) => Err(Error::input(
+                "momentum distillation does not train data-parallel yet (its feature queues \
+                 would need the global batch); run it as one process",
+            )),
+            None => Ok(()),
+        }
     }
 
     fn grads(&mut self, micro: &[Batch], step: u64) -> Result<(Grads, LossTerms)> {

@@ -12,21 +12,30 @@
 //!    the whole batch's count. The shards' gradients are added in shard order.
 //!
 //! The gradient equals that of ITC + ITM + ITG over the batch as one graph (up to float
-//! summation order; `tests/qformer_training.rs`). Text is cut to the longest caption of each
+//! summation order; `tests/qformer_training.rs`).
+//!
+//! With several ranks (global.rs) every rank holds its part of each micro-batch: after pass 1
+//! the ranks exchange features, image embeddings and texts, each computes ITC for its own rows
+//! against the whole batch (the column gradients go back to their owners by reduce-scatter),
+//! draws the same hard negatives from the global similarities, and runs pass 2 on its own pairs
+//! with negatives from anywhere; the trainer sums the ranks' gradients. Text is cut to the longest caption of each
 //! shard: padding is masked out of attention and ignored by ITG, so it only costs time.
 //! The shard count is fixed, not taken from the machine, so a seed gives the same run on any
 //! number of cores.
 
 use std::ops::Range;
+use std::sync::Arc;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
+use super::global::{self, Global, LocalPart};
 use super::{QformerDistill, QformerTask};
-use crate::data::batch::Batch;
+use crate::data::batch::{Batch, CaptionTruth};
+use crate::dist::{self, Comm};
 use crate::error::{Error, Result};
 use crate::models::qformer::Blip2Qformer;
 use crate::objectives::distill::{distilled_loss, hard_targets, mix_targets};
-use crate::objectives::itc::{itc_loss, max_over_queries};
+use crate::objectives::itc::{itc_loss, itc_loss_rows, max_over_queries};
 use crate::objectives::itg::{decoder_ids, itg_loss_sum, itg_target_count};
 use crate::objectives::itm::itm_loss_sum;
 use crate::train::distill::FeatureQueues;
@@ -50,7 +59,8 @@ struct StepRows {
 /// What pass 1 hands every shard.
 struct Cached<'a> {
     rows: &'a StepRows,
-    /// d ITC / d image feature `[B, Q, D]` and d ITC / d text feature `[B, D]`.
+    /// d ITC / d image feature `[B, Q, D]` and d ITC / d text feature `[B, D]` of this rank's
+    /// pairs (all of them in one process).
     image_grad: Tensor,
     text_grad: Tensor,
     /// Hard negatives: for image i a text, for text j an image.
@@ -61,8 +71,57 @@ struct Cached<'a> {
     itg_tokens: f64,
 }
 
+/// What [`QformerTask::finish_step`] takes from the first half of a step.
+struct StepParts<'a> {
+    step: u64,
+    /// This rank's pairs.
+    rows: &'a StepRows,
+    /// Each micro-batch's pairs among `rows`.
+    bounds: Vec<Range<usize>>,
+    /// The ITC loss (this rank's part of it) over the features `img`, `txt` of `rows`.
+    itc: Tensor,
+    img: Var,
+    txt: Var,
+    /// With several ranks: the whole batch, its ITC feature columns, the ranks.
+    global: Option<(Global, Var, Var, &'a dyn Comm)>,
+    truths: &'a [Option<Arc<dyn CaptionTruth>>],
+    momentum: Option<(Tensor, Tensor)>,
+    image_ids: Vec<u64>,
+}
+
+/// The gradient this rank's features receive as ITC columns of every rank: the column
+/// gradients `store` holds for `cols`, reduce-scattered back to the ranks that own the rows.
+fn returned(
+    comm: &dyn Comm,
+    g: &Global,
+    store: &candle_core::backprop::GradStore,
+    cols: &Var,
+) -> Result<Tensor> {
+    let col = match store.get(cols.as_tensor()) {
+        Some(x) => x.clone(),
+        None => cols.as_tensor().zeros_like()?,
+    };
+    let dims = col.dims().to_vec();
+    let per: usize = dims[1..].iter().product();
+    let order = Tensor::new(
+        g.by_rank.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        col.device(),
+    )?;
+    let send = col
+        .index_select(&order, 0)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let segments: Vec<usize> = g.per_rank.iter().map(|n| n * per).collect();
+    let mine = dist::reduce_scatter_sum(comm, &send, &segments)?;
+    let mut shape = dims;
+    shape[0] = g.per_rank[comm.rank()];
+    Ok(Tensor::from_vec(mine, shape, col.device())?.to_dtype(col.dtype())?)
+}
+
 /// `rows` cut to the longest text among them (at least 2 positions, as ITG needs): the ids
-/// and masks of those rows.
+/// and masks of those rows. Rows of different micro-batches come padded to different lengths
+/// (each is tokenised on its own); a shorter one is padded further with masked zeros.
 fn trimmed(ids: &[&Vec<u32>], mask: &[&Vec<u32>]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
     let len = mask
         .iter()
@@ -72,7 +131,11 @@ fn trimmed(ids: &[&Vec<u32>], mask: &[&Vec<u32>]) -> (Vec<Vec<u32>>, Vec<Vec<u32
         .max(2);
     let cut = |rows: &[&Vec<u32>]| -> Vec<Vec<u32>> {
         rows.iter()
-            .map(|r| r[..len.min(r.len())].to_vec())
+            .map(|r| {
+                let mut v = r[..len.min(r.len())].to_vec();
+                v.resize(len, 0);
+                v
+            })
             .collect()
     };
     (cut(ids), cut(mask))
@@ -88,14 +151,20 @@ impl QformerTask {
         itc_features_of(&self.model, rows, range, &self.parts.device)
     }
 
-    /// One shard's gradients and its shares of the ITM and ITG losses.
-    fn shard_grads(&self, c: &Cached, range: Range<usize>) -> Result<(Grads, f32, f32)> {
+    /// One shard's gradients and its shares of the ITM and ITG losses: the pairs `range` of
+    /// `c.rows`, whose cached ITC gradients start at row `grad_at`.
+    fn shard_grads(
+        &self,
+        c: &Cached,
+        range: Range<usize>,
+        grad_at: usize,
+    ) -> Result<(Grads, f32, f32)> {
         let rows = c.rows;
         let (n, start) = (range.len(), range.start);
         // ITC: the cached gradient pulled back through the live features.
         let (img, txt) = self.itc_features(rows, range.clone())?;
-        let itc = ((img * c.image_grad.narrow(0, start, n)?)?.sum_all()?
-            + (txt * c.text_grad.narrow(0, start, n)?)?.sum_all()?)?;
+        let itc = ((img * c.image_grad.narrow(0, grad_at, n)?)?.sum_all()?
+            + (txt * c.text_grad.narrow(0, grad_at, n)?)?.sum_all()?)?;
 
         // ITM: this shard's positives, the hard-negative image of each of its texts and the
         // hard-negative text of each of its images, labelled 1, 0, 0.
@@ -145,17 +214,21 @@ impl QformerTask {
         let mut images = Vec::with_capacity(micro.len());
         let mut bounds = Vec::with_capacity(micro.len());
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        // The frozen tower's features, and after the trained `ln_vision`.
+        let mut hidden = Vec::with_capacity(micro.len());
         for b in micro {
-            images.push(
-                self.model
-                    .image_embeds(&b.pixel_tensor(&self.parts.device)?)?,
-            );
+            let h = self
+                .model
+                .image_hidden(&b.pixel_tensor(&self.parts.device)?)?;
+            images.push(self.model.ln_vision(&h)?);
+            hidden.push(h.detach());
             bounds.push(ids.len()..ids.len() + b.len());
             ids.extend(b.tokens.ids.iter().cloned());
             mask.extend(b.tokens.mask.iter().cloned());
         }
         let n = ids.len();
-        if n < 2 {
+        let comm = self.parts.comm.clone();
+        if n < 2 && comm.size() == 1 {
             return Err(Error::input(format!(
                 "a Q-Former step needs at least 2 pairs (ITC and ITM contrast them), got {n}"
             )));
@@ -174,6 +247,29 @@ impl QformerTask {
             img_parts.push(img.detach());
             txt_parts.push(txt.detach());
         }
+        let truths: Vec<Option<Arc<dyn CaptionTruth>>> = micro
+            .iter()
+            .flat_map(|b| b.truths.iter().cloned())
+            .collect();
+        // Several ranks: the whole batch from every rank's parts.
+        let global = match comm.size() {
+            1 => None,
+            _ => {
+                let parts: Vec<LocalPart> = bounds
+                    .iter()
+                    .enumerate()
+                    .map(|(j, r)| LocalPart {
+                        hidden: hidden[j].clone(),
+                        ids: &rows.ids[r.clone()],
+                        mask: &rows.mask[r.clone()],
+                        img: img_parts[j].clone(),
+                        txt: txt_parts[j].clone(),
+                        truths: &truths[r.clone()],
+                    })
+                    .collect();
+                Some(global::exchange(comm.as_ref(), &parts, &self.parts.device)?)
+            }
+        };
         let img = Var::from_tensor(&Tensor::cat(&img_parts, 0)?)?;
         let txt = Var::from_tensor(&Tensor::cat(&txt_parts, 0)?)?;
         let temp = self.temp.as_tensor();
@@ -181,48 +277,126 @@ impl QformerTask {
             .iter()
             .flat_map(|b| b.image_ids.iter().copied())
             .collect();
-        let (itc, momentum) = match &self.distill {
-            Some(d) => {
+        let (itc, momentum) = match (&self.distill, global) {
+            (Some(d), _) => {
                 let (loss, m) =
                     self.distilled_itc(d, &rows, &bounds, &img, &txt, &image_ids, step)?;
                 (loss, Some(m))
             }
-            None => (itc_loss(img.as_tensor(), txt.as_tensor(), temp)?, None),
+            (None, None) => (itc_loss(img.as_tensor(), txt.as_tensor(), temp)?, None),
+            (None, Some(g)) => {
+                let (cols_img, cols_txt) = (Var::from_tensor(&g.img)?, Var::from_tensor(&g.txt)?);
+                let targets: Vec<usize> = g.mine.iter().flat_map(|r| r.clone()).collect();
+                let loss = itc_loss_rows(&img, &txt, &cols_img, &cols_txt, &targets, temp)?;
+                return self.finish_step(StepParts {
+                    step,
+                    rows: &rows,
+                    bounds,
+                    itc: loss,
+                    img,
+                    txt,
+                    global: Some((g, cols_img, cols_txt, comm.as_ref())),
+                    truths: &truths,
+                    momentum: None,
+                    image_ids,
+                });
+            }
         };
-        let itc_grads = itc.backward()?;
+        self.finish_step(StepParts {
+            step,
+            rows: &rows,
+            bounds,
+            itc,
+            img,
+            txt,
+            global: None,
+            truths: &truths,
+            momentum,
+            image_ids,
+        })
+    }
+
+    /// Everything after the ITC loss: its gradients (returned to their owner ranks), the hard
+    /// negatives, and pass 2 over this rank's pairs.
+    fn finish_step(&self, s: StepParts) -> Result<StepOutput> {
+        let itc_grads = s.itc.backward()?;
         let mut grads = Grads::new();
         self.parts.collect(&itc_grads, &mut grads)?;
         let missing = || Error::input("ITC gave no gradient for its features");
-        let image_grad = itc_grads.get(img.as_tensor()).ok_or_else(missing)?.clone();
-        let text_grad = itc_grads.get(txt.as_tensor()).ok_or_else(missing)?.clone();
-
+        let mut image_grad = itc_grads
+            .get(s.img.as_tensor())
+            .ok_or_else(missing)?
+            .clone();
+        let mut text_grad = itc_grads
+            .get(s.txt.as_tensor())
+            .ok_or_else(missing)?
+            .clone();
+        if let Some((g, cols_img, cols_txt, comm)) = &s.global {
+            // This rank's features are columns of every rank's ITC: their gradients come back.
+            image_grad = (image_grad + returned(*comm, g, &itc_grads, cols_img)?)?;
+            text_grad = (text_grad + returned(*comm, g, &itc_grads, cols_txt)?)?;
+        }
+        let (sim_img, sim_txt, all_truths, all_rows);
+        match &s.global {
+            Some((g, ..)) => {
+                (sim_img, sim_txt) = (g.img.clone(), g.txt.clone());
+                all_truths = g.truths.iter().collect::<Vec<_>>();
+                // `ln_vision` is trained and replicated: each rank applies it to every image it
+                // uses, so its gradient through any rank's image adds up over the ranks.
+                all_rows = StepRows {
+                    image: self.model.ln_vision(&g.hidden)?,
+                    ids: g.ids.clone(),
+                    mask: g.mask.clone(),
+                };
+            }
+            None => {
+                (sim_img, sim_txt) = (s.img.as_tensor().clone(), s.txt.as_tensor().clone());
+                all_truths = s.truths.iter().collect();
+                all_rows = StepRows {
+                    image: s.rows.image.clone(),
+                    ids: s.rows.ids.clone(),
+                    mask: s.rows.mask.clone(),
+                };
+            }
+        }
         // ITM's hard negatives, drawn from the whole batch's ITC similarities.
-        let truths: Vec<_> = micro.iter().flat_map(|b| b.truths.iter()).collect();
         let (text_for_image, image_for_text) =
-            self.hard_negatives(img.as_tensor(), txt.as_tensor(), &truths, step)?;
+            self.hard_negatives(&sim_img, &sim_txt, &all_truths, s.step)?;
         let cached = Cached {
-            itg_tokens: itg_target_count(&rows.mask).max(1) as f64,
-            itm_rows: (3 * n) as f64,
-            rows: &rows,
+            itg_tokens: itg_target_count(&all_rows.mask).max(1) as f64,
+            itm_rows: (3 * all_rows.ids.len()) as f64,
+            rows: &all_rows,
             image_grad,
             text_grad,
             text_for_image,
             image_for_text,
         };
+        // This rank's pairs of each micro-batch, where they sit among all pairs, and where
+        // their cached ITC gradients start.
+        let work: Vec<(Range<usize>, usize)> = match &s.global {
+            Some((g, ..)) => g
+                .mine
+                .iter()
+                .zip(&s.bounds)
+                .map(|(m, b)| (m.clone(), b.start))
+                .collect(),
+            None => s.bounds.iter().map(|b| (b.clone(), b.start)).collect(),
+        };
 
         // Pass 2: each micro-batch's shards in parallel, summed in order.
         let (mut itm, mut itg) = (0f32, 0f32);
-        for r in bounds {
-            let shards: Vec<Range<usize>> = (0..SHARDS)
+        for (r, at) in work {
+            let shards: Vec<(Range<usize>, usize)> = (0..SHARDS)
                 .map(|k| r.start + r.len() * k / SHARDS..r.start + r.len() * (k + 1) / SHARDS)
                 .filter(|s| !s.is_empty())
+                .map(|s| (s.clone(), at + s.start - r.start))
                 .collect();
             let results: Vec<Result<(Grads, f32, f32)>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = shards
                     .iter()
-                    .map(|s| {
+                    .map(|(s, g)| {
                         let cached = &cached;
-                        scope.spawn(move || self.shard_grads(cached, s.clone()))
+                        scope.spawn(move || self.shard_grads(cached, s.clone(), *g))
                     })
                     .collect();
                 handles
@@ -241,8 +415,8 @@ impl QformerTask {
                 itg += t;
             }
         }
-        let itc = scalar(&itc)?;
-        let momentum = momentum.map(|(i, t)| (i, t, image_ids));
+        let itc = scalar(&s.itc)?;
+        let momentum = s.momentum.map(|(i, t)| (i, t, s.image_ids));
         Ok((
             grads,
             LossTerms {
