@@ -188,3 +188,17 @@ fn bad_stage2_configs_are_one_line_errors() {
     let e = TrainConfig::from_toml(&toml).err().unwrap().to_string();
     assert!(e.contains("blip2.max_text_len (2)"), "{e}");
 }
+
+/// Stage 2 on 2 thread ranks (3 pairs each) ends where one process with the global batch of 6
+/// ends (the ranks agree on the global caption-token count that divides the loss).
+#[test]
+fn stage2_on_two_ranks_trains_as_one_process() {
+    let s1 = stage1("blip2-dp");
+    let cfg = config(&s1, 6);
+    let one = scratch("blip2-dp-one");
+    let r1 = common::train(&cfg, &one, false);
+    let two = scratch("blip2-dp-two");
+    let reports = common::train_ranks(&cfg, &two, 2, false);
+    assert!((reports[0].last_loss - r1.last_loss).abs() < 1e-5);
+    common::assert_same_run("stage 2, 2 ranks", &one, &two);
+}

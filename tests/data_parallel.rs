@@ -4,80 +4,17 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
-use common::{run_weights, scratch};
+use candle_core::Device;
+use common::{assert_same_run, scratch, train_ranks};
 use vlalign::dist::threads::ThreadComm;
 use vlalign::train::build::Run;
 use vlalign::train::config::{ContrastiveLoss, TrainConfig};
-use vlalign::train::trainer::{RunOptions, RunReport};
+use vlalign::train::trainer::RunOptions;
 
 fn tiny() -> TrainConfig {
     TrainConfig::from_toml(common::TINY_CLIP_TOML).unwrap()
-}
-
-/// Trains `cfg` into `dir` on `n` thread ranks; every rank's report, in rank order.
-fn train_ranks(cfg: &TrainConfig, dir: &Path, n: usize, resume: bool) -> Vec<RunReport> {
-    let handles: Vec<_> = ThreadComm::group(n)
-        .into_iter()
-        .map(|c| {
-            let (cfg, dir) = (cfg.clone(), dir.to_path_buf());
-            std::thread::spawn(move || {
-                let opts = RunOptions {
-                    run_dir: dir,
-                    resume,
-                    progress: false,
-                    comm: Arc::new(c),
-                };
-                Run::new(cfg, &Device::Cpu)?.train(&opts, None)
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().unwrap().unwrap())
-        .collect()
-}
-
-/// How far two runs' weights are apart: the largest |a − b| of any element, the tensor it is
-/// in, and the fraction of all elements that differ by more than 1e-6.
-fn weight_gap(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (f32, String, f64) {
-    assert_eq!(a.len(), b.len());
-    let (mut worst, mut name, mut over, mut total) = (0f32, String::new(), 0usize, 0usize);
-    for (k, t) in a {
-        let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let y = b[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (p, q) in x.iter().zip(&y) {
-            let d = (p - q).abs();
-            over += (d > 1e-6) as usize;
-            if d > worst {
-                (worst, name) = (d, k.clone());
-            }
-        }
-        total += x.len();
-    }
-    (worst, name, over as f64 / total as f64)
-}
-
-/// Asserts that a run on ranks ended where one process did. Why not bit-equal: the ranks add
-/// their partial gradients, one process adds per-sample terms in another order, and float32
-/// rounds each order differently (~1e-7 relative). AdamW divides by √v, so where the true
-/// gradient is ~0 (a key bias: softmax ignores a shift of a whole score row; a unit that never
-/// activates) the step follows the rounding noise, up to lr either way. Hence: no element
-/// further apart than 5e-5 (5% of one step at lr 1e-3), and at most 0.1% of the elements
-/// further than 1e-6. Measured on this machine: at most 1.4e-5 (one element of the Q-Former's query FFN), and
-/// ≤ 0.06% over 1e-6 (all in key biases, and that element).
-fn assert_same_run(what: &str, one: &Path, ranks: &Path) {
-    let (worst, name, frac) = weight_gap(&run_weights(one), &run_weights(ranks));
-    eprintln!(
-        "{what}: weights max |diff| {worst:e} ({name}), {:.3}% over 1e-6",
-        frac * 100.0
-    );
-    assert!(worst < 5e-5, "{what}: {name} off by {worst}");
-    assert!(frac < 1e-3, "{what}: {:.3}% off by > 1e-6", frac * 100.0);
 }
 
 /// CLIP with InfoNCE and SigLIP, on 2 and 4 ranks, with and without accumulation: six steps

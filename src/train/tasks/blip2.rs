@@ -263,8 +263,14 @@ impl Task for Blip2Task {
         &["lm"]
     }
 
-    /// Each micro-batch's summed cross-entropy divided by the step's total target count: the
-    /// micro-batches' gradients add up to the large batch's mean exactly.
+    /// Every caption's loss depends on its own pair alone, so ranks need only agree on the
+    /// divisor: the target count of the global batch.
+    fn data_parallel(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Each micro-batch's summed cross-entropy divided by the step's total target count (over
+    /// every rank): the micro-batches' (and ranks') gradients add up to the large batch's mean.
     fn grads(&mut self, micro: &[Batch], _step: u64) -> Result<(Grads, LossTerms)> {
         // Every caption tokenised once: the step's target count first, then the shards' losses.
         let texts: Vec<Vec<Vec<u32>>> =
@@ -273,6 +279,9 @@ impl Task for Blip2Task {
             .iter()
             .flatten()
             .map(|t| caption_targets(t, self.prompt_len(t)).len())
+            .sum();
+        let count: u64 = crate::dist::all_gather_u64(self.parts.comm.as_ref(), count as u64)?
+            .iter()
             .sum();
         let total = count.max(1) as f64;
         let mut grads = Grads::new();
