@@ -137,3 +137,20 @@ fn what_cannot_run_on_ranks_says_why() {
         .to_string();
     assert!(e.contains("does not train data-parallel yet"), "{e}");
 }
+
+/// A binary without MPI started by `mpirun -np 2` would train two unrelated copies: it refuses.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_run_under_mpirun() {
+    let dir = scratch("dp-no-mpi");
+    let cfg = dir.join("c.toml");
+    std::fs::write(&cfg, common::TINY_CLIP_TOML).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vlalign"))
+        .args(["train", "--config", cfg.to_str().unwrap(), "--out"])
+        .arg(dir.join("run"))
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    common::assert_only_error(&o, "built without MPI");
+    assert!(!dir.join("run").exists());
+}

@@ -5,6 +5,7 @@
 pub mod ann_bench;
 pub mod bench;
 pub mod capfilt;
+pub mod comm_bench;
 pub mod demo;
 pub mod lm_bench;
 pub mod serve_bench;

@@ -1,4 +1,4 @@
-//! `vlalign bench [--suite default|vit-b32|serve|ann|lm|kernels] [--batch N] [--json]`
+//! `vlalign bench [--suite default|vit-b32|serve|ann|lm|kernels|comm] [--batch N] [--json]`
 
 use anyhow::{bail, Result};
 
@@ -26,6 +26,10 @@ enum Suite {
     /// No timing: the fused kernels (LayerNorm, softmax, GELUs, bias) against candle's
     /// compositions on --device, values and gradients (relative max differences).
     Kernels,
+    /// The gradient all-reduce of data-parallel training at growing buffer sizes: over the
+    /// ranks of `mpirun -np N vlalign bench --suite comm` (a `--features mpi` build), else over
+    /// two thread ranks of this process. Median ms and bus bandwidth per size.
+    Comm,
 }
 
 #[derive(clap::Args)]
@@ -68,6 +72,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if a.suite == Suite::Comm {
+        return comm(&a);
+    }
     let device = a.device.resolve()?;
     if a.suite == Suite::Ann {
         if a.sizes.iter().any(|n| !(10..=10_000_000).contains(n))
@@ -194,6 +201,51 @@ pub fn run(a: Args) -> Result<()> {
             "ViT-B/32 image embedding (batch 8, 224²):       median {:.1} ms",
             r.vit_b32_batch8_ms
         );
+    }
+    Ok(())
+}
+
+/// Buffer sizes of the comm suite, in f32 values: 1 Ki to 64 Mi (4 KB to 256 MB).
+const COMM_SIZES: [usize; 7] = [
+    1 << 10,
+    1 << 13,
+    1 << 16,
+    1 << 19,
+    1 << 22,
+    1 << 24,
+    1 << 26,
+];
+
+fn comm(a: &Args) -> Result<()> {
+    let iters = a.iters.max(1);
+    #[cfg(feature = "mpi")]
+    let rows = if vlalign::dist::launched_size().is_some() {
+        let mpi = vlalign::dist::mpi::MpiComm::init()?;
+        let rows = vlalign::apps::comm_bench::run_on(&mpi, &COMM_SIZES, iters)?;
+        if vlalign::dist::Comm::rank(&mpi) != 0 {
+            return Ok(());
+        }
+        rows
+    } else {
+        vlalign::apps::comm_bench::run_threads(2, &COMM_SIZES, iters)?
+    };
+    #[cfg(not(feature = "mpi"))]
+    let rows = vlalign::apps::comm_bench::run_threads(2, &COMM_SIZES, iters)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "comm": rows }));
+    } else {
+        println!("| ranks | buffer | median ms | bus GB/s |");
+        println!("|---|---|---|---|");
+        for r in rows {
+            let size = match r.bytes {
+                b if b < 1 << 20 => format!("{} KiB", b >> 10),
+                b => format!("{} MiB", b >> 20),
+            };
+            println!(
+                "| {} | {size} | {:.3} | {:.2} |",
+                r.ranks, r.median_ms, r.bus_gb_per_s
+            );
+        }
     }
     Ok(())
 }
