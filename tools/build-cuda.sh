@@ -11,6 +11,11 @@
 # At run time the binary needs the driver's libcuda.so.1 and libcublas/libcublasLt (13),
 # libcurand (10) and libnvrtc (13) on the library path: PyTorch's cu130 wheels carry them
 # (tools/device-check.sh finds them), or use $VLALIGN_CACHE/cu13/nvidia/cu13/lib.
+#
+# VLALIGN_CUDA_FEATURES=cuda,nccl adds NCCL between the GPUs of an MPI job (dist/nccl.rs): it
+# fetches PyPI's nvidia-nccl-cu13 (2.30, the version of cudarc's bindings) into
+# $VLALIGN_CACHE/nccl and needs Open MPI and libclang (the `mpi` feature) on the build machine;
+# that binary then needs libnccl.so.2 and libmpi at run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +26,7 @@ TARGET=${VLALIGN_CUDA_TARGET:-$CACHE/cuda-target}
 # .ci/run builds the dev profile into target/ (sharing the test build's dependencies), to check
 # that the GPU path compiles and links; the binary for a GPU machine is the release one.
 PROFILE=${VLALIGN_CUDA_PROFILE:-release}
+FEATURES=${VLALIGN_CUDA_FEATURES:-cuda}
 WHEEL_PINS=(
     nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
     nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88
@@ -58,9 +64,19 @@ export LIBRARY_PATH="$CU/lib:$STUBS${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$CU/lib:$STUBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # Without debug info: the binary travels to the GPU machine, whose transfers are size-limited.
 export CARGO_PROFILE_RELEASE_DEBUG=0
+if [[ ",$FEATURES," == *",nccl,"* ]]; then
+    NCCL=$CACHE/nccl/nvidia/nccl
+    if [ ! -f "$NCCL/lib/libnccl.so.2" ]; then
+        echo "build-cuda: fetching NCCL into $CACHE/nccl" >&2
+        python3 -m pip install -q --no-deps --target "$CACHE/nccl" nvidia-nccl-cu13==2.30.7
+    fi
+    ln -sf libnccl.so.2 "$NCCL/lib/libnccl.so"
+    export LIBRARY_PATH="$NCCL/lib:$LIBRARY_PATH" LD_LIBRARY_PATH="$NCCL/lib:$LD_LIBRARY_PATH"
+    export CPATH="$NCCL/include${CPATH:+:$CPATH}"
+fi
 # candle-kernels' nvcc jobs (cudaforge) use half the cores by default; nvcc is single-threaded.
 export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
-cargo build --profile "$PROFILE" --features cuda --target-dir "$TARGET" "$@"
+cargo build --profile "$PROFILE" --features "$FEATURES" --target-dir "$TARGET" "$@"
 
 if [ "$PROFILE" = release ]; then
     mkdir -p target/cuda/release

@@ -38,7 +38,17 @@ pub struct DeviceOpt {
 impl DeviceOpt {
     /// The candle device; CUDA in a build without it is a one-line error.
     pub fn resolve(&self) -> Result<Device> {
-        match self.device {
+        self.resolve_for(0)
+    }
+
+    /// The device of a rank whose local rank (among the ranks on its machine) is `local`:
+    /// `cuda:N` names the first GPU of the machine's ranks, which take N, N+1, … in turn.
+    pub fn resolve_for(&self, local: usize) -> Result<Device> {
+        let device = match self.device {
+            DeviceArg::Cuda(n) => DeviceArg::Cuda(n + local),
+            cpu => cpu,
+        };
+        match device {
             DeviceArg::Cpu => Ok(Device::Cpu),
             DeviceArg::Cuda(n) => {
                 if !candle_core::utils::cuda_is_available() {

@@ -39,7 +39,7 @@ pub fn run(a: Args) -> Result<()> {
     #[cfg(feature = "mpi")]
     if vlalign::dist::launched_size().is_some() {
         let mpi = Arc::new(vlalign::dist::mpi::MpiComm::init()?);
-        let result = train(a, mpi.clone());
+        let result = on_ranks(a, &mpi);
         if let Err(e) = &result {
             if mpi.size() > 1 {
                 // The other ranks would wait for this one in their next collective.
@@ -55,10 +55,25 @@ pub fn run(a: Args) -> Result<()> {
              each rank would train alone. Build it with `cargo build --release --features mpi`"
         );
     }
-    train(a, vlalign::dist::single())
+    let device = a.device.resolve()?;
+    train(a, vlalign::dist::single(), device)
 }
 
-fn train(a: Args, comm: Arc<dyn Comm>) -> Result<()> {
+/// One rank of an MPI job: its GPU is the machine's `local`-th from `--device cuda:N`, and GPUs
+/// talk through NCCL in a build with it.
+#[cfg(feature = "mpi")]
+fn on_ranks(a: Args, mpi: &Arc<vlalign::dist::mpi::MpiComm>) -> Result<()> {
+    let local = vlalign::dist::launched_local_rank().unwrap_or(0);
+    let device = a.device.resolve_for(local)?;
+    #[cfg(feature = "nccl")]
+    if let candle_core::Device::Cuda(gpu) = &device {
+        let nccl = vlalign::dist::nccl::NcclComm::init(mpi, gpu.cuda_stream())?;
+        return train(a, Arc::new(nccl), device);
+    }
+    train(a, mpi.clone(), device)
+}
+
+fn train(a: Args, comm: Arc<dyn Comm>, device: candle_core::Device) -> Result<()> {
     let root = comm.rank() == 0;
     let mut cfg = TrainConfig::from_file(&a.config)?;
     if let Some(d) = a.data {
@@ -81,7 +96,7 @@ fn train(a: Args, comm: Arc<dyn Comm>) -> Result<()> {
         progress: true,
         comm,
     };
-    let r = Run::new(cfg, &a.device.resolve()?)?.train(&opts, None)?;
+    let r = Run::new(cfg, &device)?.train(&opts, None)?;
     if !root {
         return Ok(());
     }

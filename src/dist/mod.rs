@@ -1,6 +1,7 @@
 //! Communication between the ranks of a data-parallel run ([`Comm`]): one process ([`Single`]),
 //! threads of one process ([`threads::ThreadComm`], so that plain `cargo test` runs 2 and 4
-//! ranks), or the processes of an MPI job (`mpi::MpiComm`, behind the `mpi` feature).
+//! ranks), or the processes of an MPI job (`mpi::MpiComm`, behind the `mpi` feature; on GPUs
+//! `nccl::NcclComm`, behind `nccl`).
 //!
 //! Implementations provide four primitives on byte and f32 buffers (all-gather, all-to-all,
 //! broadcast); the reductions are built here on top of them so that every implementation sums
@@ -14,6 +15,9 @@ pub mod threads;
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -74,6 +78,15 @@ pub fn launched_size() -> Option<usize> {
     env_count(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"])
 }
 
+/// This rank's place among the ranks on its machine, when a launcher says.
+pub fn launched_local_rank() -> Option<usize> {
+    env_count(&[
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ])
+}
+
 /// How many ranks of the job run on this machine, when a launcher says.
 pub fn launched_local_size() -> Option<usize> {
     env_count(&[
@@ -86,6 +99,16 @@ pub fn launched_local_size() -> Option<usize> {
 fn env_count(keys: &[&str]) -> Option<usize> {
     keys.iter()
         .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+}
+
+/// An all-to-all's buffer must split into one equal chunk per rank.
+pub(crate) fn check_all_to_all(len: usize, size: usize) -> Result<()> {
+    if !len.is_multiple_of(size) {
+        return Err(Error::input(format!(
+            "all-to-all of {len} values over {size} ranks"
+        )));
+    }
+    Ok(())
 }
 
 /// The single-process communicator, shared.

@@ -93,13 +93,7 @@ impl Comm for MpiComm {
     }
 
     fn all_to_all_f32(&self, send: &[f32]) -> Result<Vec<f32>> {
-        if !send.len().is_multiple_of(self.size) {
-            return Err(Error::input(format!(
-                "all-to-all of {} values over {} ranks",
-                send.len(),
-                self.size
-            )));
-        }
+        super::check_all_to_all(send.len(), self.size)?;
         count(send.len())?;
         let mut recv = vec![0f32; send.len()];
         self.world().all_to_all_into(send, &mut recv[..]);

@@ -157,12 +157,7 @@ impl Comm for ThreadComm {
 
     fn all_to_all_f32(&self, send: &[f32]) -> Result<Vec<f32>> {
         let size = self.size();
-        if !send.len().is_multiple_of(size) {
-            return Err(Error::input(format!(
-                "all-to-all of {} values over {size} ranks",
-                send.len()
-            )));
-        }
+        super::check_all_to_all(send.len(), size)?;
         let (len, chunk, me) = (send.len() * 4, send.len() / size * 4, self.rank);
         self.exchange(f32_bytes(send), |v| {
             check_lengths(v, len, "all-to-all")?;
