@@ -123,19 +123,19 @@ pub fn shard_range(n: usize, rank: usize, size: usize) -> Range<usize> {
 }
 
 /// Element-wise sum over ranks of `buf` (equal lengths everywhere), in place, identical on every
-/// rank: chunk k is summed on rank k in rank order, then the sums are gathered.
+/// rank: part k ([`shard_range`]) is summed on rank k in rank order ([`reduce_scatter_sum`]),
+/// then the sums are gathered.
 pub fn all_reduce_sum(comm: &dyn Comm, buf: &mut [f32]) -> Result<()> {
     let size = comm.size();
     if size == 1 {
         return Ok(());
     }
-    let chunk = buf.len().div_ceil(size);
-    let mut send = buf.to_vec();
-    send.resize(chunk * size, 0.0);
-    let recv = comm.all_to_all_f32(&send)?;
-    let summed = sum_chunks(&recv, chunk, size);
-    let all = comm.all_gather_f32(&summed)?;
-    buf.copy_from_slice(&all[..buf.len()]);
+    let counts: Vec<usize> = (0..size)
+        .map(|k| shard_range(buf.len(), k, size).len())
+        .collect();
+    let mine = reduce_scatter_sum(comm, buf, &counts)?;
+    let all = padded_gather(&mine, &counts, |x| comm.all_gather_f32(x))?;
+    buf.copy_from_slice(&all);
     Ok(())
 }
 
@@ -200,6 +200,16 @@ fn varlen<T: Copy + Default>(
     if comm.size() == 1 {
         return Ok((send.to_vec(), counts));
     }
+    Ok((padded_gather(send, &counts, gather)?, counts))
+}
+
+/// Every rank's `send` (rank k's has `counts[k]` values), each padded to the longest for
+/// `gather`, concatenated in rank order without the padding.
+fn padded_gather<T: Copy + Default>(
+    send: &[T],
+    counts: &[usize],
+    gather: impl Fn(&[T]) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
     let chunk = counts.iter().copied().max().unwrap_or(0);
     let mut padded = send.to_vec();
     padded.resize(chunk, T::default());
@@ -208,12 +218,18 @@ fn varlen<T: Copy + Default>(
     for (k, &c) in counts.iter().enumerate() {
         out.extend_from_slice(&all[k * chunk..k * chunk + c]);
     }
-    Ok((out, counts))
+    Ok(out)
 }
 
 /// Every rank's `x`, in rank order.
 pub fn all_gather_u64(comm: &dyn Comm, x: u64) -> Result<Vec<u64>> {
-    let bytes = comm.all_gather_u8(&x.to_le_bytes())?;
+    all_gather_u64s(comm, &[x])
+}
+
+/// Every rank's `xs` (the same count on every rank), concatenated in rank order.
+pub fn all_gather_u64s(comm: &dyn Comm, xs: &[u64]) -> Result<Vec<u64>> {
+    let send: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let bytes = comm.all_gather_u8(&send)?;
     Ok(bytes
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))

@@ -25,6 +25,8 @@ pub struct StartCounters {
     pub skipped: u64,
     pub wall_before: f64,
     pub resumed: bool,
+    /// AdamW's step count (its bias corrections), filled in by [`share_start`].
+    pub optimizer_steps: u64,
 }
 
 /// Copies rank 0's trainable variables, optimiser state and counters to every rank.
@@ -38,6 +40,7 @@ pub fn share_start(
         return Ok(());
     }
     let root = comm.rank() == 0;
+    counters.optimizer_steps = opt.steps_taken();
     let mut json = if root {
         serde_json::to_vec(counters).map_err(|e| Error::input(e.to_string()))?
     } else {
@@ -59,16 +62,10 @@ pub fn share_start(
         let t = broadcast_tensor(comm, &state[&k])?;
         state.insert(k, t);
     }
-    // The optimiser's step count, exactly: its high and low 24 bits as two f32 integers.
-    let n = opt.steps_taken();
-    let mut step = [(n >> 24) as f32, (n & 0xff_ffff) as f32];
-    comm.broadcast_f32(&mut step, 0)?;
-    let n = ((step[0] as u64) << 24) | step[1] as u64;
-    let device = state.values().next().map(|t| t.device().clone());
-    if let Some(device) = device {
-        state.insert("step".into(), Tensor::new(n as f64, &device)?);
-    }
     if !root {
+        // The step count came exactly with the counters (an f32 would round it).
+        let step = Tensor::new(counters.optimizer_steps as f64, state["step"].device())?;
+        state.insert("step".into(), step);
         opt.load_state(&state)?;
     }
     Ok(())
@@ -101,28 +98,12 @@ pub struct BatchCounts {
 
 /// Every rank's usable and skipped sample counts of its part of one global batch.
 pub fn batch_counts(comm: &dyn Comm, usable: usize, skipped: usize) -> Result<BatchCounts> {
-    if comm.size() == 1 {
-        let (u, s) = (usable as u64, skipped as u64);
-        return Ok(BatchCounts {
-            usable: u,
-            fewest: u,
-            skipped: s,
-        });
-    }
-    let mut send = (usable as u64).to_le_bytes().to_vec();
-    send.extend((skipped as u64).to_le_bytes());
-    let all = comm.all_gather_u8(&send)?;
-    let pairs: Vec<(u64, u64)> = all
-        .chunks_exact(16)
-        .map(|c| {
-            let w = |k: usize| u64::from_le_bytes(c[k..k + 8].try_into().expect("8 bytes"));
-            (w(0), w(8))
-        })
-        .collect();
+    let all = dist::all_gather_u64s(comm, &[usable as u64, skipped as u64])?;
+    let usable = all.iter().step_by(2);
     Ok(BatchCounts {
-        usable: pairs.iter().map(|p| p.0).sum(),
-        fewest: pairs.iter().map(|p| p.0).min().unwrap_or(0),
-        skipped: pairs.iter().map(|p| p.1).sum(),
+        usable: usable.clone().sum(),
+        fewest: usable.min().copied().unwrap_or(0),
+        skipped: all.iter().skip(1).step_by(2).sum(),
     })
 }
 

@@ -113,6 +113,14 @@ impl FeatureQueues {
     }
 }
 
+/// Why a distilling task refuses to train on several ranks (`Task::data_parallel`).
+pub fn not_data_parallel() -> Error {
+    Error::input(
+        "momentum distillation does not train data-parallel yet (its feature queues would need \
+         the global batch); run it as one process",
+    )
+}
+
 /// The momentum copy and the queues of one distilled run.
 pub struct Distillation {
     pub spec: DistillSpec,

@@ -231,8 +231,11 @@ pub fn run<T: Task>(
         skipped,
         wall_before,
         resumed: resumed_from.is_some(),
+        ..Default::default()
     };
-    dp::share_start(comm.as_ref(), &task.vars(), &mut opt, &mut counters)?;
+    // The trained variables (fixed for the run): what the ranks share and sum.
+    let vars = task.vars();
+    dp::share_start(comm.as_ref(), &vars, &mut opt, &mut counters)?;
     (step, position, samples, skipped, wall_before) = (
         counters.step,
         counters.position,
@@ -339,7 +342,7 @@ pub fn run<T: Task>(
             }
         }
         let (mut grads, mut terms) = task.grads(&micro, step)?;
-        dp::sum_step(comm.as_ref(), &task.vars(), &mut grads, &mut terms)?;
+        dp::sum_step(comm.as_ref(), &vars, &mut grads, &mut terms)?;
         if !terms.total.is_finite() {
             return Err(Error::input(format!(
                 "non-finite loss ({}) at step {}; stopping: nothing from this step is saved \

@@ -237,10 +237,7 @@ impl Task for ClipTask {
 
     fn data_parallel(&self) -> Result<()> {
         if self.distill.is_some() {
-            return Err(crate::error::Error::input(
-                "momentum distillation does not train data-parallel yet (its feature queues \
-                 would need the global batch); run it as one process",
-            ));
+            return Err(crate::train::distill::not_data_parallel());
         }
         if self.config.vision_resnet.is_some() {
             return Err(crate::error::Error::input(

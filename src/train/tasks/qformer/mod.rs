@@ -293,10 +293,7 @@ impl Task for QformerTask {
 
     fn data_parallel(&self) -> Result<()> {
         match self.distill {
-            Some(_) => Err(Error::input(
-                "momentum distillation does not train data-parallel yet (its feature queues \
-                 would need the global batch); run it as one process",
-            )),
+            Some(_) => Err(crate::train::distill::not_data_parallel()),
             None => Ok(()),
         }
     }

@@ -12,16 +12,16 @@
 //!    the whole batch's count. The shards' gradients are added in shard order.
 //!
 //! The gradient equals that of ITC + ITM + ITG over the batch as one graph (up to float
-//! summation order; `tests/qformer_training.rs`).
+//! summation order; `tests/qformer_training.rs`). Text is cut to the longest caption of each
+//! shard: padding is masked out of attention and ignored by ITG, so it only costs time.
+//! The shard count is fixed, not taken from the machine, so a seed gives the same run on any
+//! number of cores.
 //!
 //! With several ranks (global.rs) every rank holds its part of each micro-batch: after pass 1
 //! the ranks exchange features, image embeddings and texts, each computes ITC for its own rows
 //! against the whole batch (the column gradients go back to their owners by reduce-scatter),
 //! draws the same hard negatives from the global similarities, and runs pass 2 on its own pairs
-//! with negatives from anywhere; the trainer sums the ranks' gradients. Text is cut to the longest caption of each
-//! shard: padding is masked out of attention and ignored by ITG, so it only costs time.
-//! The shard count is fixed, not taken from the machine, so a seed gives the same run on any
-//! number of cores.
+//! with negatives from anywhere; the trainer sums the ranks' gradients.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -277,29 +277,22 @@ impl QformerTask {
             .iter()
             .flat_map(|b| b.image_ids.iter().copied())
             .collect();
-        let (itc, momentum) = match (&self.distill, global) {
+        let (itc, momentum, global) = match (&self.distill, global) {
             (Some(d), _) => {
                 let (loss, m) =
                     self.distilled_itc(d, &rows, &bounds, &img, &txt, &image_ids, step)?;
-                (loss, Some(m))
+                (loss, Some(m), None)
             }
-            (None, None) => (itc_loss(img.as_tensor(), txt.as_tensor(), temp)?, None),
+            (None, None) => (
+                itc_loss(img.as_tensor(), txt.as_tensor(), temp)?,
+                None,
+                None,
+            ),
             (None, Some(g)) => {
                 let (cols_img, cols_txt) = (Var::from_tensor(&g.img)?, Var::from_tensor(&g.txt)?);
                 let targets: Vec<usize> = g.mine.iter().flat_map(|r| r.clone()).collect();
                 let loss = itc_loss_rows(&img, &txt, &cols_img, &cols_txt, &targets, temp)?;
-                return self.finish_step(StepParts {
-                    step,
-                    rows: &rows,
-                    bounds,
-                    itc: loss,
-                    img,
-                    txt,
-                    global: Some((g, cols_img, cols_txt, comm.as_ref())),
-                    truths: &truths,
-                    momentum: None,
-                    image_ids,
-                });
+                (loss, None, Some((g, cols_img, cols_txt, comm.as_ref())))
             }
         };
         self.finish_step(StepParts {
@@ -309,7 +302,7 @@ impl QformerTask {
             itc,
             img,
             txt,
-            global: None,
+            global,
             truths: &truths,
             momentum,
             image_ids,
@@ -318,7 +311,7 @@ impl QformerTask {
 
     /// Everything after the ITC loss: its gradients (returned to their owner ranks), the hard
     /// negatives, and pass 2 over this rank's pairs.
-    fn finish_step(&self, s: StepParts) -> Result<StepOutput> {
+    fn finish_step(&self, mut s: StepParts) -> Result<StepOutput> {
         let itc_grads = s.itc.backward()?;
         let mut grads = Grads::new();
         self.parts.collect(&itc_grads, &mut grads)?;
@@ -336,36 +329,34 @@ impl QformerTask {
             image_grad = (image_grad + returned(*comm, g, &itc_grads, cols_img)?)?;
             text_grad = (text_grad + returned(*comm, g, &itc_grads, cols_txt)?)?;
         }
-        let (sim_img, sim_txt, all_truths, all_rows);
-        match &s.global {
+        // The whole batch's pairs: this rank's, or every rank's.
+        let gathered;
+        let (sim_img, sim_txt, all_truths, all_rows) = match s.global.as_mut() {
             Some((g, ..)) => {
-                (sim_img, sim_txt) = (g.img.clone(), g.txt.clone());
-                all_truths = g.truths.iter().collect::<Vec<_>>();
                 // `ln_vision` is trained and replicated: each rank applies it to every image it
                 // uses, so its gradient through any rank's image adds up over the ranks.
-                all_rows = StepRows {
+                gathered = StepRows {
                     image: self.model.ln_vision(&g.hidden)?,
-                    ids: g.ids.clone(),
-                    mask: g.mask.clone(),
+                    ids: std::mem::take(&mut g.ids),
+                    mask: std::mem::take(&mut g.mask),
                 };
+                let truths = g.truths.iter().collect::<Vec<_>>();
+                (g.img.clone(), g.txt.clone(), truths, &gathered)
             }
-            None => {
-                (sim_img, sim_txt) = (s.img.as_tensor().clone(), s.txt.as_tensor().clone());
-                all_truths = s.truths.iter().collect();
-                all_rows = StepRows {
-                    image: s.rows.image.clone(),
-                    ids: s.rows.ids.clone(),
-                    mask: s.rows.mask.clone(),
-                };
-            }
-        }
+            None => (
+                s.img.as_tensor().clone(),
+                s.txt.as_tensor().clone(),
+                s.truths.iter().collect(),
+                s.rows,
+            ),
+        };
         // ITM's hard negatives, drawn from the whole batch's ITC similarities.
         let (text_for_image, image_for_text) =
             self.hard_negatives(&sim_img, &sim_txt, &all_truths, s.step)?;
         let cached = Cached {
             itg_tokens: itg_target_count(&all_rows.mask).max(1) as f64,
             itm_rows: (3 * all_rows.ids.len()) as f64,
-            rows: &all_rows,
+            rows: all_rows,
             image_grad,
             text_grad,
             text_for_image,
