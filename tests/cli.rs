@@ -258,3 +258,35 @@ fn long_text_is_truncated_with_a_warning() {
     let e = stderr(&o);
     assert!(e.contains("truncated") && e.contains("77"), "{e}");
 }
+
+#[test]
+fn a_benchmark_row_reports_its_time_rate_and_memory() {
+    let o = vlalign(&[
+        "bench",
+        "--only",
+        "loader_shapes",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    let r = json(&o);
+    let ms = r["ms"].as_f64().unwrap();
+    let all: Vec<f64> = r["ms_all"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(all.len(), 3);
+    // The median is one of the timed iterations, and the rate follows from it.
+    assert!(all.contains(&ms), "{r}");
+    let rate = r["samples_per_s"].as_f64().unwrap();
+    assert!((rate - 64.0 / (ms / 1e3)).abs() < 1e-6 * rate, "{r}");
+    assert!(r["peak_rss_mb"].as_f64().unwrap() > 1.0, "{r}");
+    assert_user_error(
+        &vlalign(&["bench", "--only", "nonsense"]),
+        "no benchmark row \"nonsense\" (rows: clip_tiny_train",
+    );
+}

@@ -1,16 +1,50 @@
 #!/usr/bin/env bash
-# Runs `vlalign bench` and its PyTorch twin (tools/reference/bench_torch.py) one after the other
-# on the same threads and prints the ratios (vlalign time / PyTorch time; below 1 = faster).
+# The benchmark table: `vlalign bench` and its PyTorch twins (tools/reference/bench_torch.py,
+# bench_qformer_torch.py) one after the other on the same threads, each row in a process of its
+# own after WARMUP untimed iterations the median of ITERS; ratio = vlalign time / PyTorch time
+# (below 1 = vlalign faster); GFLOP/s from each side's own FLOP count (vlalign's from the shapes,
+# PyTorch's from FlopCounterMode; the GFLOP column shows both) as a fraction of the machine's
+# float32 matmul peak (the better of the two sides' measurements). With target/smollm2 present
+# (tools/fetch_smollm2.sh) the BLIP-2 stage-2 rows follow (bench --suite lm and its twin).
 #   bash tools/bench.sh            (needs .venv from tools/reference/requirements.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${THREADS:-$(nproc)}
+iters=${ITERS:-20}
+warmup=${WARMUP:-3}
 cargo build --release -q
-ours=$(RAYON_NUM_THREADS=$threads target/release/vlalign bench --json | tail -n 1)
-theirs=$(.venv/bin/python tools/reference/bench_torch.py --threads "$threads" | tail -n 1)
-python3 - "$ours" "$theirs" <<'PY'
+ours=$(RAYON_NUM_THREADS=$threads target/release/vlalign bench --json --iters "$iters" --warmup "$warmup" | tail -n 1)
+theirs=$(.venv/bin/python tools/reference/bench_torch.py --threads "$threads" --iters "$iters" --warmup "$warmup" | tail -n 1)
+lm_ours=null
+lm_theirs=null
+gguf=target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ -f "$gguf" ]; then
+  lm_ours=$(RAYON_NUM_THREADS=$threads target/release/vlalign bench --suite lm --iters 3 --json | tail -n 1)
+  lm_theirs=$(.venv/bin/python tools/reference/bench_lm_torch.py --model "$gguf" --threads "$threads" --iters 3 2>/dev/null | tail -n 1)
+fi
+python3 - "$ours" "$theirs" "$lm_ours" "$lm_theirs" <<'PY'
 import json, sys
-o, t = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-for k, what in [("train_step_ms", "clip-tiny train step, batch 64"), ("vit_b32_batch8_ms", "ViT-B/32 embed, batch 8")]:
-    print(f"{what:32s} vlalign {o[k]:8.1f} ms   PyTorch {t[k]:8.1f} ms   ratio {o[k] / t[k]:.2f}")
+o, t, lo, lt = (json.loads(a) for a in sys.argv[1:5])
+peak = max(o["matmul_peak_gflops"], t["matmul_peak_gflops"])
+print(f"threads {o['threads']}; float32 matmul peak {peak:.0f} GFLOP/s (vlalign {o['matmul_peak_gflops']:.0f}, "
+      f"PyTorch {t['matmul_peak_gflops']:.0f}); median of {o['iters']} after {o['warmup']} warm-up")
+print("| workload | vlalign ms | PyTorch ms | ratio | GFLOP vlalign / PyTorch | vlalign % of peak | PyTorch % of peak "
+      "| peak RSS MiB vlalign / PyTorch | RSS growth MiB vlalign / PyTorch |")
+print("|---|---|---|---|---|---|---|---|---|")
+twin = {r["name"]: r for r in t["rows"]}
+for r in o["rows"]:
+    p = twin.get(r["name"])
+    if p is None:
+        print(f"| {r['what']} | {r['ms']:.1f} ({r['samples_per_s']:.0f} samples/s) | - | - | - | - | - | "
+              f"{r['peak_rss_mb']:.0f} / - | {r['rss_growth_mb']:.1f} / - |")
+        continue
+    print(f"| {r['what']} | {r['ms']:.1f} | {p['ms']:.1f} | {r['ms'] / p['ms']:.2f} | {r['gflop']:.1f} / {p['gflop']:.1f} "
+          f"| {100 * r['gflops'] / peak:.0f}% | {100 * p['gflops'] / peak:.0f}% "
+          f"| {r['peak_rss_mb']:.0f} / {p['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.1f} / {p['rss_growth_mb']:.1f} |")
+if lo and lt:
+    for k, what in [("step_batch8_sharded_ms", "stage-2 step, LM share, batch 8 (two row shards)"),
+                    ("batch1_ms", "SmolLM2 greedy generation, batch 1"),
+                    ("batch8_ms", "SmolLM2 greedy generation, batch 8")]:
+        tk = "step_batch8_ms" if k.startswith("step") else k
+        print(f"| {what} | {lo[k]:.1f} | {lt[tk]:.1f} | {lo[k] / lt[tk]:.2f} | - | - | - | - | - |")
 PY

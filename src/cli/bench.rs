@@ -7,8 +7,10 @@ use super::device::DeviceOpt;
 /// Which workloads are timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Suite {
-    /// clip-tiny train step (batch 64) and ViT-B/32 image embedding (batch 8), as the PyTorch
-    /// twin tools/reference/bench_torch.py.
+    /// The table of tools/bench.sh: clip-tiny train step (InfoNCE and SigLIP, batch 64), Q-Former
+    /// stage-1 step (qformer-tiny, batch 32), ViT-B/32 image embedding (batch 8), the data
+    /// loader; ms, GFLOP/s against the measured matmul peak, peak memory. PyTorch twins:
+    /// tools/reference/bench_torch.py and bench_qformer_torch.py.
     Default,
     /// ViT-B/32 CLIP training (AdamW, text context 77) and image embedding at --batch: the GPU
     /// workload of tools/device-check.sh.
@@ -34,9 +36,16 @@ enum Suite {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Timed iterations of each workload (after 2 untimed).
-    #[arg(long, default_value_t = 10)]
-    iters: usize,
+    /// Timed iterations of each workload (default: 20 in the default suite, else 10).
+    #[arg(long)]
+    iters: Option<usize>,
+    /// Run only this row of the default suite, in this process, and print it as JSON (how the
+    /// suite runs each row in a process of its own).
+    #[arg(long, hide = true)]
+    only: Option<String>,
+    /// Untimed iterations before the timed ones (default suite; the others run 2).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
     /// The workloads.
     #[arg(long, value_enum, default_value_t = Suite::Default)]
     suite: Suite,
@@ -46,7 +55,8 @@ pub struct Args {
     /// Model directory of the serve suite.
     #[arg(long, default_value = "runs/demo/model")]
     model: std::path::PathBuf,
-    /// Image sent by the serve suite's image workload.
+    /// Image sent by the serve suite's image workload, and the JPEG of the default suite's
+    /// loader row.
     #[arg(long, default_value = "tests/fixtures/images/astronaut.jpg")]
     image: std::path::PathBuf,
     /// Requests per setting of the serve suite (spread over the clients).
@@ -64,7 +74,8 @@ pub struct Args {
     /// Queries per size of the ann suite.
     #[arg(long, default_value_t = 1000)]
     queries: usize,
-    /// End with one JSON object: {"train_step_ms", "vit_b32_batch8_ms", ...} (medians).
+    /// End with one JSON object (the default suite: {"threads", "matmul_peak_gflops", "rows":
+    /// [{"name", "ms", "gflops", "peak_rss_mb", ...}]}).
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -72,8 +83,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let iters = a
+        .iters
+        .unwrap_or(if a.suite == Suite::Default { 20 } else { 10 })
+        .max(1);
     if a.suite == Suite::Comm {
-        return comm(&a);
+        return comm(&a, iters);
     }
     let device = a.device.resolve()?;
     if a.suite == Suite::Ann {
@@ -129,7 +144,7 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     if a.suite == Suite::Lm {
-        let r = vlalign::apps::lm_bench::run(&a.lm, a.iters.max(1), &device)?;
+        let r = vlalign::apps::lm_bench::run(&a.lm, iters, &device)?;
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
@@ -173,7 +188,7 @@ pub fn run(a: Args) -> Result<()> {
         if !(2..=65536).contains(&a.batch) {
             bail!("--batch must be between 2 and 65536");
         }
-        let r = vlalign::apps::bench::run_vit_b32(a.iters.max(1), a.batch, &device)?;
+        let r = vlalign::apps::bench::run_vit_b32(iters, a.batch, &device)?;
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
@@ -188,21 +203,85 @@ pub fn run(a: Args) -> Result<()> {
         }
         return Ok(());
     }
-    let r = vlalign::apps::bench::run(a.iters.max(1), &device)?;
+    if a.warmup > 1000 || iters > 100_000 {
+        bail!("--warmup at most 1000, --iters at most 100000");
+    }
+    let settings = vlalign::apps::bench::Settings {
+        warmup: a.warmup,
+        iters,
+    };
+    if let Some(name) = &a.only {
+        let row = vlalign::apps::bench::run_row(name, settings, &a.image, &device)?;
+        println!("{}", serde_json::to_string(&row)?);
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    for name in vlalign::apps::bench::ROWS {
+        if name == "loader_jpeg" && !a.image.is_file() {
+            eprintln!(
+                "loader_jpeg left out: no JPEG at --image {}",
+                a.image.display()
+            );
+            continue;
+        }
+        rows.push(row_in_child(name)?);
+    }
+    let r = vlalign::apps::bench::BenchReport {
+        threads: candle_core::utils::get_num_threads(),
+        warmup: settings.warmup,
+        iters,
+        matmul_peak_gflops: vlalign::apps::bench::matmul_peak(10, &device)?,
+        rows,
+    };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
-    } else {
-        println!("threads: {}", r.threads);
+        return Ok(());
+    }
+    println!(
+        "threads {}, float32 matmul peak {:.1} GFLOP/s; median of {} after {} warm-up",
+        r.threads, r.matmul_peak_gflops, r.iters, r.warmup
+    );
+    println!("| workload | ms | samples/s | GFLOP/s | of peak | peak RSS MiB | RSS growth MiB |");
+    println!("|---|---|---|---|---|---|---|");
+    let opt = |v: Option<f64>, digits: usize| match v {
+        Some(v) => format!("{v:.digits$}"),
+        None => "-".to_string(),
+    };
+    for row in &r.rows {
         println!(
-            "clip-tiny train step (batch 64, fwd+bwd+AdamW): median {:.1} ms",
-            r.train_step_ms
-        );
-        println!(
-            "ViT-B/32 image embedding (batch 8, 224²):       median {:.1} ms",
-            r.vit_b32_batch8_ms
+            "| {} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            row.what,
+            row.ms,
+            row.samples_per_s,
+            opt(row.gflops, 1),
+            match row.gflops {
+                Some(g) => format!("{:.0}%", 100.0 * g / r.matmul_peak_gflops),
+                None => "-".to_string(),
+            },
+            opt(row.peak_rss_mb, 0),
+            opt(row.rss_growth_mb, 1),
         );
     }
     Ok(())
+}
+
+/// Runs the default suite's row `name` in a process of its own (this binary, these arguments,
+/// `--only name --json`), so that its peak memory is its own, and reads back its row.
+fn row_in_child(name: &str) -> Result<vlalign::apps::bench::Row> {
+    let exe = std::env::current_exe()?;
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--json").collect();
+    let out = std::process::Command::new(&exe)
+        .args(&args)
+        .args(["--only", name, "--json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("benchmark row {name} failed ({})", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last)
+        .map_err(|e| anyhow::anyhow!("benchmark row {name}: unreadable report {last:?}: {e}"))
 }
 
 /// Buffer sizes of the comm suite, in f32 values: 1 Ki to 64 Mi (4 KB to 256 MB).
@@ -216,8 +295,7 @@ const COMM_SIZES: [usize; 7] = [
     1 << 26,
 ];
 
-fn comm(a: &Args) -> Result<()> {
-    let iters = a.iters.max(1);
+fn comm(a: &Args, iters: usize) -> Result<()> {
     #[cfg(feature = "mpi")]
     let rows = if vlalign::dist::launched_size().is_some() {
         let mpi = vlalign::dist::mpi::MpiComm::init()?;

@@ -32,6 +32,18 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// The optimiser settings of a config's `[train]` section.
+    pub fn of(t: &crate::train::config::TrainSpec) -> Self {
+        Self {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        }
+    }
+}
+
 /// Whether a variable is decayed: matrices are, except embedding tables and learned tokens;
 /// vectors and scalars (biases, LayerNorm weights, class embedding, logit scale) are not.
 pub fn decays(name: &str, rank: usize) -> bool {

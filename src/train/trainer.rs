@@ -173,15 +173,7 @@ pub fn run<T: Task>(
         true => prepare_run_dir(cfg, opts)?,
         false => None,
     };
-    let mut opt = AdamW::new(
-        task.vars(),
-        AdamWConfig {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-    )?;
+    let mut opt = AdamW::new(task.vars(), AdamWConfig::of(t))?;
     let mut step = 0u64;
     let mut position = 0u64;
     let (mut samples, mut skipped, mut wall_before) = (0u64, 0u64, 0f64);
