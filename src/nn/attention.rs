@@ -10,8 +10,25 @@ use super::ops::softmax_last;
 pub const MASKED: f32 = f32::MIN;
 
 /// `q`: `[B, Tq, H·d]`, `k` and `v`: `[B, Tk, H·d]`; `mask` is additive and broadcasts to
-/// `[B, H, Tq, Tk]`. Returns `[B, Tq, H·d]`.
+/// `[B, H, Tq, Tk]`. Returns `[B, Tq, H·d]`. On the CPU in float32 this is one fused kernel
+/// forward and backward (fused_attention.rs); elsewhere [`composed`].
 pub fn multi_head(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    if super::fused_attention::supported(q) {
+        super::fused_attention::attention(q, k, v, heads, mask)
+    } else {
+        composed(q, k, v, heads, mask)
+    }
+}
+
+/// [`multi_head`] composed from candle ops: heads split into `[B, H, T, d]` copies, the score
+/// and probability tensors `[B, H, Tq, Tk]` materialised (and kept for backward).
+pub fn composed(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

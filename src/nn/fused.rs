@@ -11,6 +11,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::vecmath;
+
 /// Rows per parallel task: enough work to amortise scheduling.
 const ROW_CHUNK: usize = 64;
 
@@ -33,7 +35,7 @@ fn cuda_enabled() -> bool {
     false
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(super) fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         bail!("{op}: float32 only");
     };
@@ -345,23 +347,54 @@ impl Act {
         }
     }
 
+    /// exp and erf are vecmath's, so that the loops below vectorise.
+    #[inline(always)]
     fn f(self, x: f32) -> f32 {
         match self {
-            Act::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
-            Act::GeluErf => 0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2)),
+            Act::QuickGelu => x / (1.0 + vecmath::exp(-1.702 * x)),
+            Act::GeluErf => 0.5 * x * (1.0 + vecmath::erf(x * std::f32::consts::FRAC_1_SQRT_2)),
         }
     }
 
+    #[inline(always)]
     fn df(self, x: f32) -> f32 {
         match self {
             Act::QuickGelu => {
-                let s = 1.0 / (1.0 + (-1.702 * x).exp());
+                let s = 1.0 / (1.0 + vecmath::exp(-1.702 * x));
                 s + 1.702 * x * s * (1.0 - s)
             }
             Act::GeluErf => {
-                let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
+                let cdf = 0.5 * (1.0 + vecmath::erf(x * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = vecmath::exp(-0.5 * x * x) * 0.398_942_3;
                 cdf + x * pdf
+            }
+        }
+    }
+}
+
+vecmath::multiversion! {
+    /// `y = f(x)` over a chunk, one loop per activation (vectorised; AVX2 when the CPU has it).
+    fn act_forward(act: Act, x: &[f32], y: &mut [f32]) {
+        match act {
+            Act::QuickGelu => y.iter_mut().zip(x).for_each(|(o, &v)| *o = Act::QuickGelu.f(v)),
+            Act::GeluErf => y.iter_mut().zip(x).for_each(|(o, &v)| *o = Act::GeluErf.f(v)),
+        }
+    }
+}
+
+vecmath::multiversion! {
+    /// `dx = dy · f'(x)` over a chunk.
+    fn act_backward(act: Act, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        match act {
+            Act::QuickGelu => {
+                for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                    *d = g * Act::QuickGelu.df(v);
+                }
+            }
+            Act::GeluErf => {
+                for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                    *d = g * Act::GeluErf.df(v);
+                }
             }
         }
     }
@@ -381,11 +414,7 @@ impl CustomOp1 for ActOp {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(ELEM_CHUNK)
             .zip(x.par_chunks(ELEM_CHUNK))
-            .for_each(|(yc, xc)| {
-                for (o, &v) in yc.iter_mut().zip(xc) {
-                    *o = self.0.f(v);
-                }
-            });
+            .for_each(|(yc, xc)| act_forward(self.0, xc, yc));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -428,11 +457,7 @@ impl CustomOp2 for ActBwd {
         dx.par_chunks_mut(ELEM_CHUNK)
             .zip(x.par_chunks(ELEM_CHUNK))
             .zip(dy.par_chunks(ELEM_CHUNK))
-            .for_each(|((dc, xc), gc)| {
-                for ((d, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                    *d = g * self.0.df(v);
-                }
-            });
+            .for_each(|((dc, xc), gc)| act_backward(self.0, xc, gc, dc));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 
@@ -514,6 +539,27 @@ impl CustomOp2 for AddBias {
     }
 }
 
+/// Σ over the rows of `x` (rows of `n`). Partial sums per fixed chunk, added in chunk order:
+/// rayon's `reduce` would associate them by work-stealing and make the sum (and every run after
+/// it) vary in the last bits.
+pub(super) fn column_sum(x: &[f32], n: usize) -> Vec<f32> {
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(n * ROW_CHUNK)
+        .map(|c| {
+            let mut acc = vec![0f32; n];
+            for r in c.chunks(n) {
+                acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f32; n];
+    for p in partials {
+        total.iter_mut().zip(&p).for_each(|(x, y)| *x += y);
+    }
+    total
+}
+
 /// Σ over rows of a `[.., n]` tensor → `[n]`.
 struct ColumnSum {
     n: usize,
@@ -526,24 +572,7 @@ impl CustomOp1 for ColumnSum {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, "column_sum")?;
-        let n = self.n;
-        // Partial sums per fixed chunk, added in chunk order: rayon's `reduce` would associate
-        // them by work-stealing and make the sum (and every run after it) vary in the last bits.
-        let partials: Vec<Vec<f32>> = x
-            .par_chunks(n * ROW_CHUNK)
-            .map(|c| {
-                let mut acc = vec![0f32; n];
-                for r in c.chunks(n) {
-                    acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
-                }
-                acc
-            })
-            .collect();
-        let mut total = vec![0f32; n];
-        for p in partials {
-            total.iter_mut().zip(&p).for_each(|(x, y)| *x += y);
-        }
-        Ok((CpuStorage::F32(total), Shape::from(n)))
+        Ok((CpuStorage::F32(column_sum(x, self.n)), Shape::from(self.n)))
     }
 
     #[cfg(feature = "cuda")]
@@ -561,6 +590,13 @@ impl CustomOp1 for ColumnSum {
 /// column sum instead of candle's strided leading-dimension reduction.
 pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(b, AddBias)
+}
+
+/// max |a − c| / max |c| (the denominator floored at 1e-6): how far a fused op's result `a` is
+/// from the composition's `c`.
+pub fn rel(a: &Tensor, c: &Tensor) -> Result<f32> {
+    let max = |t: Tensor| t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>();
+    Ok(max((a - c)?)? / max(c.clone())?.max(1e-6))
 }
 
 /// Each fused op against the same function composed from candle primitives on `device`, on
@@ -618,11 +654,6 @@ pub fn check_against_compositions(
             Box::new(|x| x.broadcast_add(&b)),
         ),
     ];
-    let rel = |a: &Tensor, c: &Tensor| -> Result<f32> {
-        let d = (a - c)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        let m = c.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        Ok(d / m.max(1e-6))
-    };
     let mut out = Vec::new();
     for (name, fused, composed) in cases {
         let yf = fused(x.as_tensor())?;

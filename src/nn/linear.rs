@@ -1,6 +1,6 @@
-//! `y = x Wᵀ + b` with HF tensor names (`weight` `[out, in]`, `bias` `[out]`): the input is
-//! flattened to 2-D for one matmul, and the bias added by the fused kernel so that its gradient
-//! is a single column sum.
+//! `y = x Wᵀ + b` with HF tensor names (`weight` `[out, in]`, `bias` `[out]`): on the CPU one
+//! fused op (fused_linear.rs); elsewhere the input is flattened to 2-D for one matmul and the
+//! bias added by the fused kernel so that its gradient is a single column sum.
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
@@ -64,6 +64,9 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if super::fused_linear::supported(x, &self.weight, self.bias.as_ref()) {
+            return super::fused_linear::linear(x, &self.weight, self.bias.as_ref());
+        }
         let dims = x.dims().to_vec();
         let k = *dims.last().expect("linear input has a last dimension");
         let rows = x.elem_count() / k.max(1);

@@ -1,8 +1,8 @@
 //! Building blocks shared by the models: linear layers, layer norm, activations, attention,
 //! patch embedding, the Q-Former attention masks and seeded initialisation.
 //!
-//! LayerNorm, softmax and the GELUs run as our own fused CPU kernels (`fused`, float32), which
-//! have a backward pass; elsewhere (other dtypes or devices) a block uses candle's fast ops only
+//! Linear layers, LayerNorm, softmax, the GELUs and attention run as our own fused CPU kernels
+//! (`fused`, `fused_linear`, `fused_attention`, float32), which have a backward pass; elsewhere (other dtypes or devices) a block uses candle's fast ops only
 //! when nothing it touches needs a gradient, and a differentiable composition of primitives when
 //! something does (candle's fast ops have no backward: DESIGN.md §2, "Trap").
 
@@ -10,14 +10,18 @@ pub mod activation;
 pub mod attention;
 pub mod frozen;
 pub mod fused;
+pub mod fused_attention;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
+pub mod fused_linear;
+mod gemm;
 pub mod init;
 pub mod layer_norm;
 pub mod linear;
 pub mod mask;
 pub mod ops;
 pub mod patch;
+pub mod vecmath;
 
 pub use activation::Activation;
 pub use layer_norm::LayerNorm;

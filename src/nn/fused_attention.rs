@@ -1,0 +1,470 @@
+//! Multi-head scaled dot-product attention as one CPU kernel forward and one backward, the
+//! arithmetic of transformers' `eager_attention_forward` (softmax(q kᵀ · d^-½ + mask) v) without
+//! its intermediates: heads are read and written in place through strides (no split/merge
+//! copies), and each (batch, head) pair's scores live in a per-thread `[Tq, Tk]` scratch, never in
+//! a `[B, H, Tq, Tk]` tensor, forward or backward. The backward recomputes the probabilities from
+//! q and k (one product more, as PyTorch's fused CPU attention does) instead of keeping them.
+//!
+//! The composed path (attention.rs) computes the same thing op by op and is what other devices
+//! run; `fused_attention_matches_the_composition` holds the two together.
+
+use std::sync::Arc;
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::fused::f32s;
+use super::gemm::product;
+
+/// Sizes of one call: q `[b, tq, h·d]`, k and v `[b, tk, h·d]`.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    b: usize,
+    tq: usize,
+    tk: usize,
+    h: usize,
+    d: usize,
+}
+
+impl Dims {
+    /// Row stride of q, k, v and the output (all heads of a token are one row).
+    fn row(&self) -> usize {
+        self.h * self.d
+    }
+
+    /// Offset of head `h` of batch `b`'s first query / key row.
+    fn q_at(&self, b: usize, h: usize) -> usize {
+        b * self.tq * self.row() + h * self.d
+    }
+
+    fn k_at(&self, b: usize, h: usize) -> usize {
+        b * self.tk * self.row() + h * self.d
+    }
+}
+
+/// An additive mask broadcast to `[b, h, tq, tk]`: its values and the stride of each of those
+/// dimensions in them (0 where the mask has size 1).
+struct Mask {
+    values: Vec<f32>,
+    strides: [usize; 4],
+}
+
+impl Mask {
+    fn new(mask: &Tensor, dims: Dims) -> Result<Self> {
+        let want = [dims.b, dims.h, dims.tq, dims.tk];
+        let shape = mask.dims();
+        if shape.len() != 4 || shape.iter().zip(want).any(|(&m, w)| m != 1 && m != w) {
+            bail!("attention mask {shape:?} does not broadcast to {want:?}");
+        }
+        let values = mask
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut strides = [0; 4];
+        let mut step = 1;
+        for i in (0..4).rev() {
+            strides[i] = if shape[i] == 1 { 0 } else { step };
+            step *= shape[i];
+        }
+        Ok(Self { values, strides })
+    }
+
+    /// Row `i` of the mask of batch `b`, head `h` (length tk, stride `strides[3]`).
+    fn add_row(&self, b: usize, h: usize, i: usize, row: &mut [f32]) {
+        let s = self.strides;
+        let at = b * s[0] + h * s[1] + i * s[2];
+        for (j, v) in row.iter_mut().enumerate() {
+            *v += self.values[at + j * s[3]];
+        }
+    }
+}
+
+/// A raw pointer the (batch, head) tasks write through: each writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the tasks sharing it write disjoint elements (see each use).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer `offset` elements on (a method, so that closures capture the whole `Out`).
+    ///
+    /// # Safety
+    /// `offset` must stay inside the buffer.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+
+/// The attention probabilities of batch `b`, head `h` into `p` (`[tq, tk]`, row-major):
+/// softmax over keys of q·kᵀ · scale + mask, as `fused::softmax_last` computes a row.
+#[allow(clippy::too_many_arguments)]
+fn probabilities(
+    dm: Dims,
+    q: &[f32],
+    k: &[f32],
+    b: usize,
+    h: usize,
+    scale: f32,
+    mask: Option<&Mask>,
+    p: &mut [f32],
+) {
+    let row = dm.row();
+    // SAFETY: q and k hold [b, t, h·d]; the strides stay inside head h of batch b; p is tq×tk.
+    unsafe {
+        product(
+            (dm.tq, dm.tk, dm.d),
+            p.as_mut_ptr(),
+            (dm.tk, 1),
+            q.as_ptr().add(dm.q_at(b, h)),
+            (row, 1),
+            k.as_ptr().add(dm.k_at(b, h)),
+            (1, row),
+            false,
+            1,
+        );
+    }
+    for (i, r) in p.chunks_mut(dm.tk).enumerate() {
+        r.iter_mut().for_each(|v| *v *= scale);
+        if let Some(m) = mask {
+            m.add_row(b, h, i, r);
+        }
+        let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in r.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        r.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+struct AttentionOp {
+    heads: usize,
+    scale: f32,
+    mask: Option<Arc<Mask>>,
+}
+
+impl AttentionOp {
+    fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
+        let (b, tq, row) = q.shape().dims3()?;
+        let (bk, tk, rk) = k.shape().dims3()?;
+        if bk != b || rk != row || v.shape().dims() != k.shape().dims() {
+            bail!(
+                "attention: q {:?}, k {:?}, v {:?} do not fit",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        if self.heads == 0 || row % self.heads != 0 {
+            bail!(
+                "attention: width {row} is not a multiple of {} heads",
+                self.heads
+            );
+        }
+        Ok(Dims {
+            b,
+            tq,
+            tk,
+            h: self.heads,
+            d: row / self.heads,
+        })
+    }
+
+    /// dq, dk, dv of the output gradient `dy` (`[b, tq, h·d]`).
+    fn backward(&self, dm: Dims, q: &[f32], k: &[f32], v: &[f32], dy: &[f32]) -> [Vec<f32>; 3] {
+        let row = dm.row();
+        let mut dq = vec![0f32; q.len()];
+        let mut dk = vec![0f32; k.len()];
+        let mut dv = vec![0f32; v.len()];
+        let (dq_p, dk_p, dv_p) = (
+            Out(dq.as_mut_ptr()),
+            Out(dk.as_mut_ptr()),
+            Out(dv.as_mut_ptr()),
+        );
+        let mask = self.mask.as_deref();
+        (0..dm.b * dm.h).into_par_iter().for_each_init(
+            || (vec![0f32; dm.tq * dm.tk], vec![0f32; dm.tq * dm.tk]),
+            |(p, dp), bh| {
+                let (b, h) = (bh / dm.h, bh % dm.h);
+                probabilities(dm, q, k, b, h, self.scale, mask, p);
+                let (qa, ka) = (dm.q_at(b, h), dm.k_at(b, h));
+                // SAFETY: task (b, h) alone writes head h of batch b of dq, dk, dv; every
+                // operand is addressed inside its buffer by the strides.
+                unsafe {
+                    // dv = pᵀ · dy
+                    product(
+                        (dm.tk, dm.d, dm.tq),
+                        dv_p.at(ka),
+                        (row, 1),
+                        p.as_ptr(),
+                        (1, dm.tk),
+                        dy.as_ptr().add(qa),
+                        (row, 1),
+                        false,
+                        1,
+                    );
+                    // dp = dy · vᵀ
+                    product(
+                        (dm.tq, dm.tk, dm.d),
+                        dp.as_mut_ptr(),
+                        (dm.tk, 1),
+                        dy.as_ptr().add(qa),
+                        (row, 1),
+                        v.as_ptr().add(ka),
+                        (1, row),
+                        false,
+                        1,
+                    );
+                }
+                // The softmax backward, with the score scale folded in: ds = p ⊙ (dp − p·dp).
+                for (pr, dr) in p.chunks(dm.tk).zip(dp.chunks_mut(dm.tk)) {
+                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for (d, &pv) in dr.iter_mut().zip(pr) {
+                        *d = pv * (*d - dot) * self.scale;
+                    }
+                }
+                // SAFETY: as above.
+                unsafe {
+                    // dq = ds · k
+                    product(
+                        (dm.tq, dm.d, dm.tk),
+                        dq_p.at(qa),
+                        (row, 1),
+                        dp.as_ptr(),
+                        (dm.tk, 1),
+                        k.as_ptr().add(ka),
+                        (row, 1),
+                        false,
+                        1,
+                    );
+                    // dk = dsᵀ · q
+                    product(
+                        (dm.tk, dm.d, dm.tq),
+                        dk_p.at(ka),
+                        (row, 1),
+                        dp.as_ptr(),
+                        (1, dm.tk),
+                        q.as_ptr().add(qa),
+                        (row, 1),
+                        false,
+                        1,
+                    );
+                }
+            },
+        );
+        [dq, dk, dv]
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "vlalign-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dm = self.dims(l1, l2, l3)?;
+        let (q, k, v) = (
+            f32s(s1, l1, "attention q")?,
+            f32s(s2, l2, "attention k")?,
+            f32s(s3, l3, "attention v")?,
+        );
+        let row = dm.row();
+        let mut y = vec![0f32; q.len()];
+        let y_p = Out(y.as_mut_ptr());
+        let mask = self.mask.as_deref();
+        (0..dm.b * dm.h).into_par_iter().for_each_init(
+            || vec![0f32; dm.tq * dm.tk],
+            |p, bh| {
+                let (b, h) = (bh / dm.h, bh % dm.h);
+                probabilities(dm, q, k, b, h, self.scale, mask, p);
+                // SAFETY: task (b, h) alone writes head h of batch b of y; y = p · v.
+                unsafe {
+                    product(
+                        (dm.tq, dm.d, dm.tk),
+                        y_p.at(dm.q_at(b, h)),
+                        (row, 1),
+                        p.as_ptr(),
+                        (dm.tk, 1),
+                        v.as_ptr().add(dm.k_at(b, h)),
+                        (row, 1),
+                        false,
+                        1,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let grads = {
+            let (sq, lq) = q.storage_and_layout();
+            let (sk, lk) = k.storage_and_layout();
+            let (sv, lv) = v.storage_and_layout();
+            let (sd, ld) = dy.storage_and_layout();
+            let (Storage::Cpu(sq), Storage::Cpu(sk), Storage::Cpu(sv), Storage::Cpu(sd)) =
+                (&*sq, &*sk, &*sv, &*sd)
+            else {
+                bail!("attention backward: CPU tensors only");
+            };
+            let dm = self.dims(lq, lk, lv)?;
+            if ld.dims() != lq.dims() {
+                bail!(
+                    "attention backward: gradient {:?} for output {:?}",
+                    ld.dims(),
+                    lq.dims()
+                );
+            }
+            self.backward(
+                dm,
+                f32s(sq, lq, "attention q")?,
+                f32s(sk, lk, "attention k")?,
+                f32s(sv, lv, "attention v")?,
+                f32s(sd, ld, "attention output gradient")?,
+            )
+        };
+        let [dq, dk, dv] = grads;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// Whether [`attention`] runs for these inputs: float32 on the CPU.
+pub fn supported(q: &Tensor) -> bool {
+    q.dtype() == candle_core::DType::F32 && q.device().is_cpu()
+}
+
+/// softmax(q kᵀ · d^-½ + mask) v over `heads` heads, differentiable in q, k and v (not the
+/// mask). q `[B, Tq, H·d]`, k and v `[B, Tk, H·d]`, mask additive, broadcasting to
+/// `[B, H, Tq, Tk]`; returns `[B, Tq, H·d]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, tq, row) = q.dims3()?;
+    let tk = k.dim(1)?;
+    if heads == 0 || row % heads != 0 {
+        bail!("attention: width {row} is not a multiple of {heads} heads");
+    }
+    let d = row / heads;
+    let dims = Dims {
+        b,
+        tq,
+        tk,
+        h: heads,
+        d,
+    };
+    let mask = match mask {
+        Some(m) => Some(Arc::new(Mask::new(m, dims)?)),
+        None => None,
+    };
+    let op = AttentionOp {
+        heads,
+        scale: (d as f64).powf(-0.5) as f32,
+        mask,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rel(a: &Tensor, c: &Tensor) -> f32 {
+        crate::nn::fused::rel(a, c).unwrap()
+    }
+
+    /// Values and q/k/v gradients against the op-by-op composition, for self- and
+    /// cross-attention and every mask broadcast the models use (padding `[B,1,1,Tk]`, causal
+    /// `[1,1,Tq,Tk]`, per-sample `[B,1,Tq,Tk]` with fully blocked rows).
+    #[test]
+    fn fused_attention_matches_the_composition() {
+        let dev = Device::Cpu;
+        let (b, heads, d) = (3, 4, 16);
+        for (tq, tk) in [(7, 7), (5, 11)] {
+            let var = |t: usize| {
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, heads * d), &dev).unwrap())
+                    .unwrap()
+            };
+            let (q, k, v) = (var(tq), var(tk), var(tk));
+            let probe = Tensor::randn(0f32, 1.0, (b, tq, heads * d), &dev).unwrap();
+            let blocked = super::super::attention::MASKED;
+            let pad: Vec<f32> = (0..b * tk)
+                .map(|i| if i % tk >= tk - i / tk { blocked } else { 0.0 })
+                .collect();
+            let causal: Vec<f32> = (0..tq * tk)
+                .map(|i| if i % tk > i / tk { blocked } else { 0.0 })
+                .collect();
+            let mut per: Vec<f32> = (0..b * tq * tk)
+                .map(|i| if (i * 7) % 5 == 0 { blocked } else { 0.0 })
+                .collect();
+            per[..tk].iter_mut().for_each(|m| *m = blocked); // one fully blocked row
+            let masks = [
+                None,
+                Some(Tensor::from_vec(pad, (b, 1, 1, tk), &dev).unwrap()),
+                Some(Tensor::from_vec(causal, (1, 1, tq, tk), &dev).unwrap()),
+                Some(Tensor::from_vec(per, (b, 1, tq, tk), &dev).unwrap()),
+            ];
+            for mask in masks.iter() {
+                let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+                let yf = attention(qt, kt, vt, heads, mask.as_ref()).unwrap();
+                let yc =
+                    super::super::attention::composed(qt, kt, vt, heads, mask.as_ref()).unwrap();
+                assert!(rel(&yf, &yc) < 1e-5, "values {}", rel(&yf, &yc));
+                let gf = (yf * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let gc = (yc * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                    let (a, c) = (gf.get(x).unwrap(), gc.get(x).unwrap());
+                    assert!(rel(a, c) < 1e-4, "{tq}x{tk} d{name}: {}", rel(a, c));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_mask_that_does_not_broadcast_is_an_error() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 3, 8), candle_core::DType::F32, &dev).unwrap();
+        let m = Tensor::zeros((2, 1, 4, 3), candle_core::DType::F32, &dev).unwrap();
+        let e = attention(&x, &x, &x, 2, Some(&m)).unwrap_err().to_string();
+        assert!(e.contains("does not broadcast"), "{e}");
+    }
+}

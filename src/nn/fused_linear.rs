@@ -1,0 +1,282 @@
+//! `y = x Wᵀ + b` as one CPU op forward and one backward. Composed from candle ops the layer is
+//! five graph nodes (flatten, transpose, matmul, bias, unflatten), and candle's backward gives
+//! every node's input a fresh zero tensor to add its gradient into (backprop.rs `or_insert`): four
+//! extra activation-sized passes per layer. Here the bias rides in the product (the output starts
+//! as the bias rows and the gemm adds to it), the input keeps its leading dimensions, and the
+//! backward forms only the gradients that something needs: `dx = dy W` when `x` is on a gradient
+//! path, `dW = dyᵀ x` when `W` is (a frozen weight gets none: BLIP-2 stage 2's frozen LM), and
+//! `db`, a column sum in a fixed order.
+
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+use super::fused::{column_sum, f32s};
+use super::gemm::product;
+
+/// Sizes: `rows` of `k` inputs to `n` outputs.
+#[derive(Clone, Copy)]
+struct Dims {
+    rows: usize,
+    k: usize,
+    n: usize,
+}
+
+fn dims(x: &Layout, w: &Layout) -> Result<(Dims, Shape)> {
+    let (n, k) = w.shape().dims2()?;
+    let xd = x.dims();
+    if xd.last() != Some(&k) {
+        bail!("linear: input {xd:?} for a weight [{n}, {k}]");
+    }
+    let mut out = xd.to_vec();
+    *out.last_mut().expect("non-empty") = n;
+    let rows = x.shape().elem_count() / k.max(1);
+    Ok((Dims { rows, k, n }, Shape::from(out)))
+}
+
+fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+/// `dst [m, n] (+)= lhs · rhs` with `dst` row-major, starting as `init` (accumulated into) or
+/// zeros; the operands as pointers with (row, column) strides.
+fn product_into(
+    (m, n, k): (usize, usize, usize),
+    init: Option<Vec<f32>>,
+    (lhs, lhs_s): (&[f32], (usize, usize)),
+    (rhs, rhs_s): (&[f32], (usize, usize)),
+) -> Vec<f32> {
+    let accumulate = init.is_some();
+    let mut dst = init.unwrap_or_else(|| vec![0f32; m * n]);
+    debug_assert_eq!(dst.len(), m * n);
+    // SAFETY: the callers' strides address `lhs` as [m, k] and `rhs` as [k, n] inside them.
+    unsafe {
+        product(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            (n, 1),
+            lhs.as_ptr(),
+            lhs_s,
+            rhs.as_ptr(),
+            rhs_s,
+            accumulate,
+            threads(),
+        );
+    }
+    dst
+}
+
+/// `x Wᵀ (+ b)`: x `[rows, k]`, w `[n, k]` read as Wᵀ through its strides; the bias rows are the
+/// product's starting value.
+fn forward(d: Dims, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+    let init = b.map(|b| b.repeat(d.rows));
+    product_into((d.rows, d.n, d.k), init, (x, (d.k, 1)), (w, (1, d.k)))
+}
+
+/// `dy W` (`[rows, k]`).
+fn input_grad(d: Dims, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    product_into((d.rows, d.k, d.n), None, (dy, (d.n, 1)), (w, (d.k, 1)))
+}
+
+/// `dyᵀ x` (`[n, k]`), dy read transposed through its strides.
+fn weight_grad(d: Dims, dy: &[f32], x: &[f32]) -> Vec<f32> {
+    product_into((d.n, d.k, d.rows), None, (dy, (1, d.n)), (x, (d.k, 1)))
+}
+
+/// The CPU float32 slice of a contiguous tensor, for a backward pass.
+fn with_f32s<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*s else {
+        bail!("linear backward: {what} is not on the CPU");
+    };
+    f(f32s(s, l, what)?)
+}
+
+/// The gradients of `x` and `w` (each only when it is on a gradient path) and of the bias
+/// (when `bias` is given).
+fn backward(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    dy: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let dy = dy.contiguous()?;
+    let (d, _) = dims(x.layout(), w.layout())?;
+    let dev = x.device();
+    with_f32s(&dy, "linear output gradient", |g| {
+        let dx = match x.track_op() {
+            true => Some(with_f32s(w, "linear weight", |wv| {
+                Tensor::from_vec(input_grad(d, g, wv), x.shape(), dev)
+            })?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(with_f32s(x, "linear input", |xv| {
+                Tensor::from_vec(weight_grad(d, g, xv), w.shape(), dev)
+            })?),
+            false => None,
+        };
+        let db = match bias {
+            Some(b) if b.track_op() => Some(Tensor::from_vec(column_sum(g, d.n), d.n, dev)?),
+            _ => None,
+        };
+        Ok((dx, dw, db))
+    })
+}
+
+struct LinearBias;
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "vlalign-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (d, shape) = dims(l1, l2)?;
+        let b = f32s(s3, l3, "linear bias")?;
+        if b.len() != d.n {
+            bail!("linear: bias of {} for {} outputs", b.len(), d.n);
+        }
+        let (x, w) = (
+            f32s(s1, l1, "linear input")?,
+            f32s(s2, l2, "linear weight")?,
+        );
+        Ok((CpuStorage::F32(forward(d, x, w, Some(b))), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        backward(x, w, Some(b), dy)
+    }
+}
+
+struct LinearNoBias;
+
+impl CustomOp2 for LinearNoBias {
+    fn name(&self) -> &'static str {
+        "vlalign-linear-no-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (d, shape) = dims(l1, l2)?;
+        let (x, w) = (
+            f32s(s1, l1, "linear input")?,
+            f32s(s2, l2, "linear weight")?,
+        );
+        Ok((CpuStorage::F32(forward(d, x, w, None)), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = backward(x, w, None, dy)?;
+        Ok((dx, dw))
+    }
+}
+
+/// Whether [`linear`] runs for these tensors: float32, all on the CPU.
+pub fn supported(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
+    let cpu_f32 = |t: &Tensor| t.dtype() == candle_core::DType::F32 && t.device().is_cpu();
+    cpu_f32(x) && cpu_f32(w) && b.is_none_or(cpu_f32)
+}
+
+/// `x Wᵀ + b` for `x` `[.., in]`, `w` `[out, in]`, `b` `[out]`: `[.., out]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBias),
+        None => x.apply_op2(&w, LinearNoBias),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rel(a: &Tensor, c: &Tensor) -> f32 {
+        crate::nn::fused::rel(a, c).unwrap()
+    }
+
+    /// Against candle's composition (`x.matmul(wᵀ) + b` over the flattened rows): values and
+    /// every gradient, with and without a bias, on a 3-D input.
+    #[test]
+    fn fused_linear_matches_the_composition() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (3, 70, 24), &dev).unwrap();
+        let w = Var::randn(0f32, 0.3, (40, 24), &dev).unwrap();
+        let b = Var::randn(0f32, 0.3, 40, &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (3, 70, 40), &dev).unwrap();
+        for bias in [Some(&b), None] {
+            let bt = bias.map(|v| v.as_tensor());
+            let ours = linear(x.as_tensor(), w.as_tensor(), bt).unwrap();
+            let flat = x.as_tensor().reshape((210, 24)).unwrap();
+            let mut theirs = flat.matmul(&w.as_tensor().t().unwrap()).unwrap();
+            if let Some(b) = bt {
+                theirs = theirs.broadcast_add(b).unwrap();
+            }
+            let theirs = theirs.reshape((3, 70, 40)).unwrap();
+            assert!(rel(&ours, &theirs) < 1e-6, "values {}", rel(&ours, &theirs));
+            let g = |y: Tensor| {
+                y.mul(&probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            };
+            let (go, gt) = (g(ours), g(theirs));
+            let mut vars = vec![&x, &w];
+            vars.extend(bias);
+            for v in vars {
+                let (a, c) = (
+                    go.get(v.as_tensor()).unwrap(),
+                    gt.get(v.as_tensor()).unwrap(),
+                );
+                assert!(rel(a, c) < 1e-5, "gradient {}", rel(a, c));
+            }
+        }
+    }
+
+    /// A frozen weight (a plain tensor) gets no gradient formed; the input's is still right.
+    #[test]
+    fn a_frozen_weight_gets_no_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (5, 12), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (7, 12), &dev).unwrap();
+        let g = linear(x.as_tensor(), &w, None)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&w).is_none());
+        let expect = Tensor::ones((5, 7), candle_core::DType::F32, &dev)
+            .unwrap()
+            .matmul(&w)
+            .unwrap();
+        assert!(rel(g.get(x.as_tensor()).unwrap(), &expect) < 1e-6);
+    }
+}

@@ -1,0 +1,51 @@
+//! Strided matrix products for the fused kernels, through the `gemm` crate (the kernels candle's
+//! own CPU matmul calls).
+
+use gemm::Parallelism;
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, each operand a pointer with (row, column) strides;
+/// `accumulate` adds to what `dst` holds instead of overwriting it; `threads` > 1 splits the
+/// product over rayon's pool (the split is over output tiles, so the result does not depend on
+/// it).
+///
+/// # Safety
+/// Every pointer must be valid for the elements its strides reach; `dst` must not alias the
+/// inputs nor be touched by another thread meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    accumulate: bool,
+    threads: usize,
+) {
+    let parallelism = match threads {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
