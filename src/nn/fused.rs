@@ -375,9 +375,18 @@ impl Act {
 vecmath::multiversion! {
     /// `y = f(x)` over a chunk, one loop per activation (vectorised; AVX2 when the CPU has it).
     fn act_forward(act: Act, x: &[f32], y: &mut [f32]) {
+        let y = &mut y[..x.len()];
         match act {
-            Act::QuickGelu => y.iter_mut().zip(x).for_each(|(o, &v)| *o = Act::QuickGelu.f(v)),
-            Act::GeluErf => y.iter_mut().zip(x).for_each(|(o, &v)| *o = Act::GeluErf.f(v)),
+            Act::QuickGelu => {
+                for i in 0..x.len() {
+                    y[i] = Act::QuickGelu.f(x[i]);
+                }
+            }
+            Act::GeluErf => {
+                for i in 0..x.len() {
+                    y[i] = Act::GeluErf.f(x[i]);
+                }
+            }
         }
     }
 }
@@ -385,15 +394,16 @@ vecmath::multiversion! {
 vecmath::multiversion! {
     /// `dx = dy · f'(x)` over a chunk.
     fn act_backward(act: Act, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let (dy, dx) = (&dy[..x.len()], &mut dx[..x.len()]);
         match act {
             Act::QuickGelu => {
-                for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
-                    *d = g * Act::QuickGelu.df(v);
+                for i in 0..x.len() {
+                    dx[i] = dy[i] * Act::QuickGelu.df(x[i]);
                 }
             }
             Act::GeluErf => {
-                for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
-                    *d = g * Act::GeluErf.df(v);
+                for i in 0..x.len() {
+                    dx[i] = dy[i] * Act::GeluErf.df(x[i]);
                 }
             }
         }
