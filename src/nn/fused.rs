@@ -240,23 +240,12 @@ impl CustomOp1 for SoftmaxOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32s(s, l, "softmax")?;
         let n = last_dim(l);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n * ROW_CHUNK)
-            .zip(x.par_chunks(n * ROW_CHUNK))
-            .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
-                    let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for (o, &v) in yr.iter_mut().zip(xr) {
-                        *o = (v - max).exp();
-                        sum += *o;
-                    }
-                    let inv = 1.0 / sum;
-                    yr.iter_mut().for_each(|o| *o *= inv);
-                }
-            });
+        let mut y = f32s(s, l, "softmax")?.to_vec();
+        if n > 0 {
+            y.par_chunks_mut(n * ROW_CHUNK)
+                .for_each(|c| softmax_rows(c, n));
+        }
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -317,6 +306,30 @@ impl CustomOp2 for SoftmaxBwd {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let dx = super::fused_cuda::softmax_bwd((s1, l1), (s2, l2), last_dim(l1))?;
         Ok((dx, l1.shape().clone()))
+    }
+}
+
+vecmath::multiversion! {
+    /// Each row of `x` (rows of `n` > 0) replaced by its softmax: the exps of the row minus its
+    /// maximum, over their sum (summed in order).
+    pub(super) fn softmax_rows(x: &mut [f32], n: usize) {
+        for r in x.chunks_mut(n) {
+            let mut max = f32::NEG_INFINITY;
+            for &v in r.iter() {
+                max = max.max(v);
+            }
+            for v in r.iter_mut() {
+                *v = vecmath::exp(*v - max);
+            }
+            let mut sum = 0f32;
+            for &v in r.iter() {
+                sum += v;
+            }
+            let inv = 1.0 / sum;
+            for v in r.iter_mut() {
+                *v *= inv;
+            }
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::fused::f32s;
+use super::fused::{f32s, softmax_rows};
 use super::gemm::product;
 
 /// Sizes of one call: q `[b, tq, h·d]`, k and v `[b, tk, h·d]`.
@@ -97,7 +97,7 @@ impl Out {
 }
 
 /// The attention probabilities of batch `b`, head `h` into `p` (`[tq, tk]`, row-major):
-/// softmax over keys of q·kᵀ · scale + mask, as `fused::softmax_last` computes a row.
+/// softmax over keys of q·kᵀ · scale + mask, each row as `fused::softmax_last` computes it.
 #[allow(clippy::too_many_arguments)]
 fn probabilities(
     dm: Dims,
@@ -129,15 +129,8 @@ fn probabilities(
         if let Some(m) = mask {
             m.add_row(b, h, i, r);
         }
-        let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for v in r.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        r.iter_mut().for_each(|v| *v *= inv);
     }
+    softmax_rows(p, dm.tk);
 }
 
 struct AttentionOp {
