@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long)]
     iters: Option<usize>,
     /// Run only this row of the default suite, in this process, and print it as JSON (how the
-    /// suite runs each row in a process of its own).
+    /// suite runs each row in a process of its own; `peak`: the matmul peak alone).
     #[arg(long, hide = true)]
     only: Option<String>,
     /// Untimed iterations before the timed ones (default suite; the others run 2).
@@ -210,6 +210,11 @@ pub fn run(a: Args) -> Result<()> {
         warmup: a.warmup,
         iters,
     };
+    if a.only.as_deref() == Some("peak") {
+        let peak = vlalign::apps::bench::matmul_peak(10, &device)?;
+        println!("{}", serde_json::json!({ "matmul_peak_gflops": peak }));
+        return Ok(());
+    }
     if let Some(name) = &a.only {
         let row = vlalign::apps::bench::run_row(name, settings, &a.image, &device)?;
         println!("{}", serde_json::to_string(&row)?);
