@@ -139,33 +139,31 @@ struct AttentionOp {
     mask: Option<Arc<Mask>>,
 }
 
-impl AttentionOp {
-    fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
-        let (b, tq, row) = q.shape().dims3()?;
-        let (bk, tk, rk) = k.shape().dims3()?;
-        if bk != b || rk != row || v.shape().dims() != k.shape().dims() {
-            bail!(
-                "attention: q {:?}, k {:?}, v {:?} do not fit",
-                q.dims(),
-                k.dims(),
-                v.dims()
-            );
-        }
-        if self.heads == 0 || row % self.heads != 0 {
-            bail!(
-                "attention: width {row} is not a multiple of {} heads",
-                self.heads
-            );
-        }
-        Ok(Dims {
-            b,
-            tq,
-            tk,
-            h: self.heads,
-            d: row / self.heads,
-        })
+/// The sizes of q, k, v split into `heads` heads, or why they do not fit.
+fn dims(heads: usize, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
+    let (b, tq, row) = q.shape().dims3()?;
+    let (bk, tk, rk) = k.shape().dims3()?;
+    if bk != b || rk != row || v.shape().dims() != k.shape().dims() {
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
     }
+    if heads == 0 || row % heads != 0 {
+        bail!("attention: width {row} is not a multiple of {heads} heads");
+    }
+    Ok(Dims {
+        b,
+        tq,
+        tk,
+        h: heads,
+        d: row / heads,
+    })
+}
 
+impl AttentionOp {
     /// dq, dk, dv of the output gradient `dy` (`[b, tq, h·d]`).
     fn backward(&self, dm: Dims, q: &[f32], k: &[f32], v: &[f32], dy: &[f32]) -> [Vec<f32>; 3] {
         let row = dm.row();
@@ -266,7 +264,7 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dm = self.dims(l1, l2, l3)?;
+        let dm = dims(self.heads, l1, l2, l3)?;
         let (q, k, v) = (
             f32s(s1, l1, "attention q")?,
             f32s(s2, l2, "attention k")?,
@@ -319,7 +317,7 @@ impl CustomOp3 for AttentionOp {
             else {
                 bail!("attention backward: CPU tensors only");
             };
-            let dm = self.dims(lq, lk, lv)?;
+            let dm = dims(self.heads, lq, lk, lv)?;
             if ld.dims() != lq.dims() {
                 bail!(
                     "attention backward: gradient {:?} for output {:?}",
@@ -360,30 +358,18 @@ pub fn attention(
     heads: usize,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (b, tq, row) = q.dims3()?;
-    let tk = k.dim(1)?;
-    if heads == 0 || row % heads != 0 {
-        bail!("attention: width {row} is not a multiple of {heads} heads");
-    }
-    let d = row / heads;
-    let dims = Dims {
-        b,
-        tq,
-        tk,
-        h: heads,
-        d,
-    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let dm = dims(heads, q.layout(), k.layout(), v.layout())?;
     let mask = match mask {
-        Some(m) => Some(Arc::new(Mask::new(m, dims)?)),
+        Some(m) => Some(Arc::new(Mask::new(m, dm)?)),
         None => None,
     };
     let op = AttentionOp {
         heads,
-        scale: (d as f64).powf(-0.5) as f32,
+        scale: (dm.d as f64).powf(-0.5) as f32,
         mask,
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    q.apply_op3(&k, &v, op)
 }
 
 #[cfg(test)]

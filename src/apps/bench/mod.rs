@@ -404,20 +404,24 @@ pub fn matmul_peak(iters: usize, device: &Device) -> Result<f64> {
 }
 
 /// A fresh clip-tiny CLIP (configs/clip-tiny.toml, seed 0) written as a model directory under
-/// `dir`: the frozen tower of the Q-Former row.
-fn write_clip_tiny(dir: &Path, device: &Device) -> Result<PathBuf> {
+/// `dir`: the frozen tower of the Q-Former row. Returns the directory and the preset's spec.
+fn write_clip_tiny(dir: &Path, device: &Device) -> Result<(PathBuf, ModelSpec)> {
     let cfg = TrainConfig::from_toml(CLIP_TINY_TOML).map_err(Error::input)?;
-    let spec = cfg.model.as_ref().expect("clip-tiny has a [model]");
-    let task = ClipTask::from_spec(spec, ContrastiveLoss::InfoNce, 0, device)?;
+    let spec = cfg.model.expect("clip-tiny has a [model]");
+    let task = ClipTask::from_spec(&spec, ContrastiveLoss::InfoNce, 0, device)?;
     let out = dir.join("clip-tiny");
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     task.write_model(&out)?;
-    Ok(out)
+    Ok((out, spec))
 }
 
-/// The Q-Former row's task (configs/qformer-tiny.toml over `vision`), its optimiser as the
-/// preset configures it, and a random batch of 32 full-length captions.
-fn qformer_step(vision: &Path, device: &Device) -> Result<(QformerTask, AdamW, Batch, f64)> {
+/// The Q-Former row's task (configs/qformer-tiny.toml over the CLIP directory `vision` of spec
+/// `vspec`), its optimiser as the preset configures it, and a random batch of 32 full-length
+/// captions.
+fn qformer_step(
+    (vision, vspec): &(PathBuf, ModelSpec),
+    device: &Device,
+) -> Result<(QformerTask, AdamW, Batch, f64)> {
     let mut cfg = TrainConfig::from_toml(QFORMER_TINY_TOML).map_err(Error::input)?;
     let spec = cfg.qformer.as_mut().expect("qformer-tiny has a [qformer]");
     spec.vision_model = vision.display().to_string();
@@ -425,12 +429,10 @@ fn qformer_step(vision: &Path, device: &Device) -> Result<(QformerTask, AdamW, B
     let task = QformerTask::new(&cfg, device)?;
     let t = &cfg.train;
     let opt = AdamW::new(task.vars(), AdamWConfig::of(t))?;
-    let vision_cfg = TrainConfig::from_toml(CLIP_TINY_TOML).map_err(Error::input)?;
-    let vspec = vision_cfg.model.expect("clip-tiny has a [model]");
     let vocab = task.parts.tokenizer.vocab_size() as u32;
     let batch = random_batch(32, vspec.image_size, spec.max_text_len, vocab, 1);
     let shape = flops::QformerShape {
-        vision: clip_shape(&vspec),
+        vision: clip_shape(vspec),
         vision_drop_layers: spec.vision_drop_layers,
         hidden: spec.hidden_size,
         layers: spec.num_hidden_layers,
