@@ -167,9 +167,13 @@ impl AttentionOp {
     /// dq, dk, dv of the output gradient `dy` (`[b, tq, h·d]`).
     fn backward(&self, dm: Dims, q: &[f32], k: &[f32], v: &[f32], dy: &[f32]) -> [Vec<f32>; 3] {
         let row = dm.row();
-        let mut dq = vec![0f32; q.len()];
-        let mut dk = vec![0f32; k.len()];
-        let mut dv = vec![0f32; v.len()];
+        // Written whole below (every (batch, head) task writes its head of each), never read
+        // before: no zero-fill pass.
+        let (mut dq, mut dk, mut dv) = (
+            Vec::with_capacity(q.len()),
+            Vec::with_capacity(k.len()),
+            Vec::with_capacity(v.len()),
+        );
         let (dq_p, dk_p, dv_p) = (
             Out(dq.as_mut_ptr()),
             Out(dk.as_mut_ptr()),
@@ -246,6 +250,12 @@ impl AttentionOp {
                 }
             },
         );
+        // SAFETY: the tasks above wrote every element of each (all heads of all batches).
+        unsafe {
+            dq.set_len(q.len());
+            dk.set_len(k.len());
+            dv.set_len(v.len());
+        }
         [dq, dk, dv]
     }
 }
@@ -271,7 +281,8 @@ impl CustomOp3 for AttentionOp {
             f32s(s3, l3, "attention v")?,
         );
         let row = dm.row();
-        let mut y = vec![0f32; q.len()];
+        // Written whole below (every (batch, head) task its head), never read before.
+        let mut y = Vec::with_capacity(q.len());
         let y_p = Out(y.as_mut_ptr());
         let mask = self.mask.as_deref();
         (0..dm.b * dm.h).into_par_iter().for_each_init(
@@ -295,6 +306,8 @@ impl CustomOp3 for AttentionOp {
                 }
             },
         );
+        // SAFETY: the tasks above wrote every element of y.
+        unsafe { y.set_len(q.len()) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

@@ -10,7 +10,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 use super::fused::{column_sum, f32s};
-use super::gemm::product;
+use super::gemm::{product, written};
 
 /// Sizes: `rows` of `k` inputs to `n` outputs.
 #[derive(Clone, Copy)]
@@ -37,21 +37,20 @@ fn threads() -> usize {
 }
 
 /// `dst [m, n] (+)= lhs · rhs` with `dst` row-major, starting as `init` (accumulated into) or
-/// zeros; the operands as pointers with (row, column) strides.
+/// written whole; the operands as pointers with (row, column) strides.
 fn product_into(
     (m, n, k): (usize, usize, usize),
     init: Option<Vec<f32>>,
     (lhs, lhs_s): (&[f32], (usize, usize)),
     (rhs, rhs_s): (&[f32], (usize, usize)),
 ) -> Vec<f32> {
-    let accumulate = init.is_some();
-    let mut dst = init.unwrap_or_else(|| vec![0f32; m * n]);
-    debug_assert_eq!(dst.len(), m * n);
-    // SAFETY: the callers' strides address `lhs` as [m, k] and `rhs` as [k, n] inside them.
-    unsafe {
+    // SAFETY: the callers' strides address `lhs` as [m, k] and `rhs` as [k, n] inside them;
+    // `dst` holds m·n elements, and without `accumulate` the product writes each of them
+    // before reading any.
+    let run = |dst: *mut f32, accumulate: bool| unsafe {
         product(
             (m, n, k),
-            dst.as_mut_ptr(),
+            dst,
             (n, 1),
             lhs.as_ptr(),
             lhs_s,
@@ -59,9 +58,17 @@ fn product_into(
             rhs_s,
             accumulate,
             threads(),
-        );
+        )
+    };
+    match init {
+        Some(mut dst) => {
+            debug_assert_eq!(dst.len(), m * n);
+            run(dst.as_mut_ptr(), true);
+            dst
+        }
+        // SAFETY: as above: the product writes all m·n elements.
+        None => unsafe { written(m * n, |dst| run(dst, false)) },
     }
-    dst
 }
 
 /// `x Wᵀ (+ b)`: x `[rows, k]`, w `[n, k]` read as Wᵀ through its strides; the bias rows are the

@@ -49,3 +49,15 @@ pub(super) unsafe fn product(
         parallelism,
     )
 }
+
+/// `len` floats written by `fill` through the pointer it is given, without the zero-fill pass
+/// `vec![0.0; len]` would cost (one memory pass per output tensor: ~4% of a train step).
+///
+/// # Safety
+/// `fill` must write all `len` elements and read none it has not written.
+pub(super) unsafe fn written(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    fill(v.as_mut_ptr());
+    v.set_len(len);
+    v
+}
