@@ -3,6 +3,7 @@
 //! clipping, exact accumulation, checkpoints that resume bit-exactly. Each objective family is a
 //! [`task::Task`] under [`tasks`]: CLIP pretraining, BLIP-2 stage 1.
 
+mod adamw_cpu;
 pub mod build;
 pub mod checkpoint;
 pub mod config;

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Result, Tensor, Var};
 
+use super::adamw_cpu;
+
 /// Gradients by variable name.
 /// Gradients by variable name, in sorted order: the clipping norm sums them in this order, so
 /// the same seed gives bit-identical runs (a `HashMap` iterates in a random order per run).
@@ -83,13 +85,13 @@ impl AdamW {
         let params = vars
             .into_iter()
             .map(|(name, var)| {
-                let zeros = var.as_tensor().zeros_like()?;
+                // Two storages: the CPU update writes each moment in place.
                 Ok(Param {
                     decay: decays(&name, var.rank()),
+                    m: var.as_tensor().zeros_like()?,
+                    v: var.as_tensor().zeros_like()?,
                     name,
                     var,
-                    m: zeros.clone(),
-                    v: zeros,
                 })
             })
             .collect::<Result<_>>()?;
@@ -125,6 +127,17 @@ impl AdamW {
             let Some(g) = grads.get(&p.name) else {
                 continue;
             };
+            if adamw_cpu::supported(&[p.var.as_tensor(), &p.m, &p.v, g]) {
+                let step = adamw_cpu::Step {
+                    decay: (p.decay && c.weight_decay != 0.0).then_some(1.0 - lr * c.weight_decay),
+                    inv_bc2_sqrt: 1.0 / bc2_sqrt,
+                    eps: c.eps,
+                    lr_over_bc1: lr / bc1,
+                };
+                let moments = (&p.m, &p.v);
+                adamw_cpu::update(p.var.as_tensor(), moments, g, (c.beta1, c.beta2), &step)?;
+                continue;
+            }
             let mut theta = p.var.as_tensor().detach();
             if p.decay && c.weight_decay != 0.0 {
                 theta = (theta * (1.0 - lr * c.weight_decay))?;
@@ -142,8 +155,9 @@ impl AdamW {
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in &self.params {
-            out.insert(format!("exp_avg.{}", p.name), p.m.clone());
-            out.insert(format!("exp_avg_sq.{}", p.name), p.v.clone());
+            // Copies: the CPU update writes the moments in place.
+            out.insert(format!("exp_avg.{}", p.name), p.m.copy()?);
+            out.insert(format!("exp_avg_sq.{}", p.name), p.v.copy()?);
         }
         let device = self.params[0].var.device();
         out.insert("step".into(), Tensor::new(self.step as f64, device)?);
@@ -169,8 +183,9 @@ impl AdamW {
                     p.var.dims()
                 );
             }
-            p.m = m.to_dtype(p.var.dtype())?.to_device(&dev)?;
-            p.v = v.to_dtype(p.var.dtype())?.to_device(&dev)?;
+            // Copies of their own: the CPU update writes the moments in place.
+            p.m = m.to_dtype(p.var.dtype())?.to_device(&dev)?.copy()?;
+            p.v = v.to_dtype(p.var.dtype())?.to_device(&dev)?.copy()?;
         }
         self.step = get("step")?.to_dtype(DType::F64)?.to_scalar::<f64>()? as u64;
         Ok(())
