@@ -26,6 +26,18 @@ pub fn multi_head(
     }
 }
 
+/// Self-attention over one packed projection `qkv` `[B, T, 3·H·d]` (q, k and v side by side
+/// in each row); returns `[B, T, H·d]`. On the CPU in float32 one fused kernel reads the heads
+/// in place and gives one gradient tensor back; elsewhere the thirds go to [`composed`].
+pub fn packed(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    if super::fused_attention::supported(qkv) {
+        return super::fused_attention::attention_packed(qkv, heads, mask);
+    }
+    let w = qkv.dim(2)? / 3;
+    let third = |i: usize| qkv.narrow(2, i * w, w);
+    composed(&third(0)?, &third(1)?, &third(2)?, heads, mask)
+}
+
 /// [`multi_head`] composed from candle ops: heads split into `[B, H, T, d]` copies, the score
 /// and probability tensors `[B, H, Tq, Tk]` materialised (and kept for backward).
 pub fn composed(

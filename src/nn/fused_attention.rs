@@ -10,13 +10,17 @@
 
 use std::sync::Arc;
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::fused::{f32s, softmax_rows};
-use super::gemm::product;
+use super::gemm::{product, written};
 
-/// Sizes of one call: q `[b, tq, h·d]`, k and v `[b, tk, h·d]`.
+/// Sizes of one call and where q, k and v sit: q rows `[b, tq]`, k and v rows `[b, tk]`, each
+/// row holding `h` heads of `d` from column `cols[i]` on, rows `q_row` / `kv_row` apart (q, k, v
+/// apart: `h·d`, columns 0; one packed `[b, t, 3·h·d]` projection: `3·h·d`, columns 0, h·d,
+/// 2·h·d). The output and its gradient are `[b, tq, h·d]`; the input gradients are laid out as
+/// the inputs.
 #[derive(Clone, Copy, Debug)]
 struct Dims {
     b: usize,
@@ -24,21 +28,32 @@ struct Dims {
     tk: usize,
     h: usize,
     d: usize,
+    q_row: usize,
+    kv_row: usize,
+    cols: [usize; 3],
 }
 
 impl Dims {
-    /// Row stride of q, k, v and the output (all heads of a token are one row).
-    fn row(&self) -> usize {
+    /// Row stride of the output and its gradient (all heads of a token are one row).
+    fn width(&self) -> usize {
         self.h * self.d
     }
 
-    /// Offset of head `h` of batch `b`'s first query / key row.
+    /// Offset of head `h` of batch `b`'s first query / key / value / output row.
     fn q_at(&self, b: usize, h: usize) -> usize {
-        b * self.tq * self.row() + h * self.d
+        b * self.tq * self.q_row + self.cols[0] + h * self.d
     }
 
     fn k_at(&self, b: usize, h: usize) -> usize {
-        b * self.tk * self.row() + h * self.d
+        b * self.tk * self.kv_row + self.cols[1] + h * self.d
+    }
+
+    fn v_at(&self, b: usize, h: usize) -> usize {
+        b * self.tk * self.kv_row + self.cols[2] + h * self.d
+    }
+
+    fn y_at(&self, b: usize, h: usize) -> usize {
+        b * self.tq * self.width() + h * self.d
     }
 }
 
@@ -109,17 +124,17 @@ fn probabilities(
     mask: Option<&Mask>,
     p: &mut [f32],
 ) {
-    let row = dm.row();
-    // SAFETY: q and k hold [b, t, h·d]; the strides stay inside head h of batch b; p is tq×tk.
+    // SAFETY: q and k hold the rows `dm` describes; the strides stay inside head h of batch b;
+    // p is tq×tk.
     unsafe {
         product(
             (dm.tq, dm.tk, dm.d),
             p.as_mut_ptr(),
             (dm.tk, 1),
             q.as_ptr().add(dm.q_at(b, h)),
-            (row, 1),
+            (dm.q_row, 1),
             k.as_ptr().add(dm.k_at(b, h)),
-            (1, row),
+            (1, dm.kv_row),
             false,
             1,
         );
@@ -133,11 +148,159 @@ fn probabilities(
     softmax_rows(p, dm.tk);
 }
 
-struct AttentionOp {
+/// The parameters both ops share.
+#[derive(Clone)]
+struct Heads {
     heads: usize,
     scale: f32,
     mask: Option<Arc<Mask>>,
 }
+
+impl Heads {
+    /// For a call of sizes `dm`, with the additive `mask`.
+    fn new(dm: Dims, mask: Option<&Tensor>) -> Result<Self> {
+        let mask = match mask {
+            Some(m) => Some(Arc::new(Mask::new(m, dm)?)),
+            None => None,
+        };
+        Ok(Self {
+            heads: dm.h,
+            scale: (dm.d as f64).powf(-0.5) as f32,
+            mask,
+        })
+    }
+
+    /// `y = softmax(q kᵀ · scale + mask) v`, `[b, tq, h·d]`; q, k, v are read where `dm` says
+    /// (the same slice when packed).
+    fn forward(&self, dm: Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let len = dm.b * dm.tq * dm.width();
+        let mask = self.mask.as_deref();
+        let fill = |y: *mut f32| {
+            let y_p = Out(y);
+            (0..dm.b * dm.h).into_par_iter().for_each_init(
+                || vec![0f32; dm.tq * dm.tk],
+                |p, bh| {
+                    let (b, h) = (bh / dm.h, bh % dm.h);
+                    probabilities(dm, q, k, b, h, self.scale, mask, p);
+                    // SAFETY: task (b, h) alone writes head h of batch b of y; y = p · v.
+                    unsafe {
+                        product(
+                            (dm.tq, dm.d, dm.tk),
+                            y_p.at(dm.y_at(b, h)),
+                            (dm.width(), 1),
+                            p.as_ptr(),
+                            (dm.tk, 1),
+                            v.as_ptr().add(dm.v_at(b, h)),
+                            (dm.kv_row, 1),
+                            false,
+                            1,
+                        );
+                    }
+                },
+            );
+        };
+        // SAFETY: the tasks write every element of y (all heads of all rows), reading none.
+        unsafe { written(len, fill) }
+    }
+
+    /// dq, dk, dv of the output gradient `dy` (`[b, tq, h·d]`) written through `out` (laid out
+    /// as q, k, v: three buffers, or one when packed). Every (batch, head) task writes its head
+    /// of each and nothing else, reading nothing there.
+    fn backward(&self, dm: Dims, (q, k, v): (&[f32], &[f32], &[f32]), dy: &[f32], out: [Out; 3]) {
+        let [dq_p, dk_p, dv_p] = out;
+        let width = dm.width();
+        let mask = self.mask.as_deref();
+        (0..dm.b * dm.h).into_par_iter().for_each_init(
+            || (vec![0f32; dm.tq * dm.tk], vec![0f32; dm.tq * dm.tk]),
+            |(p, dp), bh| {
+                let (b, h) = (bh / dm.h, bh % dm.h);
+                probabilities(dm, q, k, b, h, self.scale, mask, p);
+                let (qa, ka, va, ya) = (dm.q_at(b, h), dm.k_at(b, h), dm.v_at(b, h), dm.y_at(b, h));
+                // SAFETY: task (b, h) alone writes head h of batch b of dq, dk, dv; every
+                // operand is addressed inside its buffer by the strides.
+                unsafe {
+                    // dv = pᵀ · dy
+                    product(
+                        (dm.tk, dm.d, dm.tq),
+                        dv_p.at(va),
+                        (dm.kv_row, 1),
+                        p.as_ptr(),
+                        (1, dm.tk),
+                        dy.as_ptr().add(ya),
+                        (width, 1),
+                        false,
+                        1,
+                    );
+                    // dp = dy · vᵀ
+                    product(
+                        (dm.tq, dm.tk, dm.d),
+                        dp.as_mut_ptr(),
+                        (dm.tk, 1),
+                        dy.as_ptr().add(ya),
+                        (width, 1),
+                        v.as_ptr().add(va),
+                        (1, dm.kv_row),
+                        false,
+                        1,
+                    );
+                }
+                // The softmax backward, with the score scale folded in: ds = p ⊙ (dp − p·dp).
+                for (pr, dr) in p.chunks(dm.tk).zip(dp.chunks_mut(dm.tk)) {
+                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for (d, &pv) in dr.iter_mut().zip(pr) {
+                        *d = pv * (*d - dot) * self.scale;
+                    }
+                }
+                // SAFETY: as above.
+                unsafe {
+                    // dq = ds · k
+                    product(
+                        (dm.tq, dm.d, dm.tk),
+                        dq_p.at(qa),
+                        (dm.q_row, 1),
+                        dp.as_ptr(),
+                        (dm.tk, 1),
+                        k.as_ptr().add(ka),
+                        (dm.kv_row, 1),
+                        false,
+                        1,
+                    );
+                    // dk = dsᵀ · q
+                    product(
+                        (dm.tk, dm.d, dm.tq),
+                        dk_p.at(ka),
+                        (dm.kv_row, 1),
+                        dp.as_ptr(),
+                        (1, dm.tk),
+                        q.as_ptr().add(qa),
+                        (dm.q_row, 1),
+                        false,
+                        1,
+                    );
+                }
+            },
+        );
+    }
+}
+
+/// The CPU float32 slices of `ts`, for a backward pass.
+fn with_slices<T, const N: usize>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> Result<T>,
+) -> Result<T> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = [&[][..]; N];
+    for (i, (s, l)) in guards.iter().enumerate() {
+        let Storage::Cpu(s) = &**s else {
+            bail!("attention backward: CPU tensors only");
+        };
+        slices[i] = f32s(s, l, "attention backward operand")?;
+    }
+    f(slices)
+}
+
+/// q, k, v as three tensors.
+struct AttentionOp(Heads);
 
 /// The sizes of q, k, v split into `heads` heads, or why they do not fit.
 fn dims(heads: usize, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
@@ -160,104 +323,10 @@ fn dims(heads: usize, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
         tk,
         h: heads,
         d: row / heads,
+        q_row: row,
+        kv_row: row,
+        cols: [0; 3],
     })
-}
-
-impl AttentionOp {
-    /// dq, dk, dv of the output gradient `dy` (`[b, tq, h·d]`).
-    fn backward(&self, dm: Dims, q: &[f32], k: &[f32], v: &[f32], dy: &[f32]) -> [Vec<f32>; 3] {
-        let row = dm.row();
-        // Written whole below (every (batch, head) task writes its head of each), never read
-        // before: no zero-fill pass.
-        let (mut dq, mut dk, mut dv) = (
-            Vec::with_capacity(q.len()),
-            Vec::with_capacity(k.len()),
-            Vec::with_capacity(v.len()),
-        );
-        let (dq_p, dk_p, dv_p) = (
-            Out(dq.as_mut_ptr()),
-            Out(dk.as_mut_ptr()),
-            Out(dv.as_mut_ptr()),
-        );
-        let mask = self.mask.as_deref();
-        (0..dm.b * dm.h).into_par_iter().for_each_init(
-            || (vec![0f32; dm.tq * dm.tk], vec![0f32; dm.tq * dm.tk]),
-            |(p, dp), bh| {
-                let (b, h) = (bh / dm.h, bh % dm.h);
-                probabilities(dm, q, k, b, h, self.scale, mask, p);
-                let (qa, ka) = (dm.q_at(b, h), dm.k_at(b, h));
-                // SAFETY: task (b, h) alone writes head h of batch b of dq, dk, dv; every
-                // operand is addressed inside its buffer by the strides.
-                unsafe {
-                    // dv = pᵀ · dy
-                    product(
-                        (dm.tk, dm.d, dm.tq),
-                        dv_p.at(ka),
-                        (row, 1),
-                        p.as_ptr(),
-                        (1, dm.tk),
-                        dy.as_ptr().add(qa),
-                        (row, 1),
-                        false,
-                        1,
-                    );
-                    // dp = dy · vᵀ
-                    product(
-                        (dm.tq, dm.tk, dm.d),
-                        dp.as_mut_ptr(),
-                        (dm.tk, 1),
-                        dy.as_ptr().add(qa),
-                        (row, 1),
-                        v.as_ptr().add(ka),
-                        (1, row),
-                        false,
-                        1,
-                    );
-                }
-                // The softmax backward, with the score scale folded in: ds = p ⊙ (dp − p·dp).
-                for (pr, dr) in p.chunks(dm.tk).zip(dp.chunks_mut(dm.tk)) {
-                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                    for (d, &pv) in dr.iter_mut().zip(pr) {
-                        *d = pv * (*d - dot) * self.scale;
-                    }
-                }
-                // SAFETY: as above.
-                unsafe {
-                    // dq = ds · k
-                    product(
-                        (dm.tq, dm.d, dm.tk),
-                        dq_p.at(qa),
-                        (row, 1),
-                        dp.as_ptr(),
-                        (dm.tk, 1),
-                        k.as_ptr().add(ka),
-                        (row, 1),
-                        false,
-                        1,
-                    );
-                    // dk = dsᵀ · q
-                    product(
-                        (dm.tk, dm.d, dm.tq),
-                        dk_p.at(ka),
-                        (row, 1),
-                        dp.as_ptr(),
-                        (1, dm.tk),
-                        q.as_ptr().add(qa),
-                        (row, 1),
-                        false,
-                        1,
-                    );
-                }
-            },
-        );
-        // SAFETY: the tasks above wrote every element of each (all heads of all batches).
-        unsafe {
-            dq.set_len(q.len());
-            dk.set_len(k.len());
-            dv.set_len(v.len());
-        }
-        [dq, dk, dv]
-    }
 }
 
 impl CustomOp3 for AttentionOp {
@@ -274,41 +343,16 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dm = dims(self.heads, l1, l2, l3)?;
+        let dm = dims(self.0.heads, l1, l2, l3)?;
         let (q, k, v) = (
             f32s(s1, l1, "attention q")?,
             f32s(s2, l2, "attention k")?,
             f32s(s3, l3, "attention v")?,
         );
-        let row = dm.row();
-        // Written whole below (every (batch, head) task its head), never read before.
-        let mut y = Vec::with_capacity(q.len());
-        let y_p = Out(y.as_mut_ptr());
-        let mask = self.mask.as_deref();
-        (0..dm.b * dm.h).into_par_iter().for_each_init(
-            || vec![0f32; dm.tq * dm.tk],
-            |p, bh| {
-                let (b, h) = (bh / dm.h, bh % dm.h);
-                probabilities(dm, q, k, b, h, self.scale, mask, p);
-                // SAFETY: task (b, h) alone writes head h of batch b of y; y = p · v.
-                unsafe {
-                    product(
-                        (dm.tq, dm.d, dm.tk),
-                        y_p.at(dm.q_at(b, h)),
-                        (row, 1),
-                        p.as_ptr(),
-                        (dm.tk, 1),
-                        v.as_ptr().add(dm.k_at(b, h)),
-                        (row, 1),
-                        false,
-                        1,
-                    );
-                }
-            },
-        );
-        // SAFETY: the tasks above wrote every element of y.
-        unsafe { y.set_len(q.len()) };
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.0.forward(dm, q, k, v)),
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -320,39 +364,96 @@ impl CustomOp3 for AttentionOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let grads = {
-            let (sq, lq) = q.storage_and_layout();
-            let (sk, lk) = k.storage_and_layout();
-            let (sv, lv) = v.storage_and_layout();
-            let (sd, ld) = dy.storage_and_layout();
-            let (Storage::Cpu(sq), Storage::Cpu(sk), Storage::Cpu(sv), Storage::Cpu(sd)) =
-                (&*sq, &*sk, &*sv, &*sd)
-            else {
-                bail!("attention backward: CPU tensors only");
-            };
-            let dm = dims(self.heads, lq, lk, lv)?;
-            if ld.dims() != lq.dims() {
-                bail!(
-                    "attention backward: gradient {:?} for output {:?}",
-                    ld.dims(),
-                    lq.dims()
-                );
-            }
-            self.backward(
-                dm,
-                f32s(sq, lq, "attention q")?,
-                f32s(sk, lk, "attention k")?,
-                f32s(sv, lv, "attention v")?,
-                f32s(sd, ld, "attention output gradient")?,
-            )
-        };
-        let [dq, dk, dv] = grads;
+        if dy.dims() != q.dims() {
+            bail!(
+                "attention backward: gradient {:?} for output {:?}",
+                dy.dims(),
+                q.dims()
+            );
+        }
+        let dm = dims(self.0.heads, q.layout(), k.layout(), v.layout())?;
+        let (mut dq, mut dk, mut dv) = (
+            Vec::with_capacity(q.elem_count()),
+            Vec::with_capacity(k.elem_count()),
+            Vec::with_capacity(v.elem_count()),
+        );
+        let out = [
+            Out(dq.as_mut_ptr()),
+            Out(dk.as_mut_ptr()),
+            Out(dv.as_mut_ptr()),
+        ];
+        with_slices([q, k, v, &dy], |[qs, ks, vs, g]| {
+            self.0.backward(dm, (qs, ks, vs), g, out);
+            Ok(())
+        })?;
+        // SAFETY: backward wrote every element of each (all heads of all rows).
+        unsafe {
+            dq.set_len(q.elem_count());
+            dk.set_len(k.elem_count());
+            dv.set_len(v.elem_count());
+        }
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
             Some(Tensor::from_vec(dk, k.shape(), dev)?),
             Some(Tensor::from_vec(dv, v.shape(), dev)?),
         ))
+    }
+}
+
+/// Self-attention over one packed projection `[b, t, 3·h·d]` (q, k, v side by side in each row).
+struct PackedOp(Heads);
+
+fn packed_dims(heads: usize, qkv: &Layout) -> Result<Dims> {
+    let (b, t, w3) = qkv.shape().dims3()?;
+    let width = w3 / 3;
+    if w3 % 3 != 0 || heads == 0 || width % heads != 0 {
+        bail!("attention: packed width {w3} is not 3 × a multiple of {heads} heads");
+    }
+    Ok(Dims {
+        b,
+        tq: t,
+        tk: t,
+        h: heads,
+        d: width / heads,
+        q_row: w3,
+        kv_row: w3,
+        cols: [0, width, 2 * width],
+    })
+}
+
+impl CustomOp1 for PackedOp {
+    fn name(&self) -> &'static str {
+        "vlalign-attention-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dm = packed_dims(self.0.heads, l)?;
+        let qkv = f32s(s, l, "attention qkv")?;
+        let y = self.0.forward(dm, qkv, qkv, qkv);
+        Ok((CpuStorage::F32(y), Shape::from((dm.b, dm.tq, dm.width()))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dy = dy.contiguous()?;
+        if dy.dims() != y.dims() {
+            bail!(
+                "attention backward: gradient {:?} for output {:?}",
+                dy.dims(),
+                y.dims()
+            );
+        }
+        let dm = packed_dims(self.0.heads, qkv.layout())?;
+        let len = qkv.elem_count();
+        let mut dqkv = Vec::with_capacity(len);
+        let base = dqkv.as_mut_ptr();
+        with_slices([qkv, &dy], |[s, g]| {
+            self.0.backward(dm, (s, s, s), g, [Out(base); 3]);
+            Ok(())
+        })?;
+        // SAFETY: backward wrote every element (the q, k and v columns of all heads of all rows).
+        unsafe { dqkv.set_len(len) };
+        Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
     }
 }
 
@@ -373,16 +474,17 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let dm = dims(heads, q.layout(), k.layout(), v.layout())?;
-    let mask = match mask {
-        Some(m) => Some(Arc::new(Mask::new(m, dm)?)),
-        None => None,
-    };
-    let op = AttentionOp {
-        heads,
-        scale: (dm.d as f64).powf(-0.5) as f32,
-        mask,
-    };
-    q.apply_op3(&k, &v, op)
+    q.apply_op3(&k, &v, AttentionOp(Heads::new(dm, mask)?))
+}
+
+/// Self-attention as [`attention`] over one packed projection `qkv` `[B, T, 3·H·d]` (q, k, v
+/// side by side in each row, as one linear layer with the three weights stacked produces them):
+/// no split copies forward, and one gradient tensor backward, so the three projections'
+/// input gradients are one product. Returns `[B, T, H·d]`.
+pub fn attention_packed(qkv: &Tensor, heads: usize, mask: Option<&Tensor>) -> Result<Tensor> {
+    let qkv = qkv.contiguous()?;
+    let dm = packed_dims(heads, qkv.layout())?;
+    qkv.apply_op1(PackedOp(Heads::new(dm, mask)?))
 }
 
 #[cfg(test)]
@@ -395,7 +497,8 @@ mod tests {
     }
 
     /// Values and q/k/v gradients against the op-by-op composition, for self- and
-    /// cross-attention and every mask broadcast the models use (padding `[B,1,1,Tk]`, causal
+    /// cross-attention (self-attention also over the packed `[q | k | v]` projection) and every
+    /// mask broadcast the models use (padding `[B,1,1,Tk]`, causal
     /// `[1,1,Tq,Tk]`, per-sample `[B,1,Tq,Tk]` with fully blocked rows).
     #[test]
     fn fused_attention_matches_the_composition() {
@@ -431,21 +534,25 @@ mod tests {
                 let yc =
                     super::super::attention::composed(qt, kt, vt, heads, mask.as_ref()).unwrap();
                 assert!(rel(&yf, &yc) < 1e-5, "values {}", rel(&yf, &yc));
-                let gf = (yf * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let gc = (yc * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-                    let (a, c) = (gf.get(x).unwrap(), gc.get(x).unwrap());
-                    assert!(rel(a, c) < 1e-4, "{tq}x{tk} d{name}: {}", rel(a, c));
+                // Gradients of Σ y ⊙ probe.
+                let grads = |y: &Tensor| (y * &probe).unwrap().sum_all().unwrap().backward();
+                let gc = grads(&yc).unwrap();
+                let mut runs = vec![("fused", yf)];
+                if tq == tk {
+                    // Self-attention over the packed projection [q | k | v].
+                    let qkv = Tensor::cat(&[qt, kt, vt], 2).unwrap();
+                    runs.push((
+                        "packed",
+                        attention_packed(&qkv, heads, mask.as_ref()).unwrap(),
+                    ));
+                }
+                for (run, y) in runs {
+                    assert!(rel(&y, &yc) < 1e-5, "{run} values {}", rel(&y, &yc));
+                    let g = grads(&y).unwrap();
+                    for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                        let (a, c) = (g.get(x).unwrap(), gc.get(x).unwrap());
+                        assert!(rel(a, c) < 1e-4, "{run} {tq}x{tk} d{name}: {}", rel(a, c));
+                    }
                 }
             }
         }

@@ -21,6 +21,10 @@ impl Linear {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
 }
 
 /// A linear layer with bias; initialisation as torch.nn.Linear (uniform ±1/√in).

@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
-use crate::nn::{attention, linear, Activation, LayerNorm, Linear};
+use crate::nn::{attention, fused_attention, linear, Activation, LayerNorm, Linear};
 
 /// Shape of one tower's transformer.
 #[derive(Clone, Copy, Debug)]
@@ -39,10 +39,31 @@ impl SelfAttention {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        if self.q_proj.weight().track_op() && fused_attention::supported(x) {
+            return self.forward_packed(x, mask);
+        }
         let q = self.q_proj.forward(x)?;
         let k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
         let y = attention::multi_head(&q, &k, &v, self.heads, mask)?;
+        self.out_proj.forward(&y)
+    }
+
+    /// The same in training on the CPU: q, k and v as one projection through the three weights
+    /// stacked (one product forward and one for the input gradient instead of three each, and
+    /// one gradient into the LayerNorm output instead of three summed), read by the packed
+    /// attention kernel in place. The stacking is differentiable: each weight gets its rows of
+    /// the stacked gradient.
+    fn forward_packed(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let w = Tensor::cat(&projections.map(|p| p.weight()), 0)?;
+        let b = match projections.map(|p| p.bias()) {
+            [Some(q), Some(k), Some(v)] => Some(Tensor::cat(&[q, k, v], 0)?),
+            [None, None, None] => None,
+            _ => candle_core::bail!("q, k and v projections differ in having a bias"),
+        };
+        let qkv = Linear::new(w, b).forward(x)?;
+        let y = attention::packed(&qkv, self.heads, mask)?;
         self.out_proj.forward(&y)
     }
 }
