@@ -56,12 +56,58 @@ struct LayerNormOp {
     eps: f32,
 }
 
-/// Mean and 1/std of a row (biased variance, as torch.nn.LayerNorm).
+/// Mean and 1/std of a row (biased variance, as torch.nn.LayerNorm), summed in lanes.
+#[inline(always)]
 fn row_stats(r: &[f32], eps: f32) -> (f32, f32) {
     let n = r.len() as f32;
-    let mean = r.iter().sum::<f32>() / n;
-    let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = vecmath::sum_of(r.len(), |i| r[i]) / n;
+    let var = vecmath::sum_of(r.len(), |i| (r[i] - mean) * (r[i] - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+vecmath::multiversion! {
+    /// LayerNorm of the rows (of `n`) of a chunk.
+    fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], n: usize, eps: f32) {
+        let (w, b) = (&w[..n], &b[..n]);
+        for (yr, xr) in y.chunks_mut(n).zip(x.chunks(n)) {
+            let (yr, xr) = (&mut yr[..n], &xr[..n]);
+            let (mean, rstd) = row_stats(xr, eps);
+            for i in 0..n {
+                yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+            }
+        }
+    }
+}
+
+vecmath::multiversion! {
+    /// LayerNorm's backward over the rows (of `n`) of a chunk: dx, and this chunk's dw and db
+    /// added into `dw`, `db` (`xhat`: scratch of `n`).
+    fn layer_norm_bwd_rows(
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        sums: (&mut [f32], &mut [f32], &mut [f32]),
+        n: usize,
+        eps: f32,
+    ) {
+        let (dw, db, xhat) = sums;
+        let (w, dw, db, xhat) = (&w[..n], &mut dw[..n], &mut db[..n], &mut xhat[..n]);
+        for ((dxr, xr), dyr) in dx.chunks_mut(n).zip(x.chunks(n)).zip(dy.chunks(n)) {
+            let (dxr, xr, dyr) = (&mut dxr[..n], &xr[..n], &dyr[..n]);
+            let (mean, rstd) = row_stats(xr, eps);
+            for i in 0..n {
+                xhat[i] = (xr[i] - mean) * rstd;
+                dw[i] += dyr[i] * xhat[i];
+                db[i] += dyr[i];
+            }
+            let mg = vecmath::sum_of(n, |i| dyr[i] * w[i]) / n as f32;
+            let mgx = vecmath::sum_of(n, |i| dyr[i] * w[i] * xhat[i]) / n as f32;
+            for i in 0..n {
+                dxr[i] = rstd * (dyr[i] * w[i] - mg - xhat[i] * mgx);
+            }
+        }
+    }
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -94,14 +140,7 @@ impl CustomOp3 for LayerNormOp {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(n * ROW_CHUNK)
             .zip(x.par_chunks(n * ROW_CHUNK))
-            .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    for i in 0..n {
-                        yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
-                    }
-                }
-            });
+            .for_each(|(yc, xc)| layer_norm_rows(xc, w, b, yc, n, self.eps));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -176,22 +215,8 @@ impl CustomOp3 for LayerNormBwd {
             .map(|((dxc, xc), dyc)| {
                 let (mut dw, mut db) = (vec![0f32; n], vec![0f32; n]);
                 let mut xhat = vec![0f32; n];
-                for ((dxr, xr), dyr) in dxc.chunks_mut(n).zip(xc.chunks(n)).zip(dyc.chunks(n)) {
-                    let (mean, rstd) = row_stats(xr, self.eps);
-                    let (mut mg, mut mgx) = (0f32, 0f32);
-                    for i in 0..n {
-                        xhat[i] = (xr[i] - mean) * rstd;
-                        let g = dyr[i] * w[i];
-                        mg += g;
-                        mgx += g * xhat[i];
-                        dw[i] += dyr[i] * xhat[i];
-                        db[i] += dyr[i];
-                    }
-                    let (mg, mgx) = (mg / n as f32, mgx / n as f32);
-                    for i in 0..n {
-                        dxr[i] = rstd * (dyr[i] * w[i] - mg - xhat[i] * mgx);
-                    }
-                }
+                let sums = (&mut dw[..], &mut db[..], &mut xhat[..]);
+                layer_norm_bwd_rows(xc, w, dyc, dxc, sums, n, self.eps);
                 (dw, db)
             })
             .collect();

@@ -99,6 +99,33 @@ pub fn erf(x: f32) -> f32 {
     }
 }
 
+/// Σ f(i) for i < n in a fixed association: 16 running lanes (term i into lane i mod 16), then
+/// the lanes folded in halves (8 onto 8, 4 onto 4, 2, 1). The lanes vectorise where a single
+/// running sum would wait on each add, and every build gives the same bits.
+#[inline(always)]
+pub fn sum_of(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let whole = n / 16 * 16;
+    let mut base = 0;
+    while base < whole {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(base + l);
+        }
+        base += 16;
+    }
+    for (l, i) in (whole..n).enumerate() {
+        acc[l] += f(i);
+    }
+    let mut w = 8;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
 /// Defines `fn $name(args) body` three times over — as built (baseline x86-64, or any other
 /// architecture), for AVX2 + FMA and for AVX-512 — and makes `$name` run the widest this CPU
 /// has. The body is inlined into each (`#[inline(always)]`), so the loops in it vectorise 4, 8
@@ -190,8 +217,15 @@ mod tests {
     fn both(x: &[f32], out: &mut [u32]) {
         let out = &mut out[..x.len()];
         for i in 0..x.len() {
-            out[i] = erf(x[i]).to_bits() ^ exp(x[i]).to_bits();
+            out[i] = erf(x[i]).to_bits() ^ exp(x[i]).to_bits() ^ lanes(x, i);
         }
+    }
+
+    /// The lane sum of the `i mod 40` values before `i`.
+    #[inline(always)]
+    fn lanes(x: &[f32], i: usize) -> u32 {
+        let from = i.saturating_sub(i % 40);
+        sum_of(i - from, |j| x[from + j]).to_bits()
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -207,7 +241,8 @@ mod tests {
     }
 
     /// The builds `multiversion!` makes, each run where this CPU has its features, give the
-    /// scalar bits (the range reaches exp's underflow to 0 and its saturation).
+    /// scalar bits for exp, erf and the lane sum (the range reaches exp's underflow to 0 and its
+    /// saturation; the sums run over 0 to 39 terms).
     #[test]
     fn every_vector_build_gives_the_same_bits() {
         let xs: Vec<f32> = (-4000..4000)
@@ -216,7 +251,8 @@ mod tests {
             .collect();
         let scalar: Vec<u32> = xs
             .iter()
-            .map(|&x| erf(x).to_bits() ^ exp(x).to_bits())
+            .enumerate()
+            .map(|(i, &x)| erf(x).to_bits() ^ exp(x).to_bits() ^ lanes(&xs, i))
             .collect();
         assert_eq!(exp(-87.4), 0.0);
         assert!(exp(-87.2) >= f32::MIN_POSITIVE);
