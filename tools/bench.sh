@@ -29,7 +29,7 @@ lm_theirs=null
 gguf=target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ -f "$gguf" ]; then
   lm_ours=$(RAYON_NUM_THREADS=$threads target/release/vlalign bench --suite lm --iters 3 --json | tail -n 1)
-  lm_theirs=$(.venv/bin/python tools/reference/bench_lm_torch.py --model "$gguf" --threads "$threads" --iters 3 2>/dev/null | tail -n 1)
+  lm_theirs=$(.venv/bin/python tools/reference/bench_lm_torch.py --model "$gguf" --threads "$threads" --iters 3 2>/tmp/bench_lm_torch.err | tail -n 1) || { echo "bench_lm_torch.py failed: see /tmp/bench_lm_torch.err" >&2; exit 1; }
 fi
 python3 - "$pairs" "$lm_ours" "$lm_theirs" "$iters" "$warmup" "$threads" <<'PY'
 import json, sys
