@@ -422,9 +422,11 @@ fn concurrent_clients_get_their_own_answers() {
     assert!(m.contains("vlalign_requests_total{endpoint=\"/embed\",status=\"200\"} 642"));
 }
 
-/// Memory is flat across 1,000 requests (after 100 to warm up; within 5 MB of page noise — it
-/// grew ~10 MB while each request cloned the megabytes of the tokenizer's tables), and SIGTERM lets the request in
-/// flight finish before the process exits cleanly.
+/// Memory is flat across 1,500 requests after 100 to warm up: the last 500 add less than 3 MB
+/// (a leak of 6 kB a request would show; it grew ~10 MB a thousand while each request cloned
+/// the megabytes of the tokenizer's tables) and all of them less than 10 MB (a one-off growth of
+/// the allocator's caches, seen on a loaded machine, is not a leak); and SIGTERM lets the
+/// request in flight finish before the process exits cleanly.
 #[test]
 fn memory_is_flat_and_sigterm_is_graceful() {
     let mut srv = Server::start(&fixture("open-clip-a"), &[]);
@@ -433,13 +435,19 @@ fn memory_is_flat_and_sigterm_is_graceful() {
     for _ in 0..100 {
         assert_eq!(srv.post("/embed", &body).0, 200);
     }
-    let warm = srv.rss_kb();
-    for _ in 0..1000 {
-        assert_eq!(srv.post("/embed", &body).0, 200);
+    let mut rss = vec![srv.rss_kb()];
+    for _ in 0..3 {
+        for _ in 0..500 {
+            assert_eq!(srv.post("/embed", &body).0, 200);
+        }
+        rss.push(srv.rss_kb());
     }
-    let after = srv.rss_kb();
-    println!("RSS after 100 requests {warm} kB, after 1,100 {after} kB");
-    assert!(after < warm + 5_000, "grew from {warm} to {after} kB");
+    println!("RSS after 100, 600, 1,100, 1,600 requests: {rss:?} kB");
+    assert!(
+        rss[3] < rss[2] + 3_000,
+        "the last 500 requests grew it: {rss:?} kB"
+    );
+    assert!(rss[3] < rss[0] + 10_000, "grew: {rss:?} kB");
 
     // A request in flight when SIGTERM arrives (half its body sent) still gets its answer.
     let mut conn = TcpStream::connect(&srv.addr).unwrap();
