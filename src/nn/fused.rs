@@ -7,7 +7,8 @@
 //! compositions elsewhere (see [`supported`]).
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
+    Tensor,
 };
 use rayon::prelude::*;
 
@@ -35,7 +36,7 @@ fn cuda_enabled() -> bool {
     false
 }
 
-pub(super) fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         bail!("{op}: float32 only");
     };
@@ -43,6 +44,24 @@ pub(super) fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f
         Some((a, b)) => Ok(&v[a..b]),
         None => bail!("{op}: input must be contiguous"),
     }
+}
+
+/// The CPU float32 slices of contiguous tensors, for a backward pass (`what` names them in an
+/// error).
+pub(super) fn with_f32s<T, const N: usize>(
+    ts: [&Tensor; N],
+    what: &str,
+    f: impl FnOnce([&[f32]; N]) -> Result<T>,
+) -> Result<T> {
+    let guards = ts.map(|t| t.storage_and_layout());
+    let mut slices = [&[][..]; N];
+    for (slice, (s, l)) in slices.iter_mut().zip(&guards) {
+        let Storage::Cpu(s) = &**s else {
+            bail!("{what} is not on the CPU");
+        };
+        *slice = f32s(s, l, what)?;
+    }
+    f(slices)
 }
 
 fn last_dim(l: &Layout) -> usize {

@@ -10,10 +10,10 @@
 
 use std::sync::Arc;
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{f32s, softmax_rows};
+use super::fused::{f32s, softmax_rows, with_f32s};
 use super::gemm::{product, written};
 
 /// Sizes of one call and where q, k and v sit: q rows `[b, tq]`, k and v rows `[b, tk]`, each
@@ -283,22 +283,6 @@ impl Heads {
     }
 }
 
-/// The CPU float32 slices of `ts`, for a backward pass.
-fn with_slices<T, const N: usize>(
-    ts: [&Tensor; N],
-    f: impl FnOnce([&[f32]; N]) -> Result<T>,
-) -> Result<T> {
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = [&[][..]; N];
-    for (i, (s, l)) in guards.iter().enumerate() {
-        let Storage::Cpu(s) = &**s else {
-            bail!("attention backward: CPU tensors only");
-        };
-        slices[i] = f32s(s, l, "attention backward operand")?;
-    }
-    f(slices)
-}
-
 /// q, k, v as three tensors.
 struct AttentionOp(Heads);
 
@@ -382,10 +366,14 @@ impl CustomOp3 for AttentionOp {
             Out(dk.as_mut_ptr()),
             Out(dv.as_mut_ptr()),
         ];
-        with_slices([q, k, v, &dy], |[qs, ks, vs, g]| {
-            self.0.backward(dm, (qs, ks, vs), g, out);
-            Ok(())
-        })?;
+        with_f32s(
+            [q, k, v, &dy],
+            "attention backward operand",
+            |[qs, ks, vs, g]| {
+                self.0.backward(dm, (qs, ks, vs), g, out);
+                Ok(())
+            },
+        )?;
         // SAFETY: backward wrote every element of each (all heads of all rows).
         unsafe {
             dq.set_len(q.elem_count());
@@ -447,7 +435,7 @@ impl CustomOp1 for PackedOp {
         let len = qkv.elem_count();
         let mut dqkv = Vec::with_capacity(len);
         let base = dqkv.as_mut_ptr();
-        with_slices([qkv, &dy], |[s, g]| {
+        with_f32s([qkv, &dy], "attention backward operand", |[s, g]| {
             self.0.backward(dm, (s, s, s), g, [Out(base); 3]);
             Ok(())
         })?;

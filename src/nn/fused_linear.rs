@@ -7,9 +7,9 @@
 //! path, `dW = dyᵀ x` when `W` is (a frozen weight gets none: BLIP-2 stage 2's frozen LM), and
 //! `db`, a column sum in a fixed order.
 
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::fused::{column_sum, f32s};
+use super::fused::{column_sum, f32s, with_f32s};
 use super::gemm::{product, written};
 
 /// Sizes: `rows` of `k` inputs to `n` outputs.
@@ -88,15 +88,6 @@ fn weight_grad(d: Dims, dy: &[f32], x: &[f32]) -> Vec<f32> {
     product_into((d.n, d.k, d.rows), None, (dy, (1, d.n)), (x, (d.k, 1)))
 }
 
-/// The CPU float32 slice of a contiguous tensor, for a backward pass.
-fn with_f32s<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(s) = &*s else {
-        bail!("linear backward: {what} is not on the CPU");
-    };
-    f(f32s(s, l, what)?)
-}
-
 /// The gradients of `x` and `w` (each only when it is on a gradient path) and of the bias
 /// (when `bias` is given).
 fn backward(
@@ -108,15 +99,15 @@ fn backward(
     let dy = dy.contiguous()?;
     let (d, _) = dims(x.layout(), w.layout())?;
     let dev = x.device();
-    with_f32s(&dy, "linear output gradient", |g| {
+    with_f32s([&dy], "linear backward: output gradient", |[g]| {
         let dx = match x.track_op() {
-            true => Some(with_f32s(w, "linear weight", |wv| {
+            true => Some(with_f32s([w], "linear backward: weight", |[wv]| {
                 Tensor::from_vec(input_grad(d, g, wv), x.shape(), dev)
             })?),
             false => None,
         };
         let dw = match w.track_op() {
-            true => Some(with_f32s(x, "linear input", |xv| {
+            true => Some(with_f32s([x], "linear backward: input", |[xv]| {
                 Tensor::from_vec(weight_grad(d, g, xv), w.shape(), dev)
             })?),
             false => None,

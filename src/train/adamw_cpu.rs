@@ -22,15 +22,13 @@ fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mu
     }
 }
 
+/// A float32 contiguous operand of `len` elements.
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str, len: usize) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("adamw: {what} is not float32");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) if b - a == len => Ok(&v[a..b]),
-        Some((a, b)) => bail!("adamw: {what} has {} elements for {len}", b - a),
-        None => bail!("adamw: {what} is not contiguous"),
+    let v = crate::nn::fused::f32s(s, l, &format!("adamw: {what}"))?;
+    if v.len() != len {
+        bail!("adamw: {what} has {} elements for {len}", v.len());
     }
+    Ok(v)
 }
 
 /// `m ← m·β + g·(1 − β)` (`square`: `g²` for `g`): the first or the second moment.
