@@ -129,6 +129,44 @@ vecmath::multiversion! {
     }
 }
 
+/// LayerNorm of every row (of `n`) of `x`, rows split over rayon's pool.
+pub(super) fn layer_norm_forward(x: &[f32], w: &[f32], b: &[f32], n: usize, eps: f32) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(n * ROW_CHUNK)
+        .zip(x.par_chunks(n * ROW_CHUNK))
+        .for_each(|(yc, xc)| layer_norm_rows(xc, w, b, yc, n, eps));
+    y
+}
+
+/// LayerNorm's backward over every row: writes `dx` (as long as `x`) and adds Σ dy·x̂ and Σ dy
+/// into `dw` and `db` (`n` each). Partial sums per fixed chunk of rows, added in chunk order,
+/// so the result does not depend on the threads.
+pub(super) fn layer_norm_backward(
+    (x, w, dy): (&[f32], &[f32], &[f32]),
+    n: usize,
+    eps: f32,
+    (dx, dw, db): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(n * ROW_CHUNK)
+        .zip(x.par_chunks(n * ROW_CHUNK))
+        .zip(dy.par_chunks(n * ROW_CHUNK))
+        .map(|((dxc, xc), dyc)| {
+            let (mut dw, mut db) = (vec![0f32; n], vec![0f32; n]);
+            let mut xhat = vec![0f32; n];
+            let sums = (&mut dw[..], &mut db[..], &mut xhat[..]);
+            layer_norm_bwd_rows(xc, w, dyc, dxc, sums, n, eps);
+            (dw, db)
+        })
+        .collect();
+    for (pw, pb) in partials {
+        for i in 0..n {
+            dw[i] += pw[i];
+            db[i] += pb[i];
+        }
+    }
+}
+
 impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
         "vlalign-layer-norm"
@@ -156,11 +194,10 @@ impl CustomOp3 for LayerNormOp {
                 b.len()
             );
         }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n * ROW_CHUNK)
-            .zip(x.par_chunks(n * ROW_CHUNK))
-            .for_each(|(yc, xc)| layer_norm_rows(xc, w, b, yc, n, self.eps));
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(layer_norm_forward(x, w, b, n, self.eps)),
+            l1.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]
@@ -226,26 +263,9 @@ impl CustomOp3 for LayerNormBwd {
         );
         let n = w.len();
         let mut out = vec![0f32; x.len() + 2 * n];
-        let (dx, _) = out.split_at_mut(x.len());
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-            .par_chunks_mut(n * ROW_CHUNK)
-            .zip(x.par_chunks(n * ROW_CHUNK))
-            .zip(dy.par_chunks(n * ROW_CHUNK))
-            .map(|((dxc, xc), dyc)| {
-                let (mut dw, mut db) = (vec![0f32; n], vec![0f32; n]);
-                let mut xhat = vec![0f32; n];
-                let sums = (&mut dw[..], &mut db[..], &mut xhat[..]);
-                layer_norm_bwd_rows(xc, w, dyc, dxc, sums, n, self.eps);
-                (dw, db)
-            })
-            .collect();
-        let tail = &mut out[x.len()..];
-        for (dw, db) in partials {
-            for i in 0..n {
-                tail[i] += dw[i];
-                tail[n + i] += db[i];
-            }
-        }
+        let (dx, tail) = out.split_at_mut(x.len());
+        let (dw, db) = tail.split_at_mut(n);
+        layer_norm_backward((x, w, dy), n, self.eps, (dx, dw, db));
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
@@ -469,6 +489,25 @@ vecmath::multiversion! {
 
 const ELEM_CHUNK: usize = 16 * 1024;
 
+/// `act(x)` element-wise, chunks split over rayon's pool.
+pub(super) fn activation_forward(act: Act, x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(ELEM_CHUNK)
+        .zip(x.par_chunks(ELEM_CHUNK))
+        .for_each(|(yc, xc)| act_forward(act, xc, yc));
+    y
+}
+
+/// `dy · act'(x)` element-wise.
+pub(super) fn activation_backward(act: Act, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(ELEM_CHUNK)
+        .zip(x.par_chunks(ELEM_CHUNK))
+        .zip(dy.par_chunks(ELEM_CHUNK))
+        .for_each(|((dc, xc), gc)| act_backward(act, xc, gc, dc));
+    dx
+}
+
 struct ActOp(Act);
 
 impl CustomOp1 for ActOp {
@@ -478,11 +517,10 @@ impl CustomOp1 for ActOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(s, l, "activation")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(ELEM_CHUNK)
-            .zip(x.par_chunks(ELEM_CHUNK))
-            .for_each(|(yc, xc)| act_forward(self.0, xc, yc));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((
+            CpuStorage::F32(activation_forward(self.0, x)),
+            l.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]
@@ -520,12 +558,10 @@ impl CustomOp2 for ActBwd {
             f32s(s1, l1, "activation_bwd")?,
             f32s(s2, l2, "activation_bwd")?,
         );
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(ELEM_CHUNK)
-            .zip(x.par_chunks(ELEM_CHUNK))
-            .zip(dy.par_chunks(ELEM_CHUNK))
-            .for_each(|((dc, xc), gc)| act_backward(self.0, xc, gc, dc));
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(activation_backward(self.0, x, dy)),
+            l1.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]

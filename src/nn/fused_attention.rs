@@ -394,6 +394,11 @@ struct PackedOp(Heads);
 
 fn packed_dims(heads: usize, qkv: &Layout) -> Result<Dims> {
     let (b, t, w3) = qkv.shape().dims3()?;
+    packed_dims_of((b, t, w3), heads)
+}
+
+/// The sizes of a packed projection `[b, t, w3]` split into `heads` heads.
+fn packed_dims_of((b, t, w3): (usize, usize, usize), heads: usize) -> Result<Dims> {
     let width = w3 / 3;
     if w3 % 3 != 0 || heads == 0 || width % heads != 0 {
         bail!("attention: packed width {w3} is not 3 × a multiple of {heads} heads");
@@ -432,16 +437,53 @@ impl CustomOp1 for PackedOp {
             );
         }
         let dm = packed_dims(self.0.heads, qkv.layout())?;
-        let len = qkv.elem_count();
-        let mut dqkv = Vec::with_capacity(len);
-        let base = dqkv.as_mut_ptr();
-        with_f32s([qkv, &dy], "attention backward operand", |[s, g]| {
-            self.0.backward(dm, (s, s, s), g, [Out(base); 3]);
-            Ok(())
+        let dqkv = with_f32s([qkv, &dy], "attention backward operand", |[s, g]| {
+            Ok(self.0.packed_backward(dm, s, g))
         })?;
+        Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
+    }
+}
+
+impl Heads {
+    /// The gradient of a packed projection (laid out as it) for the output gradient `dy`.
+    fn packed_backward(&self, dm: Dims, qkv: &[f32], dy: &[f32]) -> Vec<f32> {
+        let len = dm.b * dm.tq * dm.q_row;
+        let mut dqkv = Vec::with_capacity(len);
+        self.backward(dm, (qkv, qkv, qkv), dy, [Out(dqkv.as_mut_ptr()); 3]);
         // SAFETY: backward wrote every element (the q, k and v columns of all heads of all rows).
         unsafe { dqkv.set_len(len) };
-        Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
+        dqkv
+    }
+}
+
+/// Self-attention over a packed projection, for a caller that holds the slices (the fused
+/// encoder layer): sizes `[b, t, 3·width]`, `heads` heads, an additive mask as [`attention`]'s.
+pub(super) struct PackedSlices {
+    dims: Dims,
+    heads: Heads,
+}
+
+impl PackedSlices {
+    pub(super) fn new(
+        (b, t, width): (usize, usize, usize),
+        heads: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Self> {
+        let dims = packed_dims_of((b, t, 3 * width), heads)?;
+        Ok(Self {
+            dims,
+            heads: Heads::new(dims, mask)?,
+        })
+    }
+
+    /// `[b, t, width]` from `qkv` `[b, t, 3·width]`.
+    pub(super) fn forward(&self, qkv: &[f32]) -> Vec<f32> {
+        self.heads.forward(self.dims, qkv, qkv, qkv)
+    }
+
+    /// The gradient of `qkv` for the output gradient `dy`.
+    pub(super) fn backward(&self, qkv: &[f32], dy: &[f32]) -> Vec<f32> {
+        self.heads.packed_backward(self.dims, qkv, dy)
     }
 }
 

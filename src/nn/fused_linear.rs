@@ -14,10 +14,10 @@ use super::gemm::{product, written};
 
 /// Sizes: `rows` of `k` inputs to `n` outputs.
 #[derive(Clone, Copy)]
-struct Dims {
-    rows: usize,
-    k: usize,
-    n: usize,
+pub(super) struct Dims {
+    pub(super) rows: usize,
+    pub(super) k: usize,
+    pub(super) n: usize,
 }
 
 fn dims(x: &Layout, w: &Layout) -> Result<(Dims, Shape)> {
@@ -38,19 +38,54 @@ fn threads() -> usize {
 
 /// `dst [m, n] (+)= lhs · rhs` with `dst` row-major, starting as `init` (accumulated into) or
 /// written whole; the operands as pointers with (row, column) strides.
-fn product_into(
+pub(super) fn product_into(
     (m, n, k): (usize, usize, usize),
     init: Option<Vec<f32>>,
     (lhs, lhs_s): (&[f32], (usize, usize)),
     (rhs, rhs_s): (&[f32], (usize, usize)),
 ) -> Vec<f32> {
-    // SAFETY: the callers' strides address `lhs` as [m, k] and `rhs` as [k, n] inside them;
-    // `dst` holds m·n elements, and without `accumulate` the product writes each of them
-    // before reading any.
-    let run = |dst: *mut f32, accumulate: bool| unsafe {
+    match init {
+        Some(mut dst) => {
+            product_to((m, n, k), &mut dst, true, (lhs, lhs_s), (rhs, rhs_s));
+            dst
+        }
+        // SAFETY: without `accumulate` the product writes all m·n elements, reading none.
+        None => unsafe {
+            written(m * n, |dst| {
+                let dst = std::slice::from_raw_parts_mut(dst, m * n);
+                product_to((m, n, k), dst, false, (lhs, lhs_s), (rhs, rhs_s))
+            })
+        },
+    }
+}
+
+/// `dst [m, n] (+)= lhs · rhs` into a row-major slice (added to it with `accumulate`).
+///
+/// # Panics
+/// If the strides reach outside an operand (a caller's bug; checked before any write).
+pub(super) fn product_to(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    (lhs, lhs_s): (&[f32], (usize, usize)),
+    (rhs, rhs_s): (&[f32], (usize, usize)),
+) {
+    let reach = |(r, c): (usize, usize), (rs, cs): (usize, usize)| match r * c {
+        0 => 0,
+        _ => (r - 1) * rs + (c - 1) * cs + 1,
+    };
+    assert!(
+        dst.len() >= m * n
+            && lhs.len() >= reach((m, k), lhs_s)
+            && rhs.len() >= reach((k, n), rhs_s),
+        "product operands shorter than their strides reach"
+    );
+    // SAFETY: checked above: the strides address `lhs` as [m, k] and `rhs` as [k, n] inside
+    // them and `dst` holds m·n elements; `dst` is borrowed mutably, so nothing aliases it.
+    unsafe {
         product(
             (m, n, k),
-            dst,
+            dst.as_mut_ptr(),
             (n, 1),
             lhs.as_ptr(),
             lhs_s,
@@ -59,33 +94,35 @@ fn product_into(
             accumulate,
             threads(),
         )
-    };
-    match init {
-        Some(mut dst) => {
-            debug_assert_eq!(dst.len(), m * n);
-            run(dst.as_mut_ptr(), true);
-            dst
-        }
-        // SAFETY: as above: the product writes all m·n elements.
-        None => unsafe { written(m * n, |dst| run(dst, false)) },
     }
 }
 
 /// `x Wᵀ (+ b)`: x `[rows, k]`, w `[n, k]` read as Wᵀ through its strides; the bias rows are the
 /// product's starting value.
-fn forward(d: Dims, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+pub(super) fn forward(d: Dims, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
     let init = b.map(|b| b.repeat(d.rows));
     product_into((d.rows, d.n, d.k), init, (x, (d.k, 1)), (w, (1, d.k)))
 }
 
 /// `dy W` (`[rows, k]`).
-fn input_grad(d: Dims, dy: &[f32], w: &[f32]) -> Vec<f32> {
+pub(super) fn input_grad(d: Dims, dy: &[f32], w: &[f32]) -> Vec<f32> {
     product_into((d.rows, d.k, d.n), None, (dy, (d.n, 1)), (w, (d.k, 1)))
 }
 
 /// `dyᵀ x` (`[n, k]`), dy read transposed through its strides.
 fn weight_grad(d: Dims, dy: &[f32], x: &[f32]) -> Vec<f32> {
     product_into((d.n, d.k, d.rows), None, (dy, (1, d.n)), (x, (d.k, 1)))
+}
+
+/// `dyᵀ x` written into `dst` (`[n, k]`).
+pub(super) fn weight_grad_to(d: Dims, dy: &[f32], x: &[f32], dst: &mut [f32]) {
+    product_to(
+        (d.n, d.k, d.rows),
+        dst,
+        false,
+        (dy, (1, d.n)),
+        (x, (d.k, 1)),
+    )
 }
 
 /// The gradients of `x` and `w` (each only when it is on a gradient path) and of the bias

@@ -13,6 +13,7 @@ pub mod fused;
 pub mod fused_attention;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
+pub mod fused_layer;
 pub mod fused_linear;
 mod gemm;
 pub mod init;

@@ -4,6 +4,8 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
+use crate::nn::fused::Act;
+use crate::nn::fused_layer::{self, LayerParams};
 use crate::nn::{attention, fused_attention, linear, Activation, LayerNorm, Linear};
 
 /// Shape of one tower's transformer.
@@ -91,6 +93,9 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(y) = self.forward_fused(x, mask)? {
+            return Ok(y);
+        }
         let h = self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask)?;
@@ -98,6 +103,51 @@ impl EncoderLayer {
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let h = self.fc2.forward(&self.act.forward(&h)?)?;
         x + h
+    }
+}
+
+impl EncoderLayer {
+    /// The same in training on the CPU (float32, trainable weights): the whole layer as one op
+    /// with its own backward (`nn::fused_layer`). `None` where it does not apply (inference,
+    /// frozen weights, another device or dtype, an activation the fused kernels lack).
+    fn forward_fused(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let act = match self.act {
+            Activation::QuickGelu => Act::QuickGelu,
+            Activation::Gelu => Act::GeluErf,
+            _ => return Ok(None),
+        };
+        if !(self.layer_norm1.weight().track_op() && fused_layer::supported(x)) {
+            return Ok(None);
+        }
+        let a = &self.self_attn;
+        fn pair(l: &Linear) -> Option<(&Tensor, &Tensor)> {
+            l.bias().map(|b| (l.weight(), b))
+        }
+        fn norm(l: &LayerNorm) -> (&Tensor, &Tensor) {
+            (l.weight(), l.bias())
+        }
+        let (Some(q), Some(k), Some(v), Some(o), Some(fc1), Some(fc2)) = (
+            pair(&a.q_proj),
+            pair(&a.k_proj),
+            pair(&a.v_proj),
+            pair(&a.out_proj),
+            pair(&self.fc1),
+            pair(&self.fc2),
+        ) else {
+            return Ok(None);
+        };
+        let params = LayerParams {
+            layer_norm1: norm(&self.layer_norm1),
+            q_proj: q,
+            k_proj: k,
+            v_proj: v,
+            out_proj: o,
+            layer_norm2: norm(&self.layer_norm2),
+            fc1,
+            fc2,
+        };
+        let eps = self.layer_norm1.eps();
+        fused_layer::encoder_layer(x, &params, a.heads, act, eps, mask).map(Some)
     }
 }
 
