@@ -27,7 +27,11 @@ pub fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let underflow = x < -87.3;
     let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // k's bits hold n in their low mantissa bits (k = 1.5·2²³ + n exactly, |n| < 2²²), read
+    // below as an integer: a float-to-int `as` cast would not vectorise (its NaN and saturation
+    // rules make LLVM convert lane by lane).
+    let k = x * LOG2E + ROUND;
+    let n = k - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -36,7 +40,8 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let e = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2ⁿ: the biased exponent n + 127 = k's bits − (ROUND's bits − 127), shifted into place.
+    let e = e * f32::from_bits(k.to_bits().wrapping_sub(ROUND.to_bits() - 127) << 23);
     if underflow {
         0.0
     } else {
