@@ -345,18 +345,10 @@ impl CustomOp2 for SoftmaxBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let (y, dy) = (f32s(s1, l1, "softmax_bwd")?, f32s(s2, l2, "softmax_bwd")?);
         let n = last_dim(l1);
-        let mut dx = vec![0f32; y.len()];
+        let mut dx = dy.to_vec();
         dx.par_chunks_mut(n * ROW_CHUNK)
             .zip(y.par_chunks(n * ROW_CHUNK))
-            .zip(dy.par_chunks(n * ROW_CHUNK))
-            .for_each(|((dc, yc), gc)| {
-                for ((dr, yr), gr) in dc.chunks_mut(n).zip(yc.chunks(n)).zip(gc.chunks(n)) {
-                    let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                    for i in 0..n {
-                        dr[i] = yr[i] * (gr[i] - dot);
-                    }
-                }
-            });
+            .for_each(|(dc, yc)| softmax_bwd_rows(yc, dc, n, 1.0));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 
@@ -375,23 +367,32 @@ impl CustomOp2 for SoftmaxBwd {
 
 vecmath::multiversion! {
     /// Each row of `x` (rows of `n` > 0) replaced by its softmax: the exps of the row minus its
-    /// maximum, over their sum (summed in order).
+    /// maximum, over their sum (`vecmath::sum_of`'s lanes: a sum in order was a chain of
+    /// dependent adds, the slowest part of a short attention row).
     pub(super) fn softmax_rows(x: &mut [f32], n: usize) {
         for r in x.chunks_mut(n) {
-            let mut max = f32::NEG_INFINITY;
-            for &v in r.iter() {
-                max = max.max(v);
-            }
+            let max = vecmath::max_of(r.len(), |i| r[i]);
             for v in r.iter_mut() {
                 *v = vecmath::exp(*v - max);
             }
-            let mut sum = 0f32;
-            for &v in r.iter() {
-                sum += v;
-            }
+            let sum = vecmath::sum_of(r.len(), |i| r[i]);
             let inv = 1.0 / sum;
             for v in r.iter_mut() {
                 *v *= inv;
+            }
+        }
+    }
+}
+
+vecmath::multiversion! {
+    /// Softmax's backward over the rows (of `n`) of a chunk, in place: `g ← y ⊙ (g − Σ g ⊙ y) ·
+    /// scale` (`scale` folds in a factor applied before the softmax: attention's d^-½).
+    pub(super) fn softmax_bwd_rows(y: &[f32], g: &mut [f32], n: usize, scale: f32) {
+        for (yr, gr) in y.chunks(n).zip(g.chunks_mut(n)) {
+            let (yr, gr) = (&yr[..n], &mut gr[..n]);
+            let dot = vecmath::sum_of(n, |i| yr[i] * gr[i]);
+            for i in 0..n {
+                gr[i] = yr[i] * (gr[i] - dot) * scale;
             }
         }
     }

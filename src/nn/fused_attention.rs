@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{f32s, softmax_rows, with_f32s};
+use super::fused::{f32s, softmax_bwd_rows, softmax_rows, with_f32s};
 use super::gemm::{product, written};
 
 /// Sizes of one call and where q, k and v sit: q rows `[b, tq]`, k and v rows `[b, tk]`, each
@@ -245,12 +245,7 @@ impl Heads {
                     );
                 }
                 // The softmax backward, with the score scale folded in: ds = p ⊙ (dp − p·dp).
-                for (pr, dr) in p.chunks(dm.tk).zip(dp.chunks_mut(dm.tk)) {
-                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                    for (d, &pv) in dr.iter_mut().zip(pr) {
-                        *d = pv * (*d - dot) * self.scale;
-                    }
-                }
+                softmax_bwd_rows(p, dp, dm.tk, self.scale);
                 // SAFETY: as above.
                 unsafe {
                     // dq = ds · k

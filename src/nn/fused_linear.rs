@@ -32,8 +32,9 @@ fn dims(x: &Layout, w: &Layout) -> Result<(Dims, Shape)> {
     Ok((Dims { rows, k, n }, Shape::from(out)))
 }
 
+/// The threads of the rayon pool this runs in (the global pool, or a Q-Former shard's).
 fn threads() -> usize {
-    candle_core::utils::get_num_threads()
+    rayon::current_num_threads()
 }
 
 /// `dst [m, n] (+)= lhs · rhs` with `dst` row-major, starting as `init` (accumulated into) or

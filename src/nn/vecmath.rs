@@ -131,6 +131,26 @@ pub fn sum_of(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     acc[0]
 }
 
+/// max f(i) for i < n (−∞ for none; NaN terms ignored, as `f32::max` does) in 16 running lanes:
+/// the loop vectorises where a single running maximum would wait on each step. A maximum is
+/// exact, so the result is the in-order one whatever the association.
+#[inline(always)]
+pub fn max_of(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let whole = n / 16 * 16;
+    let mut base = 0;
+    while base < whole {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a = a.max(f(base + l));
+        }
+        base += 16;
+    }
+    for (l, i) in (whole..n).enumerate() {
+        acc[l] = acc[l].max(f(i));
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
 /// Defines `fn $name(args) body` three times over — as built (baseline x86-64, or any other
 /// architecture), for AVX2 + FMA and for AVX-512 — and makes `$name` run the widest this CPU
 /// has. The body is inlined into each (`#[inline(always)]`), so the loops in it vectorise 4, 8
@@ -216,6 +236,24 @@ mod tests {
         // GELU of a NaN stays NaN (x multiplies the saturated erf).
         let x = f32::NAN;
         assert!((0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))).is_nan());
+    }
+
+    /// The lane maximum is the in-order one for every length up to 40, with NaN terms
+    /// ignored and −∞ for none.
+    #[test]
+    fn max_of_is_the_in_order_maximum() {
+        let xs: Vec<f32> = (0..40)
+            .map(|i| match i % 7 {
+                3 => f32::NAN,
+                5 => f32::NEG_INFINITY,
+                _ => ((i * 37) % 23) as f32 - 11.5,
+            })
+            .collect();
+        for n in 0..=xs.len() {
+            let want = xs[..n].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            assert_eq!(max_of(n, |i| xs[i]).to_bits(), want.to_bits(), "n = {n}");
+        }
+        assert_eq!(max_of(3, |_| f32::NAN), f32::NEG_INFINITY);
     }
 
     #[inline(always)]

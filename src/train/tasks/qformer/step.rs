@@ -49,6 +49,29 @@ pub(super) type StepOutput = (Grads, LossTerms, Option<(Tensor, Tensor, Vec<u64>
 /// Threads each micro-batch is split over.
 pub const SHARDS: usize = 2;
 
+/// One rayon pool per shard, each with an equal part of the global pool's threads (at least
+/// one). A shard's kernels split their work over its own pool: with both shards' kernels
+/// feeding the one global pool, every product and row loop was shared out between two cores
+/// already busy with the other shard, and a 2-core step ran ~1.2x faster than on one core
+/// instead of ~1.6x. Results do not depend on it: every kernel splits its work in fixed pieces.
+fn shard_pools() -> Result<&'static [rayon::ThreadPool]> {
+    static POOLS: std::sync::OnceLock<Vec<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    if let Some(p) = POOLS.get() {
+        return Ok(p);
+    }
+    let threads = (rayon::current_num_threads() / SHARDS).max(1);
+    let pools = (0..SHARDS)
+        .map(|k| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |i| format!("qformer-shard-{k}-{i}"))
+                .build()
+                .map_err(|e| Error::input(format!("cannot start the Q-Former shard threads: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(POOLS.get_or_init(|| pools))
+}
+
 /// The texts of a step, and the frozen image features of its images.
 struct StepRows {
     image: Tensor,
@@ -382,12 +405,15 @@ impl QformerTask {
                 .filter(|s| !s.is_empty())
                 .map(|s| (s.clone(), at + s.start - r.start))
                 .collect();
+            let pools = shard_pools()?;
             let results: Vec<Result<(Grads, f32, f32)>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = shards
                     .iter()
-                    .map(|(s, g)| {
+                    .zip(pools)
+                    .map(|((s, g), pool)| {
                         let cached = &cached;
-                        scope.spawn(move || self.shard_grads(cached, s.clone(), *g))
+                        scope
+                            .spawn(move || pool.install(|| self.shard_grads(cached, s.clone(), *g)))
                     })
                     .collect();
                 handles
