@@ -104,23 +104,35 @@ pub fn erf(x: f32) -> f32 {
     }
 }
 
-/// Σ f(i) for i < n in a fixed association: 16 running lanes (term i into lane i mod 16), then
-/// the lanes folded in halves (8 onto 8, 4 onto 4, 2, 1). The lanes vectorise where a single
-/// running sum would wait on each add, and every build gives the same bits.
+/// The 16 running lanes of `op` over f(i) for i < n: term i goes into lane i mod 16, each lane
+/// starting at `init`. The lanes vectorise where a single running value would wait on each step.
 #[inline(always)]
-pub fn sum_of(n: usize, f: impl Fn(usize) -> f32) -> f32 {
-    let mut acc = [0f32; 16];
+fn lane_fold(
+    n: usize,
+    init: f32,
+    f: impl Fn(usize) -> f32,
+    op: impl Fn(f32, f32) -> f32,
+) -> [f32; 16] {
+    let mut acc = [init; 16];
     let whole = n / 16 * 16;
     let mut base = 0;
     while base < whole {
         for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(base + l);
+            *a = op(*a, f(base + l));
         }
         base += 16;
     }
     for (l, i) in (whole..n).enumerate() {
-        acc[l] += f(i);
+        acc[l] = op(acc[l], f(i));
     }
+    acc
+}
+
+/// Σ f(i) for i < n in a fixed association: 16 running lanes (term i into lane i mod 16), then
+/// the lanes folded in halves (8 onto 8, 4 onto 4, 2, 1). Every build gives the same bits.
+#[inline(always)]
+pub fn sum_of(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = lane_fold(n, 0.0, f, |a, b| a + b);
     let mut w = 8;
     while w > 0 {
         for l in 0..w {
@@ -131,23 +143,11 @@ pub fn sum_of(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     acc[0]
 }
 
-/// max f(i) for i < n (−∞ for none; NaN terms ignored, as `f32::max` does) in 16 running lanes:
-/// the loop vectorises where a single running maximum would wait on each step. A maximum is
-/// exact, so the result is the in-order one whatever the association.
+/// max f(i) for i < n (−∞ for none; NaN terms ignored, as `f32::max` does) in 16 running lanes.
+/// A maximum is exact, so the result is the in-order one whatever the association.
 #[inline(always)]
 pub fn max_of(n: usize, f: impl Fn(usize) -> f32) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 16];
-    let whole = n / 16 * 16;
-    let mut base = 0;
-    while base < whole {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a = a.max(f(base + l));
-        }
-        base += 16;
-    }
-    for (l, i) in (whole..n).enumerate() {
-        acc[l] = acc[l].max(f(i));
-    }
+    let acc = lane_fold(n, f32::NEG_INFINITY, f, f32::max);
     acc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
