@@ -482,6 +482,62 @@ impl PackedSlices {
     }
 }
 
+/// Cross-attention over slices, for a caller that holds them (the fused post-LN attention
+/// block): queries `q` `[b, tq, width]`, keys and values side by side in `kv` `[b, tk, 2·width]`
+/// (one product with the two weights stacked), `heads` heads, an additive mask as
+/// [`attention`]'s.
+pub(super) struct CrossSlices {
+    dims: Dims,
+    heads: Heads,
+}
+
+impl CrossSlices {
+    pub(super) fn new(
+        (b, tq, tk, width): (usize, usize, usize, usize),
+        heads: usize,
+        mask: Option<&Tensor>,
+    ) -> Result<Self> {
+        if heads == 0 || width % heads != 0 {
+            bail!("attention: width {width} is not a multiple of {heads} heads");
+        }
+        let dims = Dims {
+            b,
+            tq,
+            tk,
+            h: heads,
+            d: width / heads,
+            q_row: width,
+            kv_row: 2 * width,
+            cols: [0, 0, width],
+        };
+        Ok(Self {
+            dims,
+            heads: Heads::new(dims, mask)?,
+        })
+    }
+
+    /// `[b, tq, width]`.
+    pub(super) fn forward(&self, q: &[f32], kv: &[f32]) -> Vec<f32> {
+        self.heads.forward(self.dims, q, kv, kv)
+    }
+
+    /// The gradients of `q` and `kv` for the output gradient `dy`, laid out as they are.
+    pub(super) fn backward(&self, q: &[f32], kv: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let mut dq = Vec::with_capacity(q.len());
+        let mut dkv = Vec::with_capacity(kv.len());
+        let (q_p, kv_p) = (Out(dq.as_mut_ptr()), Out(dkv.as_mut_ptr()));
+        self.heads
+            .backward(self.dims, (q, kv, kv), dy, [q_p, kv_p, kv_p]);
+        // SAFETY: backward wrote every element of both (all heads of all rows; the k and v
+        // columns of kv).
+        unsafe {
+            dq.set_len(q.len());
+            dkv.set_len(kv.len());
+        }
+        (dq, dkv)
+    }
+}
+
 /// Whether [`attention`] runs for these inputs: float32 on the CPU.
 pub fn supported(q: &Tensor) -> bool {
     q.dtype() == candle_core::DType::F32 && q.device().is_cpu()

@@ -53,29 +53,63 @@ fn part_lens(d: usize, i: usize) -> [usize; PARTS] {
     [d, d, 3 * d * d, 3 * d, d * d, d, d, d, i * d, i, d * i, d]
 }
 
-/// The packed vector cut into its parts.
-fn split(p: &[f32], d: usize, i: usize) -> [&[f32]; PARTS] {
+/// A packed vector cut into parts of the given lengths.
+pub(super) fn split<const N: usize>(p: &[f32], lens: [usize; N]) -> [&[f32]; N] {
     let mut rest = p;
-    part_lens(d, i).map(|n| {
+    lens.map(|n| {
         let (head, tail) = rest.split_at(n);
         rest = tail;
         head
     })
 }
 
-/// The packed gradient cut into its parts.
-fn split_mut(p: &mut [f32], d: usize, i: usize) -> [&mut [f32]; PARTS] {
+/// A packed gradient cut into parts of the given lengths.
+pub(super) fn split_mut<const N: usize>(p: &mut [f32], lens: [usize; N]) -> [&mut [f32]; N] {
     let mut rest = p;
-    part_lens(d, i).map(|n| {
+    lens.map(|n| {
         let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
         rest = tail;
         head
     })
 }
 
+/// The tensors flattened and concatenated in order, after checking each one's shape (`what`
+/// names the block in the error).
+pub(super) fn pack(what: &str, want: &[(&str, &Tensor, &[usize])]) -> Result<Tensor> {
+    let mut parts = Vec::with_capacity(want.len());
+    for &(name, t, shape) in want {
+        if t.dims() != shape {
+            bail!("{what}: {name} is {:?}, expected {shape:?}", t.dims());
+        }
+        parts.push(t.flatten_all()?);
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// The saved activations of a forward, for its backward (an error if the forward never ran or
+/// a panic poisoned them).
+pub(super) fn saved<T>(slot: &Mutex<Option<T>>) -> Result<std::sync::MutexGuard<'_, Option<T>>> {
+    match slot.lock() {
+        Ok(g) if g.is_some() => Ok(g),
+        Ok(_) => bail!("a fused block's backward ran before its forward"),
+        Err(_) => bail!("a fused block's saved activations were poisoned by a panic"),
+    }
+}
+
+/// Keeps a forward's activations for the backward.
+pub(super) fn keep<T>(slot: &Mutex<Option<T>>, value: T) -> Result<()> {
+    match slot.lock() {
+        Ok(mut g) => {
+            *g = Some(value);
+            Ok(())
+        }
+        Err(_) => bail!("a fused block's saved activations were poisoned by a panic"),
+    }
+}
+
 /// `x` with `b` added to every row (rows of `b.len()`): the starting value of a product that
 /// adds a residual and a bias at once.
-fn rows_plus(x: &[f32], b: &[f32]) -> Vec<f32> {
+pub(super) fn rows_plus(x: &[f32], b: &[f32]) -> Vec<f32> {
     let mut out = x.to_vec();
     out.par_chunks_mut(b.len() * 64).for_each(|c| {
         for r in c.chunks_mut(b.len()) {
@@ -86,10 +120,67 @@ fn rows_plus(x: &[f32], b: &[f32]) -> Vec<f32> {
 }
 
 /// `acc += x`, element-wise.
-fn add_into(acc: &mut [f32], x: &[f32]) {
+pub(super) fn add_into(acc: &mut [f32], x: &[f32]) {
     acc.par_chunks_mut(16 * 1024)
         .zip(x.par_chunks(16 * 1024))
         .for_each(|(a, v)| a.iter_mut().zip(v).for_each(|(a, v)| *a += v));
+}
+
+/// The MLP `res + fc2(act(fc1(x)))` (`w`: W1 `[i, d]`, b1, W2 `[d, i]`, b2; `res` the residual
+/// it adds to, `[rows, d]`): fc1's output `u`, `a = act(u)` and the result, whose starting
+/// value is `res + b2` so that the residual rides in fc2's product.
+pub(super) fn mlp_forward(
+    x: &[f32],
+    res: &[f32],
+    [w1, b1, w2, b2]: [&[f32]; 4],
+    act: Act,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (d, i) = (b2.len(), b1.len());
+    let rows = x.len() / d;
+    let u = linear_forward(Dims { rows, k: d, n: i }, x, w1, Some(b1));
+    let a = activation_forward(act, &u);
+    let out = product_into(
+        (rows, d, i),
+        Some(rows_plus(res, b2)),
+        (&a, (i, 1)),
+        (w2, (1, i)),
+    );
+    (u, a, out)
+}
+
+/// An MLP's forward, as its backward reads it: the input `x`, `u` and `a` of
+/// [`mlp_forward`], the weights W1 and W2.
+pub(super) struct Mlp<'a> {
+    pub(super) x: &'a [f32],
+    pub(super) u: &'a [f32],
+    pub(super) a: &'a [f32],
+    pub(super) w: [&'a [f32]; 2],
+    pub(super) act: Act,
+}
+
+impl Mlp<'_> {
+    /// For the output gradient `g`: writes dW1, db1, dW2, db2 and returns the gradient of `x`,
+    /// added to `init` when given (in the product: a residual's gradient).
+    pub(super) fn backward(
+        &self,
+        g: &[f32],
+        [dw1, db1, dw2, db2]: [&mut [f32]; 4],
+        init: Option<Vec<f32>>,
+    ) -> Vec<f32> {
+        let [w1, w2] = self.w;
+        let (d, i) = (db2.len(), db1.len());
+        let rows = g.len() / d;
+        let fc2 = Dims { rows, k: i, n: d };
+        db2.copy_from_slice(&column_sum(g, d));
+        weight_grad_to(fc2, g, self.a, dw2);
+        let da = input_grad(fc2, g, w2);
+        let du = activation_backward(self.act, self.u, &da);
+        drop(da);
+        let fc1 = Dims { rows, k: d, n: i };
+        db1.copy_from_slice(&column_sum(&du, i));
+        weight_grad_to(fc1, &du, self.x, dw1);
+        product_into((rows, d, i), init, (&du, (i, 1)), (w1, (d, 1)))
+    }
 }
 
 /// What the forward keeps for the backward (each `[rows, ·]`, row-major).
@@ -116,13 +207,16 @@ struct LayerOp {
     act: Act,
     eps: f32,
     attention: PackedSlices,
-    saved: Mutex<Option<Saved>>,
 }
 
-impl LayerOp {
+impl Block for LayerOp {
+    type Saved = Saved;
+    const NAME: &'static str = "vlalign-encoder-layer";
+
     fn forward(&self, x: &[f32], p: &[f32]) -> (Vec<f32>, Saved) {
         let (d, i, eps) = (self.d, self.i, self.eps);
-        let [ln1w, ln1b, wqkv, bqkv, wo, bo, ln2w, ln2b, w1, b1, w2, b2] = split(p, d, i);
+        let [ln1w, ln1b, wqkv, bqkv, wo, bo, ln2w, ln2b, w1, b1, w2, b2] =
+            split(p, part_lens(d, i));
         let rows = x.len() / d;
         let xn1 = layer_norm_forward(x, ln1w, ln1b, d, eps);
         let qkv = linear_forward(
@@ -143,14 +237,7 @@ impl LayerOp {
             (wo, (1, d)),
         );
         let xn2 = layer_norm_forward(&x1, ln2w, ln2b, d, eps);
-        let u = linear_forward(Dims { rows, k: d, n: i }, &xn2, w1, Some(b1));
-        let a = activation_forward(self.act, &u);
-        let out = product_into(
-            (rows, d, i),
-            Some(rows_plus(&x1, b2)),
-            (&a, (i, 1)),
-            (w2, (1, i)),
-        );
+        let (u, a, out) = mlp_forward(&xn2, &x1, [w1, b1, w2, b2], self.act);
         let saved = Saved {
             xn1,
             qkv,
@@ -166,24 +253,19 @@ impl LayerOp {
     /// dx and the packed parameters' gradient for the output gradient `g`.
     fn backward(&self, s: &Saved, x: &[f32], p: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (d, i, eps) = (self.d, self.i, self.eps);
-        let [ln1w, _, wqkv, _, wo, _, ln2w, _, w1, _, w2, _] = split(p, d, i);
+        let [ln1w, _, wqkv, _, wo, _, ln2w, _, w1, _, w2, _] = split(p, part_lens(d, i));
         let rows = x.len() / d;
         let mut dp = vec![0f32; p.len()];
         let [dln1w, dln1b, dwqkv, dbqkv, dwo, dbo, dln2w, dln2b, dw1, db1, dw2, db2] =
-            split_mut(&mut dp, d, i);
-        // fc2: out = x1 + a W2ᵀ + b2.
-        let fc2 = Dims { rows, k: i, n: d };
-        db2.copy_from_slice(&column_sum(g, d));
-        weight_grad_to(fc2, g, &s.a, dw2);
-        let da = input_grad(fc2, g, w2);
-        // The activation, then fc1: u = xn2 W1ᵀ + b1.
-        let du = activation_backward(self.act, &s.u, &da);
-        drop(da);
-        let fc1 = Dims { rows, k: d, n: i };
-        db1.copy_from_slice(&column_sum(&du, i));
-        weight_grad_to(fc1, &du, &s.xn2, dw1);
-        let dxn2 = input_grad(fc1, &du, w1);
-        drop(du);
+            split_mut(&mut dp, part_lens(d, i));
+        let mlp = Mlp {
+            x: &s.xn2,
+            u: &s.u,
+            a: &s.a,
+            w: [w1, w2],
+            act: self.act,
+        };
+        let dxn2 = mlp.backward(g, [dw1, db1, dw2, db2], None);
         // ln2, plus the residual path around the MLP.
         let mut dx1 = vec![0f32; rows * d];
         layer_norm_backward((&s.x1, ln2w, &dxn2), d, eps, (&mut dx1, dln2w, dln2b));
@@ -214,9 +296,29 @@ impl LayerOp {
     }
 }
 
-impl CustomOp2 for LayerOp {
+/// A fused block over `x` and its parameters packed into one vector, whose forward keeps
+/// activations for its backward: the CLIP layer here, BERT's post-LN blocks in
+/// `fused_post_ln`. [`apply`] makes it one graph node.
+pub(super) trait Block: Send + Sync + 'static {
+    /// What the forward keeps for the backward.
+    type Saved: Send + Sync + 'static;
+    /// The op's name in candle's graph.
+    const NAME: &'static str;
+    /// The output (shaped as `x`) and what the backward will read.
+    fn forward(&self, x: &[f32], p: &[f32]) -> (Vec<f32>, Self::Saved);
+    /// dx and the packed parameters' gradient for the output gradient `g`.
+    fn backward(&self, s: &Self::Saved, x: &[f32], p: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>);
+}
+
+/// A [`Block`] as a candle op, with the slot its forward's activations wait in.
+struct BlockOp<B: Block> {
+    block: B,
+    saved: Mutex<Option<B::Saved>>,
+}
+
+impl<B: Block> CustomOp2 for BlockOp<B> {
     fn name(&self) -> &'static str {
-        "vlalign-encoder-layer"
+        B::NAME
     }
 
     fn cpu_fwd(
@@ -226,13 +328,10 @@ impl CustomOp2 for LayerOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = super::fused::f32s(s1, l1, "encoder layer input")?;
-        let p = super::fused::f32s(s2, l2, "encoder layer parameters")?;
-        let (out, saved) = self.forward(x, p);
-        match self.saved.lock() {
-            Ok(mut slot) => *slot = Some(saved),
-            Err(_) => bail!("encoder layer: saved activations poisoned by a panic"),
-        }
+        let x = super::fused::f32s(s1, l1, "fused block input")?;
+        let p = super::fused::f32s(s2, l2, "fused block parameters")?;
+        let (out, s) = self.block.forward(x, p);
+        keep(&self.saved, s)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -246,28 +345,32 @@ impl CustomOp2 for LayerOp {
         let dout = dout.contiguous()?;
         if dout.dims() != x.dims() {
             bail!(
-                "encoder layer backward: gradient {:?} for output {:?}",
+                "{} backward: gradient {:?} for output {:?}",
+                B::NAME,
                 dout.dims(),
                 x.dims()
             );
         }
-        let Ok(slot) = self.saved.lock() else {
-            bail!("encoder layer: saved activations poisoned by a panic")
-        };
-        let Some(saved) = slot.as_ref() else {
-            bail!("encoder layer backward before its forward")
-        };
-        let (dx, dp) = with_f32s(
-            [x, p, &dout],
-            "encoder layer backward operand",
-            |[x, p, g]| Ok(self.backward(saved, x, p, g)),
-        )?;
+        let slot = saved(&self.saved)?;
+        let s = slot.as_ref().expect("checked by saved()");
+        let (dx, dp) = with_f32s([x, p, &dout], "fused block backward operand", |[x, p, g]| {
+            Ok(self.block.backward(s, x, p, g))
+        })?;
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
             Some(Tensor::from_vec(dp, p.shape(), dev)?),
         ))
     }
+}
+
+/// `block` over `x` (made contiguous) and its packed parameters, as one graph node.
+pub(super) fn apply<B: Block>(x: &Tensor, packed: &Tensor, block: B) -> Result<Tensor> {
+    let op = BlockOp {
+        block,
+        saved: Mutex::new(None),
+    };
+    x.contiguous()?.apply_op2(packed, op)
 }
 
 /// Whether [`encoder_layer`] runs for `x`: float32 on the CPU.
@@ -307,35 +410,24 @@ pub fn encoder_layer(
         ("fc2.weight", w.fc2.0, &[d, i]),
         ("fc2.bias", w.fc2.1, &[d]),
     ];
-    let mut parts = Vec::with_capacity(want.len());
-    for (name, t, shape) in want {
-        if t.dims() != shape {
-            bail!(
-                "encoder layer: {name} is {:?}, expected {shape:?} for width {d}",
-                t.dims()
-            );
-        }
-        parts.push(t.flatten_all()?);
-    }
-    let packed = Tensor::cat(&parts, 0)?;
-    let op = LayerOp {
+    let packed = pack("encoder layer", &want)?;
+    let layer = LayerOp {
         d,
         i,
         act,
         eps: eps as f32,
         attention: PackedSlices::new((b, t, d), heads, mask)?,
-        saved: Mutex::new(None),
     };
-    x.contiguous()?.apply_op2(&packed, op)
+    apply(x, &packed, layer)
 }
 
+/// The blocks' pieces as candle primitives, the fused blocks' tests' reference.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var, D};
+pub(super) mod reference {
+    use candle_core::{Tensor, D};
 
     /// LayerNorm as candle primitives (biased variance, as torch.nn.LayerNorm).
-    fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
+    pub fn layer_norm(x: &Tensor, (w, b): (&Tensor, &Tensor), eps: f64) -> Tensor {
         let mean = x.mean_keepdim(D::Minus1).unwrap();
         let c = x.broadcast_sub(&mean).unwrap();
         let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
@@ -348,12 +440,20 @@ mod tests {
     }
 
     /// `x Wᵀ + b` as candle primitives.
-    fn linear(x: &Tensor, (w, b): (&Tensor, &Tensor)) -> Tensor {
+    pub fn linear(x: &Tensor, (w, b): (&Tensor, &Tensor)) -> Tensor {
         x.broadcast_matmul(&w.t().unwrap())
             .unwrap()
             .broadcast_add(b)
             .unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    use super::reference::{layer_norm, linear};
 
     fn act_of(act: Act, x: &Tensor) -> Tensor {
         match act {
@@ -374,7 +474,7 @@ mod tests {
         mask: Option<&Tensor>,
     ) -> Tensor {
         let eps = 1e-5;
-        let h = layer_norm(x, w.layer_norm1.0, w.layer_norm1.1, eps);
+        let h = layer_norm(x, w.layer_norm1, eps);
         let (q, k, v) = (
             linear(&h, w.q_proj),
             linear(&h, w.k_proj),
@@ -382,7 +482,7 @@ mod tests {
         );
         let a = super::super::attention::composed(&q, &k, &v, heads, mask).unwrap();
         let x1 = (x + linear(&a, w.out_proj)).unwrap();
-        let h = layer_norm(&x1, w.layer_norm2.0, w.layer_norm2.1, eps);
+        let h = layer_norm(&x1, w.layer_norm2, eps);
         let h = linear(&act_of(act, &linear(&h, w.fc1)), w.fc2);
         (x1 + h).unwrap()
     }

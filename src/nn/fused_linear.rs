@@ -53,8 +53,7 @@ pub(super) fn product_into(
         // SAFETY: without `accumulate` the product writes all m·n elements, reading none.
         None => unsafe {
             written(m * n, |dst| {
-                let dst = std::slice::from_raw_parts_mut(dst, m * n);
-                product_to((m, n, k), dst, false, (lhs, lhs_s), (rhs, rhs_s))
+                product_raw((m, n, k), (dst, m * n), false, (lhs, lhs_s), (rhs, rhs_s))
             })
         },
     }
@@ -65,8 +64,24 @@ pub(super) fn product_into(
 /// # Panics
 /// If the strides reach outside an operand (a caller's bug; checked before any write).
 pub(super) fn product_to(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     dst: &mut [f32],
+    accumulate: bool,
+    lhs: (&[f32], (usize, usize)),
+    rhs: (&[f32], (usize, usize)),
+) {
+    // SAFETY: `dst` is a borrowed slice of its length, initialised.
+    unsafe { product_raw(mnk, (dst.as_mut_ptr(), dst.len()), accumulate, lhs, rhs) }
+}
+
+/// [`product_to`] into `len` floats at `dst`, which need not be initialised when not
+/// `accumulate` (the product writes them all, reading none).
+///
+/// # Safety
+/// `dst` must be valid for `len` writes (and reads, with `accumulate`), aliasing nothing else.
+unsafe fn product_raw(
+    (m, n, k): (usize, usize, usize),
+    (dst, len): (*mut f32, usize),
     accumulate: bool,
     (lhs, lhs_s): (&[f32], (usize, usize)),
     (rhs, rhs_s): (&[f32], (usize, usize)),
@@ -76,17 +91,15 @@ pub(super) fn product_to(
         _ => (r - 1) * rs + (c - 1) * cs + 1,
     };
     assert!(
-        dst.len() >= m * n
-            && lhs.len() >= reach((m, k), lhs_s)
-            && rhs.len() >= reach((k, n), rhs_s),
+        len >= m * n && lhs.len() >= reach((m, k), lhs_s) && rhs.len() >= reach((k, n), rhs_s),
         "product operands shorter than their strides reach"
     );
     // SAFETY: checked above: the strides address `lhs` as [m, k] and `rhs` as [k, n] inside
-    // them and `dst` holds m·n elements; `dst` is borrowed mutably, so nothing aliases it.
+    // them and `dst` holds m·n elements; the caller guarantees nothing aliases it.
     unsafe {
         product(
             (m, n, k),
-            dst.as_mut_ptr(),
+            dst,
             (n, 1),
             lhs.as_ptr(),
             lhs_s,

@@ -25,6 +25,11 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+
+    /// (weight, bias), when the layer has a bias (what the fused blocks take).
+    pub fn with_bias(&self) -> Option<(&Tensor, &Tensor)> {
+        self.bias.as_ref().map(|b| (&self.weight, b))
+    }
 }
 
 /// A linear layer with bias; initialisation as torch.nn.Linear (uniform ±1/√in).

@@ -15,6 +15,7 @@ pub mod fused_attention;
 mod fused_cuda;
 pub mod fused_layer;
 pub mod fused_linear;
+pub mod fused_post_ln;
 mod gemm;
 pub mod init;
 pub mod layer_norm;

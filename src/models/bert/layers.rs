@@ -5,6 +5,8 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
+use crate::nn::fused::{self, Act};
+use crate::nn::fused_post_ln::{self, AttentionParams, FeedForwardParams};
 use crate::nn::{attention, linear, Activation, LayerNorm, Linear};
 
 /// `LayerNorm(dense(attention(x, kv)) + x)`: multi-head attention (BERT's `*.self` or the
@@ -48,6 +50,9 @@ impl PostLnAttention {
         kv: Option<&Tensor>,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
+        if let Some(y) = self.forward_fused(x, kv, mask)? {
+            return Ok(y);
+        }
         let src = kv.unwrap_or(x);
         let y = attention::multi_head(
             &self.query.forward(x)?,
@@ -57,6 +62,38 @@ impl PostLnAttention {
             mask,
         )?;
         self.layer_norm.forward(&(self.dense.forward(&y)? + x)?)
+    }
+}
+
+impl PostLnAttention {
+    /// The same in training on the CPU (float32, trainable weights): the block as one op with
+    /// its own backward (`nn::fused_post_ln`). `None` where it does not apply.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        kv: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        if !(self.query.weight().track_op() && fused::supported(x)) {
+            return Ok(None);
+        }
+        let (Some(query), Some(key), Some(value), Some(dense)) = (
+            self.query.with_bias(),
+            self.key.with_bias(),
+            self.value.with_bias(),
+            self.dense.with_bias(),
+        ) else {
+            return Ok(None);
+        };
+        let w = AttentionParams {
+            query,
+            key,
+            value,
+            dense,
+            layer_norm: (self.layer_norm.weight(), self.layer_norm.bias()),
+        };
+        let eps = self.layer_norm.eps();
+        fused_post_ln::attention_block(x, kv, &w, self.heads, eps, mask).map(Some)
     }
 }
 
@@ -88,7 +125,35 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_fused(x)? {
+            return Ok(y);
+        }
         let h = self.act.forward(&self.intermediate.forward(x)?)?;
         self.layer_norm.forward(&(self.output.forward(&h)? + x)?)
+    }
+}
+
+impl FeedForward {
+    /// The same in training on the CPU (float32, trainable weights, an activation with a fused
+    /// kernel): the block as one op with its own backward (`nn::fused_post_ln`).
+    fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let act = match self.act {
+            Activation::Gelu => Act::GeluErf,
+            Activation::QuickGelu => Act::QuickGelu,
+            _ => return Ok(None),
+        };
+        if !(self.intermediate.weight().track_op() && fused::supported(x)) {
+            return Ok(None);
+        }
+        let (Some(fc1), Some(fc2)) = (self.intermediate.with_bias(), self.output.with_bias())
+        else {
+            return Ok(None);
+        };
+        let w = FeedForwardParams {
+            fc1,
+            fc2,
+            layer_norm: (self.layer_norm.weight(), self.layer_norm.bias()),
+        };
+        fused_post_ln::feed_forward(x, &w, act, self.layer_norm.eps()).map(Some)
     }
 }

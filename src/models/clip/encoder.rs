@@ -120,19 +120,16 @@ impl EncoderLayer {
             return Ok(None);
         }
         let a = &self.self_attn;
-        fn pair(l: &Linear) -> Option<(&Tensor, &Tensor)> {
-            l.bias().map(|b| (l.weight(), b))
-        }
         fn norm(l: &LayerNorm) -> (&Tensor, &Tensor) {
             (l.weight(), l.bias())
         }
         let (Some(q), Some(k), Some(v), Some(o), Some(fc1), Some(fc2)) = (
-            pair(&a.q_proj),
-            pair(&a.k_proj),
-            pair(&a.v_proj),
-            pair(&a.out_proj),
-            pair(&self.fc1),
-            pair(&self.fc2),
+            a.q_proj.with_bias(),
+            a.k_proj.with_bias(),
+            a.v_proj.with_bias(),
+            a.out_proj.with_bias(),
+            self.fc1.with_bias(),
+            self.fc2.with_bias(),
         ) else {
             return Ok(None);
         };
