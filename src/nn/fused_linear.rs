@@ -114,6 +114,9 @@ unsafe fn product_raw(
 /// `x Wᵀ (+ b)`: x `[rows, k]`, w `[n, k]` read as Wᵀ through its strides; the bias rows are the
 /// product's starting value.
 pub(super) fn forward(d: Dims, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+    if (1..=super::few_rows::MAX_ROWS).contains(&d.rows) {
+        return super::few_rows::product(d.rows, d.k, x, w, b);
+    }
     let init = b.map(|b| b.repeat(d.rows));
     product_into((d.rows, d.n, d.k), init, (x, (d.k, 1)), (w, (1, d.k)))
 }

@@ -8,6 +8,7 @@
 
 pub mod activation;
 pub mod attention;
+mod few_rows;
 pub mod frozen;
 pub mod fused;
 pub mod fused_attention;

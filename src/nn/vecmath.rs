@@ -132,7 +132,12 @@ fn lane_fold(
 /// the lanes folded in halves (8 onto 8, 4 onto 4, 2, 1). Every build gives the same bits.
 #[inline(always)]
 pub fn sum_of(n: usize, f: impl Fn(usize) -> f32) -> f32 {
-    let mut acc = lane_fold(n, 0.0, f, |a, b| a + b);
+    fold_lanes(lane_fold(n, 0.0, f, |a, b| a + b))
+}
+
+/// The sum of 16 lanes folded in halves (8 onto 8, 4 onto 4, 2, 1): a fixed association.
+#[inline(always)]
+pub fn fold_lanes(mut acc: [f32; 16]) -> f32 {
     let mut w = 8;
     while w > 0 {
         for l in 0..w {
