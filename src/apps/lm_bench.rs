@@ -12,7 +12,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::Result;
@@ -159,10 +158,13 @@ fn step_ms(
         let shard_rows: Vec<Tensor> = (0..shards)
             .map(|k| queries.narrow(0, k * per, per))
             .collect::<candle_core::Result<_>>()?;
-        let grads: Vec<Result<Tensor>> = shard_rows
-            .par_iter()
-            .map(|q| step_grad(lm, q, &proj, per))
-            .collect();
+        // As the stage-2 task runs its shards (train/shards.rs); one shard runs here.
+        let grads = match shards {
+            1 => vec![step_grad(lm, &shard_rows[0], &proj, per)],
+            _ => crate::train::shards::run("stage-2 bench", &shard_rows, |q| {
+                step_grad(lm, q, &proj, per)
+            })?,
+        };
         for g in grads {
             g?;
         }

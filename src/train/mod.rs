@@ -12,6 +12,7 @@ pub mod distill;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod shards;
 pub mod task;
 pub mod tasks;
 pub mod tokenizer;

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use rayon::prelude::*;
 
 use crate::data::batch::Batch;
 use crate::data::image::{processor_for_dir, ImageProcessor};
@@ -28,8 +27,8 @@ use crate::models::ModelDir;
 use crate::objectives::lm::{caption_targets, token_cross_entropy_sum};
 use crate::train::config::{Blip2Spec, TrainConfig};
 use crate::train::optim::{add_grads, Grads};
+use crate::train::shards::SHARDS;
 use crate::train::task::{LossTerms, Task, TaskParts};
-use crate::train::tasks::qformer::SHARDS;
 
 pub struct Blip2Task {
     pub parts: TaskParts,
@@ -296,12 +295,10 @@ impl Task for Blip2Task {
                 .filter(|r| !r.is_empty())
                 .map(|r| (b.rows(r.clone()), &texts[r]))
                 .collect();
-            // rayon's pool: its threads (and their allocator heaps) live across steps, where
-            // fresh threads each step made the kernel zero new pages for ~20% of the time.
-            let results: Vec<Result<(Grads, f64)>> = shards
-                .par_iter()
-                .map(|(s, t)| this.shard_grads(s, t, total))
-                .collect();
+            // Each in a pool of its own (train/shards.rs says why).
+            let results = crate::train::shards::run("stage-2", &shards, |(s, t)| {
+                this.shard_grads(s, t, total)
+            })?;
             for res in results {
                 let (g, l) = res?;
                 add_grads(&mut grads, g)?;

@@ -46,31 +46,7 @@ use crate::train::task::LossTerms;
 /// image ids (the queues take them once the step is done).
 pub(super) type StepOutput = (Grads, LossTerms, Option<(Tensor, Tensor, Vec<u64>)>);
 
-/// Threads each micro-batch is split over.
-pub const SHARDS: usize = 2;
-
-/// One rayon pool per shard, each with an equal part of the global pool's threads (at least
-/// one). A shard's kernels split their work over its own pool: with both shards' kernels
-/// feeding the one global pool, every product and row loop was shared out between two cores
-/// already busy with the other shard, and a 2-core step ran ~1.2x faster than on one core
-/// instead of ~1.6x. Results do not depend on it: every kernel splits its work in fixed pieces.
-fn shard_pools() -> Result<&'static [rayon::ThreadPool]> {
-    static POOLS: std::sync::OnceLock<Vec<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    if let Some(p) = POOLS.get() {
-        return Ok(p);
-    }
-    let threads = (rayon::current_num_threads() / SHARDS).max(1);
-    let pools = (0..SHARDS)
-        .map(|k| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(move |i| format!("qformer-shard-{k}-{i}"))
-                .build()
-                .map_err(|e| Error::input(format!("cannot start the Q-Former shard threads: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(POOLS.get_or_init(|| pools))
-}
+pub use crate::train::shards::SHARDS;
 
 /// The texts of a step, and the frozen image features of its images.
 struct StepRows {
@@ -405,26 +381,9 @@ impl QformerTask {
                 .filter(|s| !s.is_empty())
                 .map(|s| (s.clone(), at + s.start - r.start))
                 .collect();
-            let pools = shard_pools()?;
-            let results: Vec<Result<(Grads, f32, f32)>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = shards
-                    .iter()
-                    .zip(pools)
-                    .map(|((s, g), pool)| {
-                        let cached = &cached;
-                        scope
-                            .spawn(move || pool.install(|| self.shard_grads(cached, s.clone(), *g)))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(Error::input("a Q-Former shard thread panicked"))
-                        })
-                    })
-                    .collect()
-            });
+            let results = crate::train::shards::run("Q-Former", &shards, |(s, g)| {
+                self.shard_grads(&cached, s.clone(), *g)
+            })?;
             for res in results {
                 let (g, m, t) = res?;
                 add_grads(&mut grads, g)?;
