@@ -218,12 +218,14 @@ impl AttentionOp {
         (out, AttnSaved { q, kv, attn, s })
     }
 
-    /// dx, d(src) (cross-attention only) and the packed parameters' gradient.
+    /// dx, d(src) (cross-attention to a source that takes a gradient, `src_grad`: frozen image
+    /// features take none) and the packed parameters' gradient.
     fn backward(
         &self,
         sv: &AttnSaved,
         (x, src, p): (&[f32], &[f32], &[f32]),
         g: &[f32],
+        src_grad: bool,
     ) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>) {
         let (d, e) = (self.d, self.e);
         let [_, _, _, _, _, _, wo, _, lnw, _] = split(p, attn_lens(d, e));
@@ -265,8 +267,9 @@ impl AttentionOp {
                 };
                 db_kv.copy_from_slice(&column_sum(&dkv, 2 * d));
                 weight_grad_to(proj_kv, &dkv, src, dw_kv);
-                let dsrc = input_grad(proj_kv, &dkv, &p[d * d..d * d + 2 * d * e]);
-                (dx, Some(dsrc), dp)
+                let w_kv = &p[d * d..d * d + 2 * d * e];
+                let dsrc = src_grad.then(|| input_grad(proj_kv, &dkv, w_kv));
+                (dx, dsrc, dp)
             }
         }
     }
@@ -284,7 +287,7 @@ impl Block for SelfAttentionOp {
     }
 
     fn backward(&self, s: &AttnSaved, x: &[f32], p: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        let (dx, _, dp) = self.0.backward(s, (x, x, p), g);
+        let (dx, _, dp) = self.0.backward(s, (x, x, p), g, false);
         (dx, dp)
     }
 }
@@ -329,12 +332,12 @@ impl CustomOp3 for CrossAttentionOp {
         let (dx, dsrc, dp) = with_f32s(
             [x, src, p, &dout],
             "cross-attention backward operand",
-            |[x, src, p, g]| Ok(self.0.backward(sv, (x, src, p), g)),
+            |[x, s, p, g]| Ok(self.0.backward(sv, (x, s, p), g, src.track_op())),
         )?;
         let dev = x.device();
-        let dsrc = match (dsrc, src.track_op()) {
-            (Some(v), true) => Some(Tensor::from_vec(v, src.shape(), dev)?),
-            _ => None,
+        let dsrc = match dsrc {
+            Some(v) => Some(Tensor::from_vec(v, src.shape(), dev)?),
+            None => None,
         };
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
