@@ -5,6 +5,8 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::fused::Act;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Activation {
     /// `x * sigmoid(1.702 x)`, OpenAI CLIP's approximation.
@@ -23,11 +25,20 @@ pub enum Activation {
 }
 
 impl Activation {
-    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
-        use super::fused::{activation, supported, Act};
+    /// The fused CPU kernel's form of this activation, where there is one.
+    pub fn fused_kernel(self) -> Option<Act> {
         match self {
-            Activation::QuickGelu if supported(x) => activation(x, Act::QuickGelu),
-            Activation::Gelu if supported(x) => activation(x, Act::GeluErf),
+            Activation::QuickGelu => Some(Act::QuickGelu),
+            Activation::Gelu => Some(Act::GeluErf),
+            _ => None,
+        }
+    }
+
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(act), true) = (self.fused_kernel(), super::fused::supported(x)) {
+            return super::fused::activation(x, act);
+        }
+        match self {
             Activation::QuickGelu => x.mul(&candle_nn::ops::sigmoid(&(x * 1.702)?)?),
             Activation::Gelu => x.gelu_erf(),
             Activation::GeluTanh => x.gelu(),

@@ -125,9 +125,7 @@ pub(super) fn product(rows: usize, k: usize, x: &[f32], w: &[f32], b: Option<&[f
         j0 += nj;
     }
     if let Some(b) = b {
-        for yr in y.chunks_mut(n.max(1)) {
-            yr.iter_mut().zip(b).for_each(|(v, bv)| *v += bv);
-        }
+        super::fused::add_rows(&mut y, b);
     }
     y
 }

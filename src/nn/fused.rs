@@ -138,6 +138,17 @@ pub(super) fn layer_norm_forward(x: &[f32], w: &[f32], b: &[f32], n: usize, eps:
     y
 }
 
+/// [`layer_norm_backward`] into a new dx (rows of `w.len()`), returned.
+pub(super) fn layer_norm_dx(
+    (x, w, dy): (&[f32], &[f32], &[f32]),
+    eps: f32,
+    (dw, db): (&mut [f32], &mut [f32]),
+) -> Vec<f32> {
+    let mut dx = vec![0f32; x.len()];
+    layer_norm_backward((x, w, dy), w.len(), eps, (&mut dx, dw, db));
+    dx
+}
+
 /// LayerNorm's backward over every row: writes `dx` (as long as `x`) and adds Σ dy·x̂ and Σ dy
 /// into `dw` and `db` (`n` each). Partial sums per fixed chunk of rows, added in chunk order,
 /// so the result does not depend on the threads.
@@ -604,13 +615,7 @@ impl CustomOp2 for AddBias {
         if last_dim(l1) != n {
             bail!("add_bias: bias of {n} for rows of {}", last_dim(l1));
         }
-        let mut y = x.to_vec();
-        y.par_chunks_mut(n * ROW_CHUNK).for_each(|c| {
-            for r in c.chunks_mut(n) {
-                r.iter_mut().zip(b).for_each(|(o, bv)| *o += bv);
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(rows_plus(x, b)), l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -688,6 +693,23 @@ impl CustomOp1 for ColumnSum {
         let total = super::fused_cuda::column_sum((s, l), self.n)?;
         Ok((total, Shape::from(self.n)))
     }
+}
+
+/// `b` added to every row of `y` (rows of `b.len()`), in place.
+pub(super) fn add_rows(y: &mut [f32], b: &[f32]) {
+    let n = b.len().max(1);
+    y.par_chunks_mut(n * ROW_CHUNK).for_each(|c| {
+        for r in c.chunks_mut(n) {
+            r.iter_mut().zip(b).for_each(|(o, bv)| *o += bv);
+        }
+    });
+}
+
+/// `x` with `b` added to every row (rows of `b.len()`).
+pub(super) fn rows_plus(x: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut y = x.to_vec();
+    add_rows(&mut y, b);
+    y
 }
 
 /// `x + b` with `b` broadcast over all leading dimensions; the bias gradient is one fused

@@ -23,8 +23,8 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fused::{
-    activation_backward, activation_forward, column_sum, layer_norm_backward, layer_norm_forward,
-    with_f32s, Act,
+    activation_backward, activation_forward, column_sum, layer_norm_dx, layer_norm_forward,
+    rows_plus, with_f32s, Act,
 };
 use super::fused_attention::PackedSlices;
 use super::fused_linear::Dims;
@@ -105,18 +105,6 @@ pub(super) fn keep<T>(slot: &Mutex<Option<T>>, value: T) -> Result<()> {
         }
         Err(_) => bail!("a fused block's saved activations were poisoned by a panic"),
     }
-}
-
-/// `x` with `b` added to every row (rows of `b.len()`): the starting value of a product that
-/// adds a residual and a bias at once.
-pub(super) fn rows_plus(x: &[f32], b: &[f32]) -> Vec<f32> {
-    let mut out = x.to_vec();
-    out.par_chunks_mut(b.len() * 64).for_each(|c| {
-        for r in c.chunks_mut(b.len()) {
-            r.iter_mut().zip(b).for_each(|(o, v)| *o += v);
-        }
-    });
-    out
 }
 
 /// `acc += x`, element-wise.
@@ -267,8 +255,7 @@ impl Block for LayerOp {
         };
         let dxn2 = mlp.backward(g, [dw1, db1, dw2, db2], None);
         // ln2, plus the residual path around the MLP.
-        let mut dx1 = vec![0f32; rows * d];
-        layer_norm_backward((&s.x1, ln2w, &dxn2), d, eps, (&mut dx1, dln2w, dln2b));
+        let mut dx1 = layer_norm_dx((&s.x1, ln2w, &dxn2), eps, (dln2w, dln2b));
         drop(dxn2);
         add_into(&mut dx1, g);
         // The out-projection: x1 = x + attn Woᵀ + bo.
@@ -289,8 +276,7 @@ impl Block for LayerOp {
         let dxn1 = input_grad(qkv, &dqkv, wqkv);
         drop(dqkv);
         // ln1, plus the residual path around attention.
-        let mut dx = vec![0f32; rows * d];
-        layer_norm_backward((x, ln1w, &dxn1), d, eps, (&mut dx, dln1w, dln1b));
+        let mut dx = layer_norm_dx((x, ln1w, &dxn1), eps, (dln1w, dln1b));
         add_into(&mut dx, &dx1);
         (dx, dp)
     }
@@ -371,11 +357,6 @@ pub(super) fn apply<B: Block>(x: &Tensor, packed: &Tensor, block: B) -> Result<T
         saved: Mutex::new(None),
     };
     x.contiguous()?.apply_op2(packed, op)
-}
-
-/// Whether [`encoder_layer`] runs for `x`: float32 on the CPU.
-pub fn supported(x: &Tensor) -> bool {
-    super::fused::supported(x)
 }
 
 /// One pre-LN encoder layer over `x` `[B, T, d]`: `x1 = x + out_proj(attn(ln1(x)))`, then

@@ -15,27 +15,13 @@ use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::fused::{column_sum, f32s, layer_norm_backward, layer_norm_forward, with_f32s, Act};
-use super::fused_attention::{CrossSlices, PackedSlices};
-use super::fused_layer::{
-    apply, keep, mlp_forward, pack, rows_plus, saved, split, split_mut, Block, Mlp,
+use super::fused::{
+    column_sum, f32s, layer_norm_dx, layer_norm_forward, rows_plus, with_f32s, Act,
 };
+use super::fused_attention::{CrossSlices, PackedSlices};
+use super::fused_layer::{apply, keep, mlp_forward, pack, saved, split, split_mut, Block, Mlp};
 use super::fused_linear::Dims;
 use super::fused_linear::{forward as linear_forward, input_grad, product_into, weight_grad_to};
-
-/// `LayerNorm(s)` of the pre-norm sum `s` and its backward's first step: the gradient of `s`
-/// (written into a new buffer) and the norm's parameter gradients (added into `dw`, `db`).
-fn norm_backward(
-    s: &[f32],
-    w: &[f32],
-    g: &[f32],
-    eps: f32,
-    (dw, db): (&mut [f32], &mut [f32]),
-) -> Vec<f32> {
-    let mut ds = vec![0f32; s.len()];
-    layer_norm_backward((s, w, g), w.len(), eps, (&mut ds, dw, db));
-    ds
-}
 
 /// `dx = ds + dh Wᵀ…`: the input gradient of `x` through a linear layer (`dh` `[rows, n]`, `w`
 /// `[n, k]`) plus the residual's `ds`, in one product that starts from `ds`.
@@ -84,7 +70,7 @@ impl Block for FeedForwardOp {
         let [w1, _, w2, _, lnw, _] = split(p, ffn_lens(d, i));
         let mut dp = vec![0f32; p.len()];
         let [dw1, db1, dw2, db2, dlnw, dlnb] = split_mut(&mut dp, ffn_lens(d, i));
-        let ds = norm_backward(&sv.s, lnw, g, self.eps, (dlnw, dlnb));
+        let ds = layer_norm_dx((&sv.s, lnw, g), self.eps, (dlnw, dlnb));
         let mlp = Mlp {
             x,
             u: &sv.u,
@@ -135,10 +121,11 @@ pub fn feed_forward(x: &Tensor, w: &FeedForwardParams, act: Act, eps: f64) -> Re
 // Attention
 
 /// Lengths of the attention block's packed parameters (width `d`, key/value source width `e`):
-/// Wq `[d, d]`, Wk `[d, e]`, Wv `[d, e]`, bq, bk, bv, Wo `[d, d]`, bo, LayerNorm weight, bias.
-/// Wk and Wv (and Wq before them, in self-attention) are contiguous: one stacked weight.
-fn attn_lens(d: usize, e: usize) -> [usize; 10] {
-    [d * d, d * e, d * e, d, d, d, d * d, d, d, d]
+/// the stacked projection weights Wq `[d, d]` | Wk `[d, e]` | Wv `[d, e]`, the stacked biases
+/// bq | bk | bv, Wo `[d, d]`, bo, LayerNorm weight, bias. In self-attention (e = d) the first
+/// two are W_qkv and b_qkv; in cross-attention their parts after Wq / bq are W_kv and b_kv.
+fn attn_lens(d: usize, e: usize) -> [usize; 6] {
+    [d * d + 2 * d * e, 3 * d, d * d, d, d, d]
 }
 
 /// How the block attends: to itself (q, k, v one product), or to `src` rows (q one product, k
@@ -169,11 +156,8 @@ struct AttentionOp {
 impl AttentionOp {
     fn forward(&self, x: &[f32], src: &[f32], p: &[f32]) -> (Vec<f32>, AttnSaved) {
         let (d, e) = (self.d, self.e);
-        let [wq, wk, _, bq, _, _, wo, bo, lnw, lnb] = split(p, attn_lens(d, e));
+        let [w_qkv, b_qkv, wo, bo, lnw, lnb] = split(p, attn_lens(d, e));
         let rows = x.len() / d;
-        // The stacked weights and biases start at Wq / Wk and bq / bk.
-        let w_len = d * d + 2 * d * e;
-        let (w_qkv, b_qkv) = (&p[..w_len], &p[w_len..w_len + 3 * d]);
         let (q, kv, attn) = match &self.attend {
             Attend::Own(a) => {
                 let qkv = linear_forward(
@@ -190,8 +174,8 @@ impl AttentionOp {
                 (qkv, Vec::new(), attn)
             }
             Attend::Cross(a) => {
+                let ((wq, w_kv), (bq, b_kv)) = (w_qkv.split_at(d * d), b_qkv.split_at(d));
                 let q = linear_forward(Dims { rows, k: d, n: d }, x, wq, Some(bq));
-                let (w_kv, b_kv) = (&p[d * d..d * d + 2 * d * e], &b_qkv[d..3 * d]);
                 let src_rows = src.len() / e;
                 let kv = linear_forward(
                     Dims {
@@ -203,7 +187,6 @@ impl AttentionOp {
                     w_kv,
                     Some(b_kv),
                 );
-                debug_assert_eq!(w_kv.as_ptr(), wk.as_ptr());
                 let attn = a.forward(&q, &kv);
                 (q, kv, attn)
             }
@@ -228,13 +211,11 @@ impl AttentionOp {
         src_grad: bool,
     ) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>) {
         let (d, e) = (self.d, self.e);
-        let [_, _, _, _, _, _, wo, _, lnw, _] = split(p, attn_lens(d, e));
+        let [w_qkv, _, wo, _, lnw, _] = split(p, attn_lens(d, e));
         let rows = x.len() / d;
         let mut dp = vec![0f32; p.len()];
-        let (dw_qkv, rest) = dp.split_at_mut(d * d + 2 * d * e);
-        let (db_qkv, rest) = rest.split_at_mut(3 * d);
-        let [dwo, dbo, dlnw, dlnb] = split_mut(rest, [d * d, d, d, d]);
-        let ds = norm_backward(&sv.s, lnw, g, self.eps, (dlnw, dlnb));
+        let [dw_qkv, db_qkv, dwo, dbo, dlnw, dlnb] = split_mut(&mut dp, attn_lens(d, e));
+        let ds = layer_norm_dx((&sv.s, lnw, g), self.eps, (dlnw, dlnb));
         let dense = Dims { rows, k: d, n: d };
         dbo.copy_from_slice(&column_sum(&ds, d));
         weight_grad_to(dense, &ds, &sv.attn, dwo);
@@ -249,17 +230,18 @@ impl AttentionOp {
                 };
                 db_qkv.copy_from_slice(&column_sum(&dqkv, 3 * d));
                 weight_grad_to(proj, &dqkv, x, dw_qkv);
-                let dx = input_grad_plus(proj, &dqkv, &p[..3 * d * d], ds);
+                let dx = input_grad_plus(proj, &dqkv, w_qkv, ds);
                 (dx, None, dp)
             }
             Attend::Cross(a) => {
                 let (dq, dkv) = a.backward(&sv.q, &sv.kv, &dattn);
+                let (wq, w_kv) = w_qkv.split_at(d * d);
                 let (dwq, dw_kv) = dw_qkv.split_at_mut(d * d);
                 let (dbq, db_kv) = db_qkv.split_at_mut(d);
                 let proj_q = Dims { rows, k: d, n: d };
                 dbq.copy_from_slice(&column_sum(&dq, d));
                 weight_grad_to(proj_q, &dq, x, dwq);
-                let dx = input_grad_plus(proj_q, &dq, &p[..d * d], ds);
+                let dx = input_grad_plus(proj_q, &dq, wq, ds);
                 let proj_kv = Dims {
                     rows: src.len() / e,
                     k: e,
@@ -267,7 +249,6 @@ impl AttentionOp {
                 };
                 db_kv.copy_from_slice(&column_sum(&dkv, 2 * d));
                 weight_grad_to(proj_kv, &dkv, src, dw_kv);
-                let w_kv = &p[d * d..d * d + 2 * d * e];
                 let dsrc = src_grad.then(|| input_grad(proj_kv, &dkv, w_kv));
                 (dx, dsrc, dp)
             }

@@ -5,7 +5,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
-use crate::nn::fused::{self, Act};
+use crate::nn::fused;
 use crate::nn::fused_post_ln::{self, AttentionParams, FeedForwardParams};
 use crate::nn::{attention, linear, Activation, LayerNorm, Linear};
 
@@ -137,10 +137,8 @@ impl FeedForward {
     /// The same in training on the CPU (float32, trainable weights, an activation with a fused
     /// kernel): the block as one op with its own backward (`nn::fused_post_ln`).
     fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let act = match self.act {
-            Activation::Gelu => Act::GeluErf,
-            Activation::QuickGelu => Act::QuickGelu,
-            _ => return Ok(None),
+        let Some(act) = self.act.fused_kernel() else {
+            return Ok(None);
         };
         if !(self.intermediate.weight().track_op() && fused::supported(x)) {
             return Ok(None);

@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
-use crate::nn::fused::Act;
+use crate::nn::fused;
 use crate::nn::fused_layer::{self, LayerParams};
 use crate::nn::{attention, fused_attention, linear, Activation, LayerNorm, Linear};
 
@@ -111,12 +111,10 @@ impl EncoderLayer {
     /// with its own backward (`nn::fused_layer`). `None` where it does not apply (inference,
     /// frozen weights, another device or dtype, an activation the fused kernels lack).
     fn forward_fused(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
-        let act = match self.act {
-            Activation::QuickGelu => Act::QuickGelu,
-            Activation::Gelu => Act::GeluErf,
-            _ => return Ok(None),
+        let Some(act) = self.act.fused_kernel() else {
+            return Ok(None);
         };
-        if !(self.layer_norm1.weight().track_op() && fused_layer::supported(x)) {
+        if !(self.layer_norm1.weight().track_op() && fused::supported(x)) {
             return Ok(None);
         }
         let a = &self.self_attn;

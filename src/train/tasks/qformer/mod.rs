@@ -9,8 +9,6 @@
 mod global;
 mod step;
 
-pub use step::SHARDS;
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;

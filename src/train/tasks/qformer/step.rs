@@ -46,7 +46,7 @@ use crate::train::task::LossTerms;
 /// image ids (the queues take them once the step is done).
 pub(super) type StepOutput = (Grads, LossTerms, Option<(Tensor, Tensor, Vec<u64>)>);
 
-pub use crate::train::shards::SHARDS;
+use crate::train::shards::SHARDS;
 
 /// The texts of a step, and the frozen image features of its images.
 struct StepRows {
