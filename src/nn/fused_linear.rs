@@ -5,12 +5,15 @@
 //! as the bias rows and the gemm adds to it), the input keeps its leading dimensions, and the
 //! backward forms only the gradients that something needs: `dx = dy W` when `x` is on a gradient
 //! path, `dW = dyᵀ x` when `W` is (a frozen weight gets none: BLIP-2 stage 2's frozen LM), and
-//! `db`, a column sum in a fixed order.
+//! `db`, a column sum in a fixed order. The weight is either row-major `[n, k]` or stored
+//! transposed (a frozen weight on the CPU, see `nn::linear`): each product reads it through the
+//! strides of its layout.
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::fused::{column_sum, f32s, with_f32s};
 use super::gemm::{product, written};
+use candle_core::Storage;
 
 /// Sizes: `rows` of `k` inputs to `n` outputs.
 #[derive(Clone, Copy)]
@@ -30,6 +33,50 @@ fn dims(x: &Layout, w: &Layout) -> Result<(Dims, Shape)> {
     *out.last_mut().expect("non-empty") = n;
     let rows = x.shape().elem_count() / k.max(1);
     Ok((Dims { rows, k, n }, Shape::from(out)))
+}
+
+/// A weight `[n, k]` as it lies in memory.
+#[derive(Clone, Copy)]
+enum Weight<'a> {
+    /// Row-major `[n, k]`, as checkpoints store it.
+    Rows(&'a [f32]),
+    /// Stored transposed, row-major `[k, n]` (a frozen weight on the CPU: `nn::linear`).
+    Cols(&'a [f32]),
+}
+
+impl<'a> Weight<'a> {
+    /// The weight's elements in the layout `l` gives them (one of the two above).
+    fn of(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Self> {
+        if l.contiguous_offsets().is_some() {
+            return Ok(Weight::Rows(f32s(s, l, what)?));
+        }
+        match l.dims().len() == 2 && transposed(l) {
+            true => Ok(Weight::Cols(f32s(s, &l.transpose(0, 1)?, what)?)),
+            false => bail!("{what}: a weight must be contiguous or a contiguous transpose"),
+        }
+    }
+
+    /// `W` (`[n, k]`) as a product's right operand: the slice and its (row, column) strides.
+    fn as_w(self, d: Dims) -> (&'a [f32], (usize, usize)) {
+        match self {
+            Weight::Rows(w) => (w, (d.k, 1)),
+            Weight::Cols(w) => (w, (1, d.n)),
+        }
+    }
+
+    /// `Wᵀ` (`[k, n]`) as a product's right operand.
+    fn as_wt(self, d: Dims) -> (&'a [f32], (usize, usize)) {
+        match self {
+            Weight::Rows(w) => (w, (1, d.k)),
+            Weight::Cols(w) => (w, (d.n, 1)),
+        }
+    }
+}
+
+/// Whether a 2-D layout is the transpose of a contiguous one.
+fn transposed(l: &Layout) -> bool {
+    l.transpose(0, 1)
+        .is_ok_and(|t| t.contiguous_offsets().is_some())
 }
 
 /// The threads of the rayon pool this runs in (the global pool, or a Q-Former shard's).
@@ -114,16 +161,28 @@ unsafe fn product_raw(
 /// `x Wᵀ (+ b)`: x `[rows, k]`, w `[n, k]` read as Wᵀ through its strides; the bias rows are the
 /// product's starting value.
 pub(super) fn forward(d: Dims, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
-    if (1..=super::few_rows::MAX_ROWS).contains(&d.rows) {
+    forward_laid(d, x, Weight::Rows(w), b)
+}
+
+/// [`forward`] for a weight in either layout.
+fn forward_laid(d: Dims, x: &[f32], w: Weight, b: Option<&[f32]>) -> Vec<f32> {
+    // A few rows against W stored transposed: the gemm crate reads Wᵀ's rows as they lie and
+    // packs nothing, at or above the few-rows kernel's speed (decode steps of the frozen LM).
+    if let (Weight::Rows(w), true) = (w, (1..=super::few_rows::MAX_ROWS).contains(&d.rows)) {
         return super::few_rows::product(d.rows, d.k, x, w, b);
     }
     let init = b.map(|b| b.repeat(d.rows));
-    product_into((d.rows, d.n, d.k), init, (x, (d.k, 1)), (w, (1, d.k)))
+    product_into((d.rows, d.n, d.k), init, (x, (d.k, 1)), w.as_wt(d))
 }
 
 /// `dy W` (`[rows, k]`).
 pub(super) fn input_grad(d: Dims, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    product_into((d.rows, d.k, d.n), None, (dy, (d.n, 1)), (w, (d.k, 1)))
+    input_grad_laid(d, dy, Weight::Rows(w))
+}
+
+/// [`input_grad`] for a weight in either layout.
+fn input_grad_laid(d: Dims, dy: &[f32], w: Weight) -> Vec<f32> {
+    product_into((d.rows, d.k, d.n), None, (dy, (d.n, 1)), w.as_w(d))
 }
 
 /// `dyᵀ x` (`[n, k]`), dy read transposed through its strides.
@@ -155,9 +214,14 @@ fn backward(
     let dev = x.device();
     with_f32s([&dy], "linear backward: output gradient", |[g]| {
         let dx = match x.track_op() {
-            true => Some(with_f32s([w], "linear backward: weight", |[wv]| {
-                Tensor::from_vec(input_grad(d, g, wv), x.shape(), dev)
-            })?),
+            true => {
+                let (s, l) = w.storage_and_layout();
+                let Storage::Cpu(s) = &*s else {
+                    bail!("linear backward: the weight is not on the CPU");
+                };
+                let wv = Weight::of(s, l, "linear backward: weight")?;
+                Some(Tensor::from_vec(input_grad_laid(d, g, wv), x.shape(), dev)?)
+            }
             false => None,
         };
         let dw = match w.track_op() {
@@ -197,9 +261,9 @@ impl CustomOp3 for LinearBias {
         }
         let (x, w) = (
             f32s(s1, l1, "linear input")?,
-            f32s(s2, l2, "linear weight")?,
+            Weight::of(s2, l2, "linear weight")?,
         );
-        Ok((CpuStorage::F32(forward(d, x, w, Some(b))), shape))
+        Ok((CpuStorage::F32(forward_laid(d, x, w, Some(b))), shape))
     }
 
     fn bwd(
@@ -231,9 +295,9 @@ impl CustomOp2 for LinearNoBias {
         let (d, shape) = dims(l1, l2)?;
         let (x, w) = (
             f32s(s1, l1, "linear input")?,
-            f32s(s2, l2, "linear weight")?,
+            Weight::of(s2, l2, "linear weight")?,
         );
-        Ok((CpuStorage::F32(forward(d, x, w, None)), shape))
+        Ok((CpuStorage::F32(forward_laid(d, x, w, None)), shape))
     }
 
     fn bwd(
@@ -254,9 +318,14 @@ pub fn supported(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
     cpu_f32(x) && cpu_f32(w) && b.is_none_or(cpu_f32)
 }
 
-/// `x Wᵀ + b` for `x` `[.., in]`, `w` `[out, in]`, `b` `[out]`: `[.., out]`.
+/// `x Wᵀ + b` for `x` `[.., in]`, `w` `[out, in]`, `b` `[out]`: `[.., out]`. A weight stored
+/// transposed is read as it lies.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let x = x.contiguous()?;
+    let w = match w.rank() == 2 && !w.is_contiguous() && transposed(w.layout()) {
+        true => w.clone(),
+        false => w.contiguous()?,
+    };
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearBias),
         None => x.apply_op2(&w, LinearNoBias),
@@ -330,5 +399,47 @@ mod tests {
             .matmul(&w)
             .unwrap();
         assert!(rel(g.get(x.as_tensor()).unwrap(), &expect) < 1e-6);
+    }
+
+    /// A weight stored transposed (`nn::linear`'s frozen layout) gives the composition's values
+    /// and input gradient, for few rows (a decode step) and many, with and without a bias.
+    #[test]
+    fn a_weight_stored_transposed_reads_as_the_composition() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.3, (40, 24), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.3, 40, &dev).unwrap();
+        let cols = w.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert!(!cols.is_contiguous() && transposed(cols.layout()));
+        for rows in [1, 5, 8, 9, 70] {
+            let x = Var::randn(0f32, 1.0, (rows, 24), &dev).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, (rows, 40), &dev).unwrap();
+            for bias in [Some(&b), None] {
+                let ours = linear(x.as_tensor(), &cols, bias).unwrap();
+                let mut theirs = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+                if let Some(b) = bias {
+                    theirs = theirs.broadcast_add(b).unwrap();
+                }
+                assert!(
+                    rel(&ours, &theirs) < 1e-6,
+                    "rows {rows}: {}",
+                    rel(&ours, &theirs)
+                );
+                let g = ours
+                    .mul(&probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                assert!(g.get(&cols).is_none());
+                let expect = probe.matmul(&w).unwrap();
+                let got = g.get(x.as_tensor()).unwrap();
+                assert!(
+                    rel(got, &expect) < 1e-5,
+                    "rows {rows} dx: {}",
+                    rel(got, &expect)
+                );
+            }
+        }
     }
 }

@@ -161,6 +161,61 @@ pub fn seeded_with(
     )
 }
 
+/// Serves a map of tensors as plain (frozen) ones and lets go of each as it is served.
+struct Taking {
+    tensors: std::sync::Mutex<std::collections::HashMap<String, Tensor>>,
+}
+
+impl Taking {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Tensor>> {
+        // A poisoned lock only means a constructor panicked; the map itself is intact.
+        self.tensors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl SimpleBackend for Taking {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "tensor `{name}` has shape {:?}, the model expects {:?}",
+                t.dims(),
+                s.dims()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        match self.lock().remove(name) {
+            Some(t) => t.to_dtype(dtype)?.to_device(dev),
+            None => candle_core::bail!("no tensor `{name}` (or it was asked for twice)"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+}
+
+/// A builder over `tensors` (an inference model's weights) that drops its hold on each tensor
+/// once the model has taken it, so that a layer keeping its weight in another layout
+/// (`nn::linear`'s frozen weights) replaces it instead of holding both while the model loads.
+/// Each name can be taken once.
+pub fn taking(
+    tensors: std::collections::HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
+    VarBuilder::from_backend(
+        Box::new(Taking {
+            tensors: std::sync::Mutex::new(tensors),
+        }),
+        dtype,
+        device.clone(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +239,27 @@ mod tests {
         );
         let u = seeded_values(&Init::Uniform { lo: -1.0, up: 3.0 }, &s, 1, "b");
         assert!(u.iter().all(|&x| (-1.0..3.0).contains(&x)));
+    }
+
+    /// `taking` serves each tensor once, as stored, and names what is wrong otherwise.
+    #[test]
+    fn taking_serves_each_tensor_once() {
+        let dev = Device::Cpu;
+        let t = Tensor::arange(0f32, 6.0, &dev)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let map = std::collections::HashMap::from([("a".to_string(), t.clone())]);
+        let vb = taking(map, DType::F32, &dev);
+        assert!(vb.contains_tensor("a"));
+        let got = vb.get((2, 3), "a").unwrap();
+        assert_eq!(got.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+        assert!(!vb.contains_tensor("a"));
+        let again = vb.get((2, 3), "a").unwrap_err().to_string();
+        assert!(again.contains("no tensor `a`"), "{again}");
+        let map = std::collections::HashMap::from([("a".to_string(), t.clone())]);
+        let vb = taking(map, DType::F32, &dev);
+        let err = vb.get((3, 2), "a").unwrap_err().to_string();
+        assert!(err.contains("shape [2, 3]"), "{err}");
     }
 }

@@ -302,20 +302,19 @@ fn train_phases(
 
 /// A detached ViT-B/32 vision tower with random weights (transformers' default
 /// `CLIPVisionConfig`: width 768, 12 layers, patch 32, 224²): the inference path (fused
-/// kernels, no autograd graph).
+/// kernels, no autograd graph, frozen weights laid out as a loaded model's).
 fn vit_b32_tower(device: &Device) -> Result<ClipVision> {
     let cfg = ClipVisionConfig::default();
-    let varmap = VarMap::new();
-    ClipVision::new(VarBuilder::from_varmap(&varmap, DType::F32, device), &cfg)?;
-    let tensors: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
-        .collect();
+    let tensors: HashMap<String, Tensor> = {
+        let varmap = VarMap::new();
+        ClipVision::new(VarBuilder::from_varmap(&varmap, DType::F32, device), &cfg)?;
+        let data = varmap.data().lock().expect("varmap lock");
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect()
+    };
     Ok(ClipVision::new(
-        VarBuilder::from_tensors(tensors, DType::F32, device),
+        crate::nn::init::taking(tensors, DType::F32, device),
         &cfg,
     )?)
 }

@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use serde_json::json;
 
 use super::{CausalLm, LlamaConfig, LmConfig};
@@ -381,7 +380,7 @@ pub fn load(path: &Path, device: &Device) -> Result<(CausalLm, LmConfig)> {
     let g = Gguf::open(path)?;
     let cfg = g.config()?;
     let tensors = g.tensors(&cfg, device)?;
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    let vb = crate::nn::init::taking(tensors, DType::F32, device);
     let lm = CausalLm::new(vb, &LmConfig::Llama(cfg.clone()))
         .map_err(|e| Error::weights(path, e.to_string()))?;
     Ok((lm, LmConfig::Llama(cfg)))

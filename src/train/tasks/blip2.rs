@@ -123,7 +123,9 @@ impl Blip2Task {
             DType::F32,
             device,
         );
-        let model = Blip2Lm::new(vb, &config, Some(lm))?;
+        // The frozen tower stays in `frozen` too, to be saved with the model (the LM, loaded
+        // above and held only by the model, is laid out for inference).
+        let model = crate::nn::linear::keeping_layout(|| Blip2Lm::new(vb, &config, Some(lm)))?;
         let processor = match processor_for_dir(stage1)? {
             Some((p, _)) => p,
             None => ImageProcessor::clip_default(config.blip2.vision.image_size()),

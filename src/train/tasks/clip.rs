@@ -139,6 +139,8 @@ impl ClipTask {
             .collect();
         let device = &self.parts.device;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        // Frozen weights laid out as a loaded model's (a copy while the pipeline lives), so that
+        // it embeds bit for bit as the model directory it would be saved as.
         let model = Clip::new(vb, &self.config, ClipLayout::Full)?;
         Ok(ClipPipeline::from_parts(
             model,

@@ -154,7 +154,10 @@ impl QformerTask {
             DType::F32,
             device,
         );
-        let model = Blip2Qformer::new(vb.clone(), &config, Heads::Stage1 { lm_head: true })?;
+        // The frozen tower stays in `frozen` too, to be saved with the model.
+        let model = crate::nn::linear::keeping_layout(|| {
+            Blip2Qformer::new(vb.clone(), &config, Heads::Stage1 { lm_head: true })
+        })?;
         vb.get_with_hints((), TEMP, candle_nn::Init::Const(TEMP_INIT))?;
         let parts = TaskParts {
             varmap,
@@ -185,7 +188,9 @@ impl QformerTask {
                     DType::F32,
                     device,
                 );
-                let model = Blip2Qformer::new(vb, &config, Heads::Stage1 { lm_head: true })?;
+                let model = crate::nn::linear::keeping_layout(|| {
+                    Blip2Qformer::new(vb, &config, Heads::Stage1 { lm_head: true })
+                })?;
                 if state.varmap.all_vars().len() != parts.vars().len() {
                     return Err(Error::input(
                         "the momentum Q-Former does not have the trained Q-Former's variables",
