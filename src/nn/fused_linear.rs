@@ -166,10 +166,16 @@ pub(super) fn forward(d: Dims, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f
 
 /// [`forward`] for a weight in either layout.
 fn forward_laid(d: Dims, x: &[f32], w: Weight, b: Option<&[f32]>) -> Vec<f32> {
-    // A few rows against W stored transposed: the gemm crate reads Wᵀ's rows as they lie and
-    // packs nothing, at or above the few-rows kernel's speed (decode steps of the frozen LM).
-    if let (Weight::Rows(w), true) = (w, (1..=super::few_rows::MAX_ROWS).contains(&d.rows)) {
-        return super::few_rows::product(d.rows, d.k, x, w, b);
+    // A few rows (decode steps of an LM): the few-rows kernels; against W stored transposed,
+    // from five rows on, the gemm crate, which then reads Wᵀ's rows as they lie.
+    match w {
+        Weight::Rows(w) if (1..=super::few_rows::MAX_ROWS).contains(&d.rows) => {
+            return super::few_rows::product(d.rows, d.k, x, w, b);
+        }
+        Weight::Cols(wt) if (1..=super::few_rows::COLS_MAX_ROWS).contains(&d.rows) => {
+            return super::few_rows::product_cols(d.rows, d.k, x, wt, b);
+        }
+        _ => {}
     }
     let init = b.map(|b| b.repeat(d.rows));
     product_into((d.rows, d.n, d.k), init, (x, (d.k, 1)), w.as_wt(d))
