@@ -25,22 +25,47 @@ struct SelfAttention {
     k_proj: Linear,
     v_proj: Linear,
     out_proj: Linear,
+    /// Frozen q, k and v weights on the CPU as one projection `[3·h, h]` (stored transposed,
+    /// `nn::linear`), of which the three layers above are views: one product of 3·h outputs
+    /// instead of three of h.
+    qkv: Option<Linear>,
     heads: usize,
 }
 
 impl SelfAttention {
     fn new(vb: VarBuilder, s: &EncoderShape) -> Result<Self> {
         let h = s.hidden;
+        let (mut q_proj, mut k_proj, mut v_proj) = (
+            linear(h, h, vb.pp("q_proj"))?,
+            linear(h, h, vb.pp("k_proj"))?,
+            linear(h, h, vb.pp("v_proj"))?,
+        );
+        let qkv = stacked_frozen([&q_proj, &k_proj, &v_proj])?;
+        if let Some(qkv) = &qkv {
+            let (w, b) = qkv.with_bias().expect("stacked with a bias");
+            let part = |i: usize| -> Result<Linear> {
+                Ok(Linear::new(
+                    w.narrow(0, i * h, h)?,
+                    Some(b.narrow(0, i * h, h)?),
+                ))
+            };
+            (q_proj, k_proj, v_proj) = (part(0)?, part(1)?, part(2)?);
+        }
         Ok(Self {
-            q_proj: linear(h, h, vb.pp("q_proj"))?,
-            k_proj: linear(h, h, vb.pp("k_proj"))?,
-            v_proj: linear(h, h, vb.pp("v_proj"))?,
+            q_proj,
+            k_proj,
+            v_proj,
             out_proj: linear(h, h, vb.pp("out_proj"))?,
+            qkv,
             heads: s.heads,
         })
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        if let (Some(qkv), true) = (&self.qkv, fused_attention::supported(x)) {
+            let y = attention::packed(&qkv.forward(x)?, self.heads, mask)?;
+            return self.out_proj.forward(&y);
+        }
         if self.q_proj.weight().track_op() && fused_attention::supported(x) {
             return self.forward_packed(x, mask);
         }
@@ -68,6 +93,28 @@ impl SelfAttention {
         let y = attention::packed(&qkv, self.heads, mask)?;
         self.out_proj.forward(&y)
     }
+}
+
+/// q, k and v stacked into one layer `[3·h, h]` stored transposed, when all three are frozen
+/// float32 weights on the CPU stored so (`nn::linear`) and have biases; `None` otherwise.
+fn stacked_frozen(parts: [&Linear; 3]) -> Result<Option<Linear>> {
+    let mut ws = Vec::new();
+    let mut bs = Vec::new();
+    for p in parts {
+        let Some((w, b)) = p.with_bias() else {
+            return Ok(None);
+        };
+        let frozen = !w.track_op() && !b.track_op() && w.device().is_cpu();
+        if !(frozen && w.dtype() == candle_core::DType::F32 && w.rank() == 2 && !w.is_contiguous())
+        {
+            return Ok(None);
+        }
+        ws.push(w.t()?);
+        bs.push(b.clone());
+    }
+    // [h, 3·h] row-major, seen as [3·h, h].
+    let w = Tensor::cat(&ws, 1)?.t()?;
+    Ok(Some(Linear::new(w, Some(Tensor::cat(&bs, 0)?))))
 }
 
 #[derive(Clone, Debug)]
@@ -174,5 +221,76 @@ impl Encoder {
             x = layer.forward(&x, mask)?;
         }
         Ok(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use std::collections::HashMap;
+
+    /// An inference encoder (frozen weights: q, k and v stacked into one transposed projection)
+    /// gives the per-op composition's output over separate, row-major weights
+    /// (`keeping_layout`), with and without a causal mask.
+    #[test]
+    fn stacked_frozen_qkv_matches_the_separate_projections() {
+        let dev = Device::Cpu;
+        let s = EncoderShape {
+            hidden: 32,
+            intermediate: 64,
+            heads: 4,
+            layers: 2,
+            act: Activation::QuickGelu,
+            eps: 1e-5,
+        };
+        let varmap = candle_nn::VarMap::new();
+        Encoder::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &s).unwrap();
+        let tensors: HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                // Non-zero biases, so that their stacking is checked too.
+                let t = v.as_tensor().detach();
+                let t = match k.ends_with("bias") {
+                    true => Tensor::randn(0f32, 0.5, t.shape(), &dev).unwrap(),
+                    false => t,
+                };
+                (k.clone(), t)
+            })
+            .collect();
+        let build = || {
+            Encoder::new(
+                VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev),
+                &s,
+            )
+            .unwrap()
+        };
+        let stacked = build();
+        let separate = crate::nn::linear::keeping_layout(build);
+        assert!(stacked.layers.iter().all(|l| l.self_attn.qkv.is_some()));
+        assert!(separate.layers.iter().all(|l| l.self_attn.qkv.is_none()));
+        let x = Tensor::randn(0f32, 1.0, (3, 7, 32), &dev).unwrap();
+        let causal: Vec<f32> = (0..7 * 7)
+            .map(|i| {
+                if i % 7 <= i / 7 {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, 7, 7), &dev).unwrap();
+        for mask in [None, Some(&causal)] {
+            let (a, b) = (
+                stacked.forward(&x, mask, None).unwrap(),
+                separate.forward(&x, mask, None).unwrap(),
+            );
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let diff = diff.to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "mask {}: {diff}", mask.is_some());
+        }
     }
 }
