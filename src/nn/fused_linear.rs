@@ -50,7 +50,7 @@ impl<'a> Weight<'a> {
         if l.contiguous_offsets().is_some() {
             return Ok(Weight::Rows(f32s(s, l, what)?));
         }
-        match l.dims().len() == 2 && transposed(l) {
+        match transposed(l) {
             true => Ok(Weight::Cols(f32s(s, &l.transpose(0, 1)?, what)?)),
             false => bail!("{what}: a weight must be contiguous or a contiguous transpose"),
         }
@@ -73,10 +73,13 @@ impl<'a> Weight<'a> {
     }
 }
 
-/// Whether a 2-D layout is the transpose of a contiguous one.
-fn transposed(l: &Layout) -> bool {
-    l.transpose(0, 1)
-        .is_ok_and(|t| t.contiguous_offsets().is_some())
+/// Whether a layout is 2-D, not contiguous, and the transpose of a contiguous one: a weight
+/// stored transposed.
+pub(crate) fn transposed(l: &Layout) -> bool {
+    l.dims().len() == 2
+        && l.contiguous_offsets().is_none()
+        && l.transpose(0, 1)
+            .is_ok_and(|t| t.contiguous_offsets().is_some())
 }
 
 /// The threads of the rayon pool this runs in (the global pool, or a Q-Former shard's).
@@ -328,7 +331,7 @@ pub fn supported(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> bool {
 /// transposed is read as it lies.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let w = match w.rank() == 2 && !w.is_contiguous() && transposed(w.layout()) {
+    let w = match transposed(w.layout()) {
         true => w.clone(),
         false => w.contiguous()?,
     };

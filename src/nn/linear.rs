@@ -27,6 +27,16 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// Whether the weight is a frozen float32 one stored transposed on the CPU
+    /// ([`frozen_layout`]).
+    pub fn is_stored_transposed(&self) -> bool {
+        let w = &self.weight;
+        !w.track_op()
+            && w.device().is_cpu()
+            && w.dtype() == candle_core::DType::F32
+            && super::fused_linear::transposed(w.layout())
+    }
+
     /// (weight, bias), when the layer has a bias (what the fused blocks take).
     pub fn with_bias(&self) -> Option<(&Tensor, &Tensor)> {
         self.bias.as_ref().map(|b| (&self.weight, b))

@@ -101,12 +101,10 @@ fn stacked_frozen(parts: [&Linear; 3]) -> Result<Option<Linear>> {
     let mut ws = Vec::new();
     let mut bs = Vec::new();
     for p in parts {
-        let Some((w, b)) = p.with_bias() else {
+        let (Some((w, b)), true) = (p.with_bias(), p.is_stored_transposed()) else {
             return Ok(None);
         };
-        let frozen = !w.track_op() && !b.track_op() && w.device().is_cpu();
-        if !(frozen && w.dtype() == candle_core::DType::F32 && w.rank() == 2 && !w.is_contiguous())
-        {
+        if b.track_op() {
             return Ok(None);
         }
         ws.push(w.t()?);
