@@ -6,10 +6,12 @@
 #       compositions, values and gradients;
 #   (a) CUDA vs CPU parity: `embed` on the CLIP fixture and `itm` on the Q-Former fixture on
 #       --device cuda within 1e-4 of the same binary on --device cpu;
-#   (b) a short clip-tiny training on CUDA whose per-step losses equal the CPU run's within 1e-3;
+#   (b) a short clip-tiny training on CUDA whose per-step losses equal the CPU run's within 1e-3,
+#       and in mixed precision (train.precision = "bf16") within 2e-2;
 #   (c) ViT-B/32 CLIP training throughput (batch 256, AdamW, text context 77) and image-embedding
 #       throughput, vlalign beside PyTorch (tools/reference/bench_torch_gpu.py) on the same GPU,
-#       with peak GPU memory, and again with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1);
+#       with peak GPU memory, again in mixed precision (--precision bf16; PyTorch: autocast bf16)
+#       and again with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1);
 #       one JSON line.
 # Exits non-zero on any mismatch. Output under ${OUT:-/tmp/device-check}.
 set -uo pipefail
@@ -111,21 +113,31 @@ train_both() {
     done
 }
 
-# (b) a short clip-tiny training, per-step losses
-sed 's/^log_every = .*/log_every = 1/' configs/clip-tiny.toml >"$OUT/clip-tiny-log1.toml"
-train_both train "$OUT/clip-tiny-log1.toml" 5
-losses=$(python3 - "$OUT" "$DEV" <<'PY'
+# Largest |a - b| between the per-step losses of runs $OUT/$1-cpu and $OUT/$1-$DEV ($2 steps).
+step_losses() {
+    python3 - "$OUT" "$DEV" "$1" "$2" <<'PY'
 import json, sys
-d, dev = sys.argv[1:3]
+d, dev, name, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 def losses(dev):
-    return [json.loads(l)["loss"] for l in open(f"{d}/train-{dev}/metrics.jsonl") if "loss" in json.loads(l)]
+    return [json.loads(l)["loss"] for l in open(f"{d}/{name}-{dev}/metrics.jsonl") if "loss" in json.loads(l)]
 c, g = losses("cpu"), losses(dev)
 print("cpu ", " ".join(f"{x:.6f}" for x in c), file=sys.stderr)
 print(dev, " ".join(f"{x:.6f}" for x in g), file=sys.stderr)
-print(max(abs(x - y) for x, y in zip(c, g)) if len(c) == len(g) == 5 else "inf")
+print(max(abs(x - y) for x, y in zip(c, g)) if len(c) == len(g) == n else "inf")
 PY
-)
-check "clip-tiny 5 steps, loss $DEV vs cpu (max abs diff)" "${losses:-inf}" 1e-3
+}
+
+# (b) a short clip-tiny training, per-step losses
+sed 's/^log_every = .*/log_every = 1/' configs/clip-tiny.toml >"$OUT/clip-tiny-log1.toml"
+train_both train "$OUT/clip-tiny-log1.toml" 5
+check "clip-tiny 5 steps, loss $DEV vs cpu (max abs diff)" "$(step_losses train 5 || echo inf)" 1e-3
+# (b16) the same in mixed precision (train.precision = "bf16") on both devices: bfloat16
+# products (cuBLAS on the GPU, widened to float32 on the CPU) round alike but for the order of
+# their sums, so the losses agree to bfloat16's precision, not float32's.
+sed -e 's/^log_every = .*/log_every = 1/' -e 's/^precision = .*/precision = "bf16"/' \
+    configs/clip-tiny.toml >"$OUT/clip-tiny-bf16.toml"
+train_both train-bf16 "$OUT/clip-tiny-bf16.toml" 5
+check "clip-tiny 5 steps bf16, loss $DEV vs cpu (max abs diff)" "$(step_losses train-bf16 5 || echo inf)" 2e-2
 
 # (b') BLIP-2 stage 1 (ITC + ITM + ITG, two shards on threads) on the clip-a fixture's tower
 sed -e 's/^log_every = .*/log_every = 1/' -e 's|^vision_model = .*|vision_model = "tests/fixtures/clip-a"|' \
@@ -158,6 +170,12 @@ peak_of() { # command... ; prints the command's stdout, leaves the peak MiB in $
 }
 ours=$(peak_of timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters 10 --device "$DEV" --json) || fail=1
 ours_peak=$(cat "$OUT/peak" 2>/dev/null || echo 0)
+say "ViT-B/32 in mixed precision (--precision bf16):"
+bf16=$(peak_of timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters 10 --device "$DEV" \
+    --precision bf16 --json) || fail=1
+bf16_peak=$(cat "$OUT/peak" 2>/dev/null || echo 0)
+echo "${bf16:-null}" >&2
+say "peak MiB $bf16_peak"
 # The CUDA fused kernels (fused.cu) run only with VLALIGN_FUSED_CUDA=1 until this check has
 # verified them on a GPU: (a0) above checks them against the compositions; this times them.
 say "ViT-B/32 with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1):"
@@ -167,10 +185,11 @@ fused_peak=$(cat "$OUT/peak" 2>/dev/null || echo 0)
 echo "${fused:-null}" >&2
 say "peak MiB $fused_peak"
 theirs=$(timeout 240 python3 tools/reference/bench_torch_gpu.py --batch "$BATCH" --iters 10) || fail=1
-python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" "${fused:-null}" "$fused_peak" <<'PY'
+python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" "${fused:-null}" "$fused_peak" "${bf16:-null}" "$bf16_peak" <<'PY'
 import json, sys
 o, t, peak = json.loads(sys.argv[1]) or {}, json.loads(sys.argv[2]) or {}, float(sys.argv[3] or 0)
 f, fpeak = json.loads(sys.argv[4]) or {}, float(sys.argv[5] or 0)
+h, hpeak = json.loads(sys.argv[6]) or {}, float(sys.argv[7] or 0)
 r = {"gpu": t.get("gpu"), "torch": t.get("torch"), "batch": o.get("batch"),
      "vlalign_train_f32_samples_per_s": o.get("train_samples_per_s"),
      "vlalign_embed_f32_images_per_s": o.get("embed_images_per_s"),
@@ -184,7 +203,13 @@ r = {"gpu": t.get("gpu"), "torch": t.get("torch"), "batch": o.get("batch"),
 r["vlalign_fused_train_f32_samples_per_s"] = f.get("train_samples_per_s")
 r["vlalign_fused_embed_f32_images_per_s"] = f.get("embed_images_per_s")
 r["vlalign_fused_peak_gpu_gib"] = round(fpeak / 1024, 2)
-r["vlalign"], r["vlalign_fused"], r["torch_all"] = o, f, t
+r["vlalign_train_bf16_samples_per_s"] = h.get("train_samples_per_s")
+r["vlalign_embed_bf16_images_per_s"] = h.get("embed_images_per_s")
+r["vlalign_bf16_peak_gpu_gib"] = round(hpeak / 1024, 2)
+r["vlalign"], r["vlalign_fused"], r["vlalign_bf16"], r["torch_all"] = o, f, h, t
+if h and t:
+    r["train_bf16_ratio_vs_torch_bf16"] = h["train_samples_per_s"] / t["train_bf16_samples_per_s"]
+    r["embed_bf16_ratio_vs_torch_bf16"] = h["embed_images_per_s"] / t["embed_bf16_images_per_s"]
 if o and t:
     r["train_f32_ratio_vs_torch_f32"] = o["train_samples_per_s"] / t["train_f32_samples_per_s"]
     r["train_f32_ratio_vs_torch_bf16"] = o["train_samples_per_s"] / t["train_bf16_samples_per_s"]

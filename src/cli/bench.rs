@@ -52,6 +52,10 @@ pub struct Args {
     /// Batch size of the vit-b32 suite.
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// Arithmetic of the vit-b32 suite: "f32", or "bf16" (mixed precision, as
+    /// `train.precision`).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    precision: String,
     /// Model directory of the serve suite.
     #[arg(long, default_value = "runs/demo/model")]
     model: std::path::PathBuf,
@@ -188,7 +192,11 @@ pub fn run(a: Args) -> Result<()> {
         if !(2..=65536).contains(&a.batch) {
             bail!("--batch must be between 2 and 65536");
         }
-        let r = vlalign::apps::bench::run_vit_b32(iters, a.batch, &device)?;
+        let precision = match a.precision.as_str() {
+            "bf16" => vlalign::train::config::Precision::Bf16,
+            _ => vlalign::train::config::Precision::F32,
+        };
+        let r = vlalign::apps::bench::run_vit_b32(iters, a.batch, precision, &device)?;
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {

@@ -1,7 +1,7 @@
 //! Multi-head scaled dot-product attention, the eager formula of transformers'
 //! `eager_attention_forward` (models/clip/modeling_clip.py): softmax(q kᵀ · d^-½ + mask) v.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use super::ops::softmax_last;
 
@@ -52,12 +52,17 @@ pub fn composed(
     let hd = dim / heads;
     let split = |x: &Tensor, t: usize| x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous();
     let (q, k, v) = (split(q, tq)?, split(k, tk)?, split(v, tk)?);
-    let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
+    // In mixed precision (bfloat16 q, k, v) the scores are scaled, masked and normalised in
+    // float32, as under torch.autocast (softmax is on its float32 list); the probabilities go
+    // back to v's type for the weighted sum.
+    let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+    let scores = (scores * (hd as f64).powf(-0.5))?;
     let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
+        Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
         None => scores,
     };
     softmax_last(&scores)?
+        .to_dtype(v.dtype())?
         .matmul(&v)?
         .transpose(1, 2)?
         .reshape((b, tq, dim))

@@ -128,6 +128,14 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != self.weight.dtype() {
+            // Mixed precision (`train.precision = "bf16"`): the product runs in the input's float
+            // type, the weight and bias cast to it. The cast is differentiable: the gradient
+            // reaches the float32 master weight as float32.
+            let cast = |t: &Tensor| t.to_dtype(x.dtype());
+            let bias = self.bias.as_ref().map(cast).transpose()?;
+            return Linear::new(cast(&self.weight)?, bias).forward(x);
+        }
         if super::fused_linear::supported(x, &self.weight, self.bias.as_ref()) {
             return super::fused_linear::linear(x, &self.weight, self.bias.as_ref());
         }

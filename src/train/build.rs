@@ -32,9 +32,12 @@ impl AnyTask {
     /// A fresh task for `cfg` (weights seeded by `train.seed`).
     pub fn new(cfg: &TrainConfig, device: &Device) -> Result<Self> {
         let (loss, seed) = (cfg.train.loss, cfg.train.seed);
-        let distil = |t: ClipTask| match &cfg.distill {
-            Some(d) => t.with_distill(d, seed),
-            None => Ok(t),
+        let distil = |t: ClipTask| {
+            let t = t.with_precision(cfg.train.precision)?;
+            match &cfg.distill {
+                Some(d) => t.with_distill(d, seed),
+                None => Ok(t),
+            }
         };
         Ok(match (&cfg.model, &cfg.finetune, &cfg.qformer) {
             (Some(spec), _, _) => {

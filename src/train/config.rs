@@ -345,6 +345,36 @@ pub struct TrainSpec {
     pub freeze_prefixes: Vec<String>,
     #[serde(default)]
     pub freeze_steps: u64,
+    /// `"f32"` (default) or `"bf16"`: mixed precision, for CLIP training (`[model]` with a ViT
+    /// image tower, or `[finetune]`). See [`Precision`].
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// The arithmetic of a training step (`train.precision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in float32.
+    #[default]
+    F32,
+    /// Mixed precision, as `torch.autocast(dtype=torch.bfloat16)` does for a transformer: the
+    /// encoder layers' matrix products (q/k/v/out projections, attention scores and weighted
+    /// values, the MLP) and the MLP's activation in bfloat16; LayerNorm, softmax, the residual
+    /// stream, the embeddings, projections and loss in float32; the weights (float32 master
+    /// copies, cast to bfloat16 where a product uses them: the gradient flows back through the
+    /// cast), gradients and AdamW state in float32 (`nn::autocast`).
+    Bf16,
+}
+
+impl Precision {
+    /// The float type of the encoders' products.
+    pub fn compute_dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 fn beta1() -> f64 {
@@ -460,6 +490,20 @@ impl TrainConfig {
             }
             if self.distill.is_some() {
                 return Err("[distill] applies to contrastive objectives, not to [blip2]".into());
+            }
+        }
+        if t.precision != Precision::F32 {
+            let resnet = self
+                .model
+                .as_ref()
+                .is_some_and(|m| m.resnet_layers.is_some());
+            if self.model.is_none() && self.finetune.is_none() || resnet {
+                return Err(
+                    "train.precision = \"bf16\" is for CLIP training with a ViT image tower \
+                     ([model] or [finetune]); the Q-Former, stage 2 and the ResNet tower train \
+                     in float32 (leave train.precision out or set it to \"f32\")"
+                        .into(),
+                );
             }
         }
         if let Some(k) = &self.distill {

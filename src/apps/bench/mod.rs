@@ -45,7 +45,7 @@ use crate::error::{Error, Result};
 use crate::models::clip::{ClipVision, ClipVisionConfig};
 use crate::nn::Activation;
 use crate::objectives::contrastive::ContrastiveLoss;
-use crate::train::config::{ModelSpec, TokenizerSpec, TrainConfig};
+use crate::train::config::{ModelSpec, Precision, TokenizerSpec, TrainConfig};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::task::Task;
 use crate::train::tasks::clip::ClipTask;
@@ -196,6 +196,7 @@ impl ClipStep {
         vocab: u32,
         loss: ContrastiveLoss,
         batch: usize,
+        precision: Precision,
         device: &Device,
     ) -> Result<Self> {
         let cfg = spec.clip_config(vocab as usize, 0, vocab - 1, 0);
@@ -208,7 +209,8 @@ impl ClipStep {
             Vec::new(),
             0,
             device,
-        )?;
+        )?
+        .with_precision(precision)?;
         let opt = AdamW::new(
             task.vars(),
             AdamWConfig {
@@ -276,9 +278,10 @@ fn train_phases(
     warmup: usize,
     iters: usize,
     phases: bool,
+    precision: Precision,
     device: &Device,
 ) -> Result<Phases> {
-    let mut s = ClipStep::new(spec, vocab, loss, batch, device)?;
+    let mut s = ClipStep::new(spec, vocab, loss, batch, precision, device)?;
     let mut out = Phases::default();
     for i in 0..warmup + iters {
         let keep = i >= warmup;
@@ -319,9 +322,17 @@ fn vit_b32_tower(device: &Device) -> Result<ClipVision> {
     )?)
 }
 
-/// Milliseconds of ViT-B/32 image-tower forward passes on `batch` images of 224².
-fn vit_b32_embed(batch: usize, warmup: usize, iters: usize, device: &Device) -> Result<Vec<f64>> {
-    let vision = vit_b32_tower(device)?;
+/// Milliseconds of ViT-B/32 image-tower forward passes on `batch` images of 224², its encoder
+/// layers' products in `precision` (`Bf16`: the float32 weights cast per pass).
+fn vit_b32_embed(
+    batch: usize,
+    warmup: usize,
+    iters: usize,
+    precision: Precision,
+    device: &Device,
+) -> Result<Vec<f64>> {
+    let mut vision = vit_b32_tower(device)?;
+    vision.set_compute(precision.compute_dtype());
     let px = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), device)?;
     let mut times = Vec::new();
     for i in 0..warmup + iters {
@@ -486,7 +497,7 @@ pub fn run_row(name: &str, settings: Settings, image: &Path, device: &Device) ->
     let clip = |what: &str, loss: ContrastiveLoss| {
         let gflop = flops::clip_train_step(&clip_shape(&tiny), 64);
         measure(name, what, 64, Some(gflop), s, device, || {
-            let mut step = ClipStep::new(&tiny, 1000, loss, 64, device)?;
+            let mut step = ClipStep::new(&tiny, 1000, loss, 64, Precision::F32, device)?;
             Ok(move |i| step.step(i, device).map(|_| ()))
         })
     };

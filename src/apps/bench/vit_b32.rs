@@ -12,12 +12,15 @@ use serde::Serialize;
 use super::{median, train_phases, vit_b32_embed, vit_b32_spec};
 use crate::error::Result;
 use crate::objectives::contrastive::ContrastiveLoss;
+use crate::train::config::Precision;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct VitB32Report {
     pub device: String,
     pub batch: usize,
-    /// ViT-B/32 CLIP training (forward, backward, AdamW), float32: median step and samples/s.
+    /// The arithmetic of the training step and the embedding (`--precision`).
+    pub precision: Precision,
+    /// ViT-B/32 CLIP training (forward, backward, AdamW): median step and samples/s.
     pub train_step_ms: f64,
     pub train_samples_per_s: f64,
     /// Medians of the step's phases: forward (with graph) + loss, forward + backward, AdamW.
@@ -97,7 +100,12 @@ fn layer_ops(batch: usize, iters: usize, device: &Device) -> Result<Vec<(String,
 }
 
 /// The `vit-b32` suite at `batch`: `iters` timed iterations of each after 2 untimed.
-pub fn run_vit_b32(iters: usize, batch: usize, device: &Device) -> Result<VitB32Report> {
+pub fn run_vit_b32(
+    iters: usize,
+    batch: usize,
+    precision: Precision,
+    device: &Device,
+) -> Result<VitB32Report> {
     let p = train_phases(
         &vit_b32_spec(),
         49408,
@@ -106,13 +114,15 @@ pub fn run_vit_b32(iters: usize, batch: usize, device: &Device) -> Result<VitB32
         2,
         iters,
         true,
+        precision,
         device,
     )?;
     let train = median(&p.step);
-    let embed = median(&vit_b32_embed(batch, 2, iters, device)?);
+    let embed = median(&vit_b32_embed(batch, 2, iters, precision, device)?);
     Ok(VitB32Report {
         device: format!("{device:?}"),
         batch,
+        precision,
         train_step_ms: train,
         train_samples_per_s: batch as f64 / (train / 1e3),
         train_forward_ms: median(&p.forward),

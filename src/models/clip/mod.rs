@@ -117,6 +117,24 @@ impl Clip {
         })
     }
 
+    /// Mixed precision (`train.precision = "bf16"`): both towers' encoder layers run their
+    /// products in `dtype` ([`encoder::Encoder::set_compute`]); embeddings, LayerNorms,
+    /// projections and the weights stay float32. A ResNet image tower has no such mode.
+    pub fn set_compute(&mut self, dtype: candle_core::DType) -> Result<()> {
+        if self.resnet.is_some() && dtype != candle_core::DType::F32 {
+            candle_core::bail!(
+                "mixed precision is for ViT image towers; this CLIP's ResNet tower trains in float32"
+            );
+        }
+        if let Some(v) = &mut self.vision {
+            v.set_compute(dtype);
+        }
+        if let Some(t) = &mut self.text {
+            t.set_compute(dtype);
+        }
+        Ok(())
+    }
+
     /// `get_image_features`: projected pooled image features, not normalised. `[B, P]`.
     pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
         if let Some(resnet) = &self.resnet {

@@ -152,6 +152,11 @@ impl ClipText {
     pub fn hidden_size(&self) -> usize {
         self.cfg.hidden_size
     }
+
+    /// Mixed precision: the encoder layers' products in `dtype` (`Encoder::set_compute`).
+    pub fn set_compute(&mut self, dtype: candle_core::DType) {
+        self.encoder.set_compute(dtype);
+    }
 }
 
 /// The length of the rows of a padded batch.

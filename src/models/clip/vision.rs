@@ -62,6 +62,11 @@ impl ClipVision {
         &self.cfg
     }
 
+    /// Mixed precision: the encoder layers' products in `dtype` ([`Encoder::set_compute`]).
+    pub fn set_compute(&mut self, dtype: candle_core::DType) {
+        self.encoder.set_compute(dtype);
+    }
+
     /// Token embeddings before the encoder: `[B, 1 + grid², hidden]`.
     fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
         let (b, c, hgt, wid) = pixels.dims4()?;

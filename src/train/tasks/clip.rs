@@ -22,7 +22,7 @@ use crate::models::clip::{Clip, ClipConfig, ClipLayout};
 use crate::nn::ops::l2_normalize;
 use crate::objectives::contrastive::{ContrastiveLoss, CLIP_LOGIT_SCALE_MAX};
 use crate::objectives::distill::{distilled_itc_loss, hard_targets, soft_targets};
-use crate::train::config::{DistillSpec, ModelSpec};
+use crate::train::config::{DistillSpec, ModelSpec, Precision};
 use crate::train::distill::{Distillation, FeatureQueues};
 use crate::train::optim::Grads;
 use crate::train::task::{ExtraFiles, LossTerms, Task, TaskParts};
@@ -35,6 +35,8 @@ pub struct ClipTask {
     pub config: ClipConfig,
     /// Momentum distillation (`[distill]`), when the run uses it.
     pub distill: Option<Box<ClipDistill>>,
+    /// The arithmetic of a step (`train.precision`; [`ClipTask::with_precision`]).
+    pub precision: Precision,
 }
 
 /// ALBEF's momentum distillation for CLIP: the momentum CLIP (towers and projections, an EMA of
@@ -93,7 +95,27 @@ impl ClipTask {
             loss,
             config,
             distill: None,
+            precision: Precision::F32,
         })
+    }
+
+    /// Trains in `precision` (`train.precision`): with `Bf16`, both towers' encoder layers run
+    /// their products in bfloat16 over the float32 master weights (`Clip::set_compute`). Call
+    /// before [`ClipTask::with_distill`], which gives the momentum CLIP the same precision.
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self> {
+        if precision == Precision::F32 {
+            return Ok(self);
+        }
+        if self.parts.device.is_cpu() {
+            tracing::warn!(
+                "train.precision = \"bf16\" on the CPU: candle has no bfloat16 matrix kernels \
+                 there (each product is widened to float32), so this runs slower than float32; \
+                 mixed precision pays on CUDA"
+            );
+        }
+        self.model.set_compute(precision.compute_dtype())?;
+        self.precision = precision;
+        Ok(self)
     }
 
     /// Turns on momentum distillation: a momentum copy of every variable (equal to the model
@@ -103,7 +125,8 @@ impl ClipTask {
         let dim = self.config.projection_dim;
         let state = Distillation::new(spec, &self.vars(), &[dim], dim, seed, &device)?;
         let vb = VarBuilder::from_varmap(&state.varmap, DType::F32, &device);
-        let model = Clip::new(vb, &self.config, ClipLayout::Full)?;
+        let mut model = Clip::new(vb, &self.config, ClipLayout::Full)?;
+        model.set_compute(self.precision.compute_dtype())?;
         // Every tensor of the momentum CLIP must be a copy; a name the copy lacks would have
         // been created at random by the builder.
         if state.varmap.all_vars().len() != self.vars().len() {
