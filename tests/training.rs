@@ -714,7 +714,34 @@ fn bf16_loss_curve_tracks_float32_on_clip_tiny() {
     assert!(a != b, "bf16 run gave the float32 losses bit for bit");
 }
 
-/// `train.precision = "bf16"` outside CLIP-with-a-ViT training is refused at load, by name.
+/// Gradient checkpointing (`train.grad_checkpointing`) recomputes each encoder layer in the
+/// backward pass: the same loss and the same gradient for every trainable tensor as keeping the
+/// activations (bit for bit: the recomputation runs the same kernels on the same values), for
+/// both losses.
+#[test]
+fn checkpointed_layers_give_the_same_gradients() {
+    for loss in [ContrastiveLoss::InfoNce, ContrastiveLoss::SigLip] {
+        let mut cfg = tiny();
+        cfg.train.loss = loss;
+        let (mut plain, batch) = run_and_batch(&cfg);
+        cfg.train.grad_checkpointing = true;
+        let (mut ckpt, _) = run_and_batch(&cfg);
+        let (ga, la) = plain.task.grads(std::slice::from_ref(&batch), 0).unwrap();
+        let (gb, lb) = ckpt.task.grads(std::slice::from_ref(&batch), 0).unwrap();
+        assert_eq!(la.total.to_bits(), lb.total.to_bits(), "{loss:?}");
+        assert_eq!(ga.len(), gb.len());
+        let bits = |t: &candle_core::Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|f| f.to_bits()).collect()
+        };
+        for (name, g) in &ga {
+            assert!(bits(g) == bits(&gb[name]), "{loss:?}: {name} differs");
+        }
+    }
+}
+
+/// `train.precision = "bf16"` and `train.grad_checkpointing` outside CLIP-with-a-ViT training
+/// are refused at load, by name.
 #[test]
 fn bf16_is_refused_where_it_does_not_apply() {
     let resnet = tiny_resnet()
@@ -722,6 +749,14 @@ fn bf16_is_refused_where_it_does_not_apply() {
         .replace("precision = \"f32\"", "precision = \"bf16\"");
     let e = TrainConfig::from_toml(&resnet).unwrap_err();
     assert!(e.contains("train.precision") && e.contains("ResNet"), "{e}");
+    let resnet = tiny_resnet()
+        .to_toml()
+        .replace("grad_checkpointing = false", "grad_checkpointing = true");
+    let e = TrainConfig::from_toml(&resnet).unwrap_err();
+    assert!(
+        e.contains("train.grad_checkpointing") && e.contains("ResNet"),
+        "{e}"
+    );
     let e = TrainConfig::from_toml(&TINY.replace("[train]\n", "[train]\nprecision = \"f16\"\n"))
         .unwrap_err();
     assert!(e.contains("f16"), "{e}");

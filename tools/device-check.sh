@@ -10,7 +10,8 @@
 #       and in mixed precision (train.precision = "bf16") within 2e-2;
 #   (c) ViT-B/32 CLIP training throughput (batch 256, AdamW, text context 77) and image-embedding
 #       throughput, vlalign beside PyTorch (tools/reference/bench_torch_gpu.py) on the same GPU,
-#       with peak GPU memory, again in mixed precision (--precision bf16; PyTorch: autocast bf16)
+#       with peak GPU memory, again in mixed precision (--precision bf16; PyTorch: autocast bf16),
+#       then with gradient checkpointing too (--grad-checkpointing: its peak memory)
 #       and again with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1);
 #       one JSON line.
 # Exits non-zero on any mismatch. Output under ${OUT:-/tmp/device-check}.
@@ -176,6 +177,12 @@ bf16=$(peak_of timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters
 bf16_peak=$(cat "$OUT/peak" 2>/dev/null || echo 0)
 echo "${bf16:-null}" >&2
 say "peak MiB $bf16_peak"
+say "ViT-B/32 in mixed precision with gradient checkpointing (--precision bf16 --grad-checkpointing):"
+ckpt=$(peak_of timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters 5 --device "$DEV" \
+    --precision bf16 --grad-checkpointing --json) || fail=1
+ckpt_peak=$(cat "$OUT/peak" 2>/dev/null || echo 0)
+echo "${ckpt:-null}" >&2
+say "peak MiB $ckpt_peak"
 # The CUDA fused kernels (fused.cu) run only with VLALIGN_FUSED_CUDA=1 until this check has
 # verified them on a GPU: (a0) above checks them against the compositions; this times them.
 say "ViT-B/32 with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1):"
@@ -185,11 +192,12 @@ fused_peak=$(cat "$OUT/peak" 2>/dev/null || echo 0)
 echo "${fused:-null}" >&2
 say "peak MiB $fused_peak"
 theirs=$(timeout 240 python3 tools/reference/bench_torch_gpu.py --batch "$BATCH" --iters 10) || fail=1
-python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" "${fused:-null}" "$fused_peak" "${bf16:-null}" "$bf16_peak" <<'PY'
+python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" "${fused:-null}" "$fused_peak" "${bf16:-null}" "$bf16_peak" "${ckpt:-null}" "$ckpt_peak" <<'PY'
 import json, sys
 o, t, peak = json.loads(sys.argv[1]) or {}, json.loads(sys.argv[2]) or {}, float(sys.argv[3] or 0)
 f, fpeak = json.loads(sys.argv[4]) or {}, float(sys.argv[5] or 0)
 h, hpeak = json.loads(sys.argv[6]) or {}, float(sys.argv[7] or 0)
+c, cpeak = json.loads(sys.argv[8]) or {}, float(sys.argv[9] or 0)
 r = {"gpu": t.get("gpu"), "torch": t.get("torch"), "batch": o.get("batch"),
      "vlalign_train_f32_samples_per_s": o.get("train_samples_per_s"),
      "vlalign_embed_f32_images_per_s": o.get("embed_images_per_s"),
@@ -206,6 +214,8 @@ r["vlalign_fused_peak_gpu_gib"] = round(fpeak / 1024, 2)
 r["vlalign_train_bf16_samples_per_s"] = h.get("train_samples_per_s")
 r["vlalign_embed_bf16_images_per_s"] = h.get("embed_images_per_s")
 r["vlalign_bf16_peak_gpu_gib"] = round(hpeak / 1024, 2)
+r["vlalign_train_bf16_ckpt_samples_per_s"] = c.get("train_samples_per_s")
+r["vlalign_bf16_ckpt_peak_gpu_gib"] = round(cpeak / 1024, 2)
 r["vlalign"], r["vlalign_fused"], r["vlalign_bf16"], r["torch_all"] = o, f, h, t
 if h and t:
     r["train_bf16_ratio_vs_torch_bf16"] = h["train_samples_per_s"] / t["train_bf16_samples_per_s"]

@@ -56,6 +56,10 @@ pub struct Args {
     /// `train.precision`).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     precision: String,
+    /// Gradient checkpointing in the vit-b32 suite's training step (as
+    /// `train.grad_checkpointing`).
+    #[arg(long)]
+    grad_checkpointing: bool,
     /// Model directory of the serve suite.
     #[arg(long, default_value = "runs/demo/model")]
     model: std::path::PathBuf,
@@ -196,7 +200,11 @@ pub fn run(a: Args) -> Result<()> {
             "bf16" => vlalign::train::config::Precision::Bf16,
             _ => vlalign::train::config::Precision::F32,
         };
-        let r = vlalign::apps::bench::run_vit_b32(iters, a.batch, precision, &device)?;
+        let mode = vlalign::apps::bench::StepMode {
+            precision,
+            grad_checkpointing: a.grad_checkpointing,
+        };
+        let r = vlalign::apps::bench::run_vit_b32(iters, a.batch, mode, &device)?;
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {

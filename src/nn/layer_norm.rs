@@ -21,6 +21,11 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
+    /// Over given tensors (`[dim]` each).
+    pub fn from_tensors(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }

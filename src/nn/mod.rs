@@ -8,6 +8,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod checkpoint;
 mod few_rows;
 pub mod frozen;
 pub mod fused;

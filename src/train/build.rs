@@ -33,7 +33,9 @@ impl AnyTask {
     pub fn new(cfg: &TrainConfig, device: &Device) -> Result<Self> {
         let (loss, seed) = (cfg.train.loss, cfg.train.seed);
         let distil = |t: ClipTask| {
-            let t = t.with_precision(cfg.train.precision)?;
+            let t = t
+                .with_precision(cfg.train.precision)?
+                .with_checkpointing(cfg.train.grad_checkpointing)?;
             match &cfg.distill {
                 Some(d) => t.with_distill(d, seed),
                 None => Ok(t),

@@ -349,6 +349,12 @@ pub struct TrainSpec {
     /// image tower, or `[finetune]`). See [`Precision`].
     #[serde(default)]
     pub precision: Precision,
+    /// Gradient checkpointing (open_clip's `--grad-checkpointing`): each encoder layer keeps
+    /// only its input for the backward pass and runs again there — one more forward per step
+    /// for activation memory that no longer grows with depth. CLIP training with a ViT image
+    /// tower, as `precision`.
+    #[serde(default)]
+    pub grad_checkpointing: bool,
 }
 
 /// The arithmetic of a training step (`train.precision`).
@@ -492,19 +498,26 @@ impl TrainConfig {
                 return Err("[distill] applies to contrastive objectives, not to [blip2]".into());
             }
         }
-        if t.precision != Precision::F32 {
-            let resnet = self
-                .model
-                .as_ref()
-                .is_some_and(|m| m.resnet_layers.is_some());
-            if self.model.is_none() && self.finetune.is_none() || resnet {
-                return Err(
-                    "train.precision = \"bf16\" is for CLIP training with a ViT image tower \
-                     ([model] or [finetune]); the Q-Former, stage 2 and the ResNet tower train \
-                     in float32 (leave train.precision out or set it to \"f32\")"
-                        .into(),
-                );
-            }
+        let resnet = self
+            .model
+            .as_ref()
+            .is_some_and(|m| m.resnet_layers.is_some());
+        let vit_clip = (self.model.is_some() || self.finetune.is_some()) && !resnet;
+        if t.precision != Precision::F32 && !vit_clip {
+            return Err(
+                "train.precision = \"bf16\" is for CLIP training with a ViT image tower \
+                 ([model] or [finetune]); the Q-Former, stage 2 and the ResNet tower train in \
+                 float32 (leave train.precision out or set it to \"f32\")"
+                    .into(),
+            );
+        }
+        if t.grad_checkpointing && !vit_clip {
+            return Err(
+                "train.grad_checkpointing is for CLIP training with a ViT image tower ([model] \
+                 or [finetune]); the Q-Former, stage 2 and the ResNet tower keep their \
+                 activations (leave it out or set it to false)"
+                    .into(),
+            );
         }
         if let Some(k) = &self.distill {
             if self.qformer.is_none() && t.loss != ContrastiveLoss::InfoNce {

@@ -183,6 +183,13 @@ fn random_batch(b: usize, size: usize, ctx: usize, vocab: u32, seed: u64) -> Bat
     }
 }
 
+/// How a benchmarked CLIP step trains (`train.precision`, `train.grad_checkpointing`).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct StepMode {
+    pub precision: Precision,
+    pub grad_checkpointing: bool,
+}
+
 /// A CLIP training step ready to run: the task, its optimiser and a fixed random batch.
 struct ClipStep {
     task: ClipTask,
@@ -196,7 +203,7 @@ impl ClipStep {
         vocab: u32,
         loss: ContrastiveLoss,
         batch: usize,
-        precision: Precision,
+        mode: StepMode,
         device: &Device,
     ) -> Result<Self> {
         let cfg = spec.clip_config(vocab as usize, 0, vocab - 1, 0);
@@ -210,7 +217,8 @@ impl ClipStep {
             0,
             device,
         )?
-        .with_precision(precision)?;
+        .with_precision(mode.precision)?
+        .with_checkpointing(mode.grad_checkpointing)?;
         let opt = AdamW::new(
             task.vars(),
             AdamWConfig {
@@ -278,10 +286,10 @@ fn train_phases(
     warmup: usize,
     iters: usize,
     phases: bool,
-    precision: Precision,
+    mode: StepMode,
     device: &Device,
 ) -> Result<Phases> {
-    let mut s = ClipStep::new(spec, vocab, loss, batch, precision, device)?;
+    let mut s = ClipStep::new(spec, vocab, loss, batch, mode, device)?;
     let mut out = Phases::default();
     for i in 0..warmup + iters {
         let keep = i >= warmup;
@@ -497,7 +505,7 @@ pub fn run_row(name: &str, settings: Settings, image: &Path, device: &Device) ->
     let clip = |what: &str, loss: ContrastiveLoss| {
         let gflop = flops::clip_train_step(&clip_shape(&tiny), 64);
         measure(name, what, 64, Some(gflop), s, device, || {
-            let mut step = ClipStep::new(&tiny, 1000, loss, 64, Precision::F32, device)?;
+            let mut step = ClipStep::new(&tiny, 1000, loss, 64, StepMode::default(), device)?;
             Ok(move |i| step.step(i, device).map(|_| ()))
         })
     };

@@ -9,17 +9,16 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::Serialize;
 
-use super::{median, train_phases, vit_b32_embed, vit_b32_spec};
+use super::{median, train_phases, vit_b32_embed, vit_b32_spec, StepMode};
 use crate::error::Result;
 use crate::objectives::contrastive::ContrastiveLoss;
-use crate::train::config::Precision;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct VitB32Report {
     pub device: String,
     pub batch: usize,
-    /// The arithmetic of the training step and the embedding (`--precision`).
-    pub precision: Precision,
+    /// How the step trains (`--precision`, also the embedding's; `--grad-checkpointing`).
+    pub mode: StepMode,
     /// ViT-B/32 CLIP training (forward, backward, AdamW): median step and samples/s.
     pub train_step_ms: f64,
     pub train_samples_per_s: f64,
@@ -103,7 +102,7 @@ fn layer_ops(batch: usize, iters: usize, device: &Device) -> Result<Vec<(String,
 pub fn run_vit_b32(
     iters: usize,
     batch: usize,
-    precision: Precision,
+    mode: StepMode,
     device: &Device,
 ) -> Result<VitB32Report> {
     let p = train_phases(
@@ -114,15 +113,15 @@ pub fn run_vit_b32(
         2,
         iters,
         true,
-        precision,
+        mode,
         device,
     )?;
     let train = median(&p.step);
-    let embed = median(&vit_b32_embed(batch, 2, iters, precision, device)?);
+    let embed = median(&vit_b32_embed(batch, 2, iters, mode.precision, device)?);
     Ok(VitB32Report {
         device: format!("{device:?}"),
         batch,
-        precision,
+        mode,
         train_step_ms: train,
         train_samples_per_s: batch as f64 / (train / 1e3),
         train_forward_ms: median(&p.forward),

@@ -4,9 +4,9 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
-use crate::nn::fused;
 use crate::nn::fused_layer::{self, LayerParams};
 use crate::nn::{attention, fused_attention, linear, Activation, LayerNorm, Linear};
+use crate::nn::{checkpoint, fused};
 
 /// Shape of one tower's transformer.
 #[derive(Clone, Copy, Debug)]
@@ -165,6 +165,69 @@ impl EncoderLayer {
 }
 
 impl EncoderLayer {
+    /// The layer's sixteen parameters (the two LayerNorms' and each projection's weight and
+    /// bias), in the order [`EncoderLayer::with_params`] takes them; `None` for a layer without
+    /// every bias.
+    fn params(&self) -> Option<Vec<Tensor>> {
+        let a = &self.self_attn;
+        let mut out = Vec::with_capacity(16);
+        for l in [&self.layer_norm1, &self.layer_norm2] {
+            out.extend([l.weight().clone(), l.bias().clone()]);
+        }
+        for p in [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.out_proj,
+            &self.fc1,
+            &self.fc2,
+        ] {
+            let (w, b) = p.with_bias()?;
+            out.extend([w.clone(), b.clone()]);
+        }
+        Some(out)
+    }
+
+    /// This layer's structure over the parameters `p` ([`EncoderLayer::params`]' order).
+    fn with_params(&self, p: &[Tensor]) -> Self {
+        let lin = |i: usize| Linear::new(p[i].clone(), Some(p[i + 1].clone()));
+        let norm =
+            |i: usize, eps: f64| LayerNorm::from_tensors(p[i].clone(), p[i + 1].clone(), eps);
+        Self {
+            self_attn: SelfAttention {
+                q_proj: lin(4),
+                k_proj: lin(6),
+                v_proj: lin(8),
+                out_proj: lin(10),
+                qkv: None,
+                heads: self.self_attn.heads,
+            },
+            layer_norm1: norm(0, self.layer_norm1.eps()),
+            fc1: lin(12),
+            fc2: lin(14),
+            layer_norm2: norm(2, self.layer_norm2.eps()),
+            act: self.act,
+        }
+    }
+
+    /// [`EncoderLayer::forward`] with gradient checkpointing (`nn::checkpoint`): only the
+    /// layer's input and output are kept for the backward pass, which runs the layer again.
+    fn forward_checkpointed(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        compute: Option<DType>,
+    ) -> Result<Tensor> {
+        let Some(params) = self.params() else {
+            return self.forward(x, mask, compute);
+        };
+        let (shape, mask) = (self.clone(), mask.cloned());
+        let block: checkpoint::Block = std::sync::Arc::new(move |x: &Tensor, p: &[Tensor]| {
+            shape.with_params(p).forward(x, mask.as_ref(), compute)
+        });
+        checkpoint::checkpointed(x, &params, block)
+    }
+
     /// The same in training on the CPU (float32, trainable weights): the whole layer as one op
     /// with its own backward (`nn::fused_layer`). `None` where it does not apply (inference,
     /// frozen weights, another device or dtype, an activation the fused kernels lack).
@@ -211,6 +274,8 @@ pub struct Encoder {
     /// The float type of the layers' products in mixed precision (`set_compute`); `None`: the
     /// input's.
     compute: Option<DType>,
+    /// Gradient checkpointing per layer (`set_checkpointing`).
+    checkpointing: bool,
 }
 
 impl Encoder {
@@ -221,7 +286,14 @@ impl Encoder {
         Ok(Self {
             layers,
             compute: None,
+            checkpointing: false,
         })
+    }
+
+    /// Gradient checkpointing (`train.grad_checkpointing`): in training, each layer keeps only
+    /// its input and output for the backward pass and runs again there (`nn::checkpoint`).
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
     }
 
     /// Runs the layers' products in `dtype` from now on (mixed precision, see
@@ -241,7 +313,10 @@ impl Encoder {
         let n = upto.unwrap_or(self.layers.len()).min(self.layers.len());
         let mut x = x.clone();
         for layer in &self.layers[..n] {
-            x = layer.forward(&x, mask, self.compute)?;
+            x = match self.checkpointing {
+                true => layer.forward_checkpointed(&x, mask, self.compute)?,
+                false => layer.forward(&x, mask, self.compute)?,
+            };
         }
         Ok(x)
     }

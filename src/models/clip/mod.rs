@@ -135,6 +135,24 @@ impl Clip {
         Ok(())
     }
 
+    /// Gradient checkpointing (`train.grad_checkpointing`): in training, both towers' encoder
+    /// layers keep only their inputs for the backward pass and run again there
+    /// ([`encoder::Encoder::set_checkpointing`]). A ResNet image tower has no such mode.
+    pub fn set_checkpointing(&mut self, on: bool) -> Result<()> {
+        if self.resnet.is_some() && on {
+            candle_core::bail!(
+                "gradient checkpointing is for ViT image towers, not this CLIP's ResNet"
+            );
+        }
+        if let Some(v) = &mut self.vision {
+            v.set_checkpointing(on);
+        }
+        if let Some(t) = &mut self.text {
+            t.set_checkpointing(on);
+        }
+        Ok(())
+    }
+
     /// `get_image_features`: projected pooled image features, not normalised. `[B, P]`.
     pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
         if let Some(resnet) = &self.resnet {

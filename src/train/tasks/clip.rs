@@ -118,6 +118,14 @@ impl ClipTask {
         Ok(self)
     }
 
+    /// Gradient checkpointing (`train.grad_checkpointing`) of both towers' encoder layers
+    /// (`Clip::set_checkpointing`). The momentum CLIP of distillation runs without a graph and
+    /// needs none.
+    pub fn with_checkpointing(mut self, on: bool) -> Result<Self> {
+        self.model.set_checkpointing(on)?;
+        Ok(self)
+    }
+
     /// Turns on momentum distillation: a momentum copy of every variable (equal to the model
     /// now) and queues seeded by `seed`.
     pub fn with_distill(mut self, spec: &DistillSpec, seed: u64) -> Result<Self> {
