@@ -757,6 +757,27 @@ fn bf16_is_refused_where_it_does_not_apply() {
         e.contains("train.grad_checkpointing") && e.contains("ResNet"),
         "{e}"
     );
+    // Fine-tuning a ResNet CLIP directory: known only once the directory is read.
+    let rn = scratch("precision-resnet");
+    let mut cfg = tiny_resnet();
+    cfg.set_steps(1).unwrap();
+    train(&cfg, &rn, false);
+    for (bf16, needle) in [
+        (true, "train.precision"),
+        (false, "train.grad_checkpointing"),
+    ] {
+        let mut ft = tiny();
+        ft.model = None;
+        ft.finetune = Some(vlalign::train::config::FinetuneSpec {
+            model: rn.join("model"),
+        });
+        match bf16 {
+            true => ft.train.precision = vlalign::train::config::Precision::Bf16,
+            false => ft.train.grad_checkpointing = true,
+        }
+        let e = Run::new(ft, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains(needle) && e.contains("ResNet"), "{e}");
+    }
     let e = TrainConfig::from_toml(&TINY.replace("[train]\n", "[train]\nprecision = \"f16\"\n"))
         .unwrap_err();
     assert!(e.contains("f16"), "{e}");

@@ -106,6 +106,12 @@ impl ClipTask {
         if precision == Precision::F32 {
             return Ok(self);
         }
+        if self.model.resnet.is_some() {
+            return Err(crate::error::Error::input(
+                "train.precision = \"bf16\" is for ViT image towers; this CLIP's ResNet tower \
+                 trains in float32 (set train.precision = \"f32\")",
+            ));
+        }
         if self.parts.device.is_cpu() {
             tracing::warn!(
                 "train.precision = \"bf16\" on the CPU: candle has no bfloat16 matrix kernels \
@@ -122,6 +128,12 @@ impl ClipTask {
     /// (`Clip::set_checkpointing`). The momentum CLIP of distillation runs without a graph and
     /// needs none.
     pub fn with_checkpointing(mut self, on: bool) -> Result<Self> {
+        if on && self.model.resnet.is_some() {
+            return Err(crate::error::Error::input(
+                "train.grad_checkpointing is for ViT image towers, not this CLIP's ResNet tower \
+                 (set it to false)",
+            ));
+        }
         self.model.set_checkpointing(on)?;
         Ok(self)
     }
