@@ -144,19 +144,25 @@ check "clip-tiny 5 steps bf16, loss $DEV vs cpu (max abs diff)" "$(step_losses t
 sed -e 's/^log_every = .*/log_every = 1/' -e 's|^vision_model = .*|vision_model = "tests/fixtures/clip-a"|' \
     configs/qformer-tiny.toml >"$OUT/qformer-log1.toml"
 train_both q "$OUT/qformer-log1.toml" 3
-qlosses=$(python3 - "$OUT" "$DEV" <<'PY'
+# Largest |a - b| of the ITC, ITM and ITG terms of runs $OUT/$1-cpu and $OUT/$1-$DEV (3 steps).
+q_terms() {
+    python3 - "$OUT" "$DEV" "$1" <<'PY'
 import json, sys
-d, dev = sys.argv[1:3]
+d, dev, name = sys.argv[1:4]
 def terms(run):
-    rows = [json.loads(l) for l in open(f"{d}/q-{run}/metrics.jsonl")]
+    rows = [json.loads(l) for l in open(f"{d}/{name}-{run}/metrics.jsonl")]
     return [r[k] for r in rows if "loss" in r for k in ("itc", "itm", "itg")]
 c, g = terms("cpu"), terms(dev)
 print("cpu ", " ".join(f"{x:.5f}" for x in c), file=sys.stderr)
 print(dev, " ".join(f"{x:.5f}" for x in g), file=sys.stderr)
 print(max(abs(x - y) for x, y in zip(c, g)) if len(c) == len(g) == 9 else "inf")
 PY
-)
-check "qformer-tiny 3 steps, ITC/ITM/ITG $DEV vs cpu (max abs diff)" "${qlosses:-inf}" 1e-3
+}
+check "qformer-tiny 3 steps, ITC/ITM/ITG $DEV vs cpu (max abs diff)" "$(q_terms q || echo inf)" 1e-3
+# ... and in mixed precision
+sed -i 's/^precision = .*/precision = "bf16"/' "$OUT/qformer-log1.toml"
+train_both q-bf16 "$OUT/qformer-log1.toml" 3
+check "qformer-tiny 3 steps bf16, ITC/ITM/ITG $DEV vs cpu (max abs diff)" "$(q_terms q-bf16 || echo inf)" 2e-2
 
 # (c) throughput beside PyTorch, with peak GPU memory sampled by nvidia-smi
 peak_of() { # command... ; prints the command's stdout, leaves the peak MiB in $OUT/peak

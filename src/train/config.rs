@@ -346,7 +346,7 @@ pub struct TrainSpec {
     #[serde(default)]
     pub freeze_steps: u64,
     /// `"f32"` (default) or `"bf16"`: mixed precision, for CLIP training (`[model]` with a ViT
-    /// image tower, or `[finetune]`). See [`Precision`].
+    /// image tower, or `[finetune]`) and BLIP-2 stage 1 (`[qformer]`). See [`Precision`].
     #[serde(default)]
     pub precision: Precision,
     /// Gradient checkpointing (open_clip's `--grad-checkpointing`): each encoder layer keeps
@@ -367,11 +367,18 @@ pub enum Precision {
     /// Mixed precision, as `torch.autocast(dtype=torch.bfloat16)` does for a transformer: the
     /// encoder layers' matrix products (q/k/v/out projections, attention scores and weighted
     /// values, the MLP) and the MLP's activation in bfloat16; LayerNorm, softmax, the residual
-    /// stream, the embeddings, projections and loss in float32; the weights (float32 master
-    /// copies, cast to bfloat16 where a product uses them: the gradient flows back through the
-    /// cast), gradients and AdamW state in float32 (`nn::autocast`).
+    /// stream, the embeddings, projections, heads and loss in float32; the weights (float32
+    /// master copies, cast to bfloat16 where a product uses them: the gradient flows back
+    /// through the cast), gradients and AdamW state in float32. The casts sit in
+    /// `models::clip::encoder` (CLIP's layers), `models::bert::layers` (the Q-Former's blocks),
+    /// `nn::linear` and `nn::attention`.
     Bf16,
 }
+
+/// The warning a bf16 run on the CPU gives.
+pub const BF16_ON_CPU: &str = "train.precision = \"bf16\" on the CPU: candle has no bfloat16 \
+     matrix kernels there (each product is widened to float32), so this runs slower than \
+     float32; mixed precision pays on CUDA";
 
 impl Precision {
     /// The float type of the encoders' products.
@@ -503,11 +510,11 @@ impl TrainConfig {
             .as_ref()
             .is_some_and(|m| m.resnet_layers.is_some());
         let vit_clip = (self.model.is_some() || self.finetune.is_some()) && !resnet;
-        if t.precision != Precision::F32 && !vit_clip {
+        if t.precision != Precision::F32 && !(vit_clip || self.qformer.is_some()) {
             return Err(
                 "train.precision = \"bf16\" is for CLIP training with a ViT image tower \
-                 ([model] or [finetune]); the Q-Former, stage 2 and the ResNet tower train in \
-                 float32 (leave train.precision out or set it to \"f32\")"
+                 ([model] or [finetune]) and BLIP-2 stage 1 ([qformer]); stage 2 and the ResNet \
+                 tower train in float32 (leave train.precision out or set it to \"f32\")"
                     .into(),
             );
         }

@@ -385,3 +385,50 @@ pub fn assert_same_run(what: &str, one: &std::path::Path, ranks: &std::path::Pat
     assert!(worst < 5e-5, "{what}: {name} off by {worst}");
     assert!(frac < 1e-3, "{what}: {:.3}% off by > 1e-6", frac * 100.0);
 }
+
+/// Mixed precision against float32 (`train.precision`): the task of `cfg` trained `steps` AdamW
+/// steps (`cfg`'s settings, lr 1e-3) on its first batch over and over, from the same seed in
+/// float32 and in bf16. Asserts every bf16 loss within `abs + rel × the float32 loss`, both
+/// curves ending below `learned ×` their start, and the two not equal bit for bit (the bf16
+/// products did run).
+pub fn assert_bf16_tracks_f32(
+    cfg: &vlalign::train::config::TrainConfig,
+    steps: u64,
+    (abs, rel): (f32, f32),
+    learned: f32,
+) {
+    use vlalign::train::config::Precision;
+    use vlalign::train::optim::{AdamW, AdamWConfig};
+    use vlalign::train::task::Task;
+    let curve = |precision: Precision| -> Vec<f32> {
+        let mut cfg = cfg.clone();
+        cfg.train.precision = precision;
+        let run = vlalign::train::build::Run::new(cfg.clone(), &Device::Cpu).unwrap();
+        let batch = run.loader().unwrap().next_batch().unwrap();
+        let mut task = run.task;
+        let mut opt = AdamW::new(task.vars(), AdamWConfig::of(&cfg.train)).unwrap();
+        (0..steps)
+            .map(|step| {
+                let (grads, terms) = task.grads(std::slice::from_ref(&batch), step).unwrap();
+                opt.step(&grads, 1e-3).unwrap();
+                task.after_step().unwrap();
+                terms.total
+            })
+            .collect()
+    };
+    let (a, b) = (curve(Precision::F32), curve(Precision::Bf16));
+    eprintln!("f32  {a:.4?}\nbf16 {b:.4?}");
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= abs + rel * x,
+            "step {}: f32 {x} bf16 {y}",
+            step + 1
+        );
+    }
+    let (first, last) = (0, a.len() - 1);
+    assert!(
+        a[last] < learned * a[first] && b[last] < learned * b[first],
+        "did not learn: {a:?} {b:?}"
+    );
+    assert!(a != b, "the bf16 run gave the float32 losses bit for bit");
+}

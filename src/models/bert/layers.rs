@@ -2,7 +2,7 @@
 //! `BertAttention`, `BertIntermediate` + `BertOutput`), shared with the BLIP-2 Q-Former, which
 //! is a BERT whose layers add cross-attention and a second feed-forward for the query tokens.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 use crate::nn::fused;
@@ -19,6 +19,8 @@ pub struct PostLnAttention {
     dense: Linear,
     layer_norm: LayerNorm,
     heads: usize,
+    /// Mixed precision: the float type of the block's products (`set_compute`).
+    compute: Option<DType>,
 }
 
 impl PostLnAttention {
@@ -39,7 +41,14 @@ impl PostLnAttention {
             dense: linear(hidden, hidden, out.pp("dense"))?,
             layer_norm: LayerNorm::new(out.pp("LayerNorm"), hidden, eps)?,
             heads,
+            compute: None,
         })
+    }
+
+    /// Mixed precision (`train.precision = "bf16"`): the projections and attention products in
+    /// `dtype`, the residual addition and LayerNorm in the input's type.
+    pub fn set_compute(&mut self, dtype: DType) {
+        self.compute = Some(dtype);
     }
 
     /// Self-attention when `kv` is `None`, else cross-attention to `kv`; `mask` is additive and
@@ -50,18 +59,23 @@ impl PostLnAttention {
         kv: Option<&Tensor>,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if let Some(y) = self.forward_fused(x, kv, mask)? {
-            return Ok(y);
+        let mixed = mixed(self.compute, x);
+        if mixed.is_none() {
+            if let Some(y) = self.forward_fused(x, kv, mask)? {
+                return Ok(y);
+            }
         }
-        let src = kv.unwrap_or(x);
+        let into = |t: &Tensor| mixed.map_or(Ok(t.clone()), |c| t.to_dtype(c));
+        let (xc, src) = (into(x)?, into(kv.unwrap_or(x))?);
         let y = attention::multi_head(
-            &self.query.forward(x)?,
-            &self.key.forward(src)?,
-            &self.value.forward(src)?,
+            &self.query.forward(&xc)?,
+            &self.key.forward(&src)?,
+            &self.value.forward(&src)?,
             self.heads,
             mask,
         )?;
-        self.layer_norm.forward(&(self.dense.forward(&y)? + x)?)
+        let y = self.dense.forward(&y)?.to_dtype(x.dtype())?;
+        self.layer_norm.forward(&(y + x)?)
     }
 }
 
@@ -104,6 +118,8 @@ pub struct FeedForward {
     output: Linear,
     layer_norm: LayerNorm,
     act: Activation,
+    /// Mixed precision: the float type of the block's products (`set_compute`).
+    compute: Option<DType>,
 }
 
 impl FeedForward {
@@ -121,15 +137,27 @@ impl FeedForward {
             output: linear(inner, hidden, out.pp("dense"))?,
             layer_norm: LayerNorm::new(out.pp("LayerNorm"), hidden, eps)?,
             act,
+            compute: None,
         })
     }
 
+    /// Mixed precision: both products and the activation in `dtype`, the residual addition
+    /// and LayerNorm in the input's type.
+    pub fn set_compute(&mut self, dtype: DType) {
+        self.compute = Some(dtype);
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.forward_fused(x)? {
-            return Ok(y);
+        let mixed = mixed(self.compute, x);
+        if mixed.is_none() {
+            if let Some(y) = self.forward_fused(x)? {
+                return Ok(y);
+            }
         }
-        let h = self.act.forward(&self.intermediate.forward(x)?)?;
-        self.layer_norm.forward(&(self.output.forward(&h)? + x)?)
+        let xc = mixed.map_or(Ok(x.clone()), |c| x.to_dtype(c))?;
+        let h = self.act.forward(&self.intermediate.forward(&xc)?)?;
+        let y = self.output.forward(&h)?.to_dtype(x.dtype())?;
+        self.layer_norm.forward(&(y + x)?)
     }
 }
 
@@ -154,4 +182,9 @@ impl FeedForward {
         };
         fused_post_ln::feed_forward(x, &w, act, self.layer_norm.eps()).map(Some)
     }
+}
+
+/// The products' float type when it is set and differs from the input's (mixed precision).
+fn mixed(compute: Option<DType>, x: &Tensor) -> Option<DType> {
+    compute.filter(|&c| c != x.dtype())
 }

@@ -59,6 +59,19 @@ impl QformerLayer {
         })
     }
 
+    /// Mixed precision (`train.precision = "bf16"`): every block's products in `dtype`, their
+    /// residual additions and LayerNorms in the input's type.
+    pub fn set_compute(&mut self, dtype: candle_core::DType) {
+        self.attention.set_compute(dtype);
+        if let Some(c) = &mut self.crossattention {
+            c.set_compute(dtype);
+        }
+        if let Some(f) = &mut self.ffn_text {
+            f.set_compute(dtype);
+        }
+        self.ffn_query.set_compute(dtype);
+    }
+
     /// `x`: `[B, Q+T, H]` whose first `queries` positions are query tokens; `mask` additive,
     /// broadcasting to `[B, heads, Q+T, Q+T]`; `image`: `[B, N, E]` (needed when `queries > 0`
     /// and this layer cross-attends).

@@ -193,6 +193,15 @@ impl Blip2Qformer {
         })
     }
 
+    /// Mixed precision (`train.precision = "bf16"`): the layers' products in `dtype`
+    /// (`QformerLayer::set_compute`); embeddings, heads, projections and the image encoder stay
+    /// float32.
+    pub fn set_compute(&mut self, dtype: candle_core::DType) {
+        for l in &mut self.layers {
+            l.set_compute(dtype);
+        }
+    }
+
     pub fn config(&self) -> &Blip2Config {
         &self.cfg
     }

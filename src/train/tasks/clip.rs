@@ -113,11 +113,7 @@ impl ClipTask {
             ));
         }
         if self.parts.device.is_cpu() {
-            tracing::warn!(
-                "train.precision = \"bf16\" on the CPU: candle has no bfloat16 matrix kernels \
-                 there (each product is widened to float32), so this runs slower than float32; \
-                 mixed precision pays on CUDA"
-            );
+            tracing::warn!("{}", crate::train::config::BF16_ON_CPU);
         }
         self.model.set_compute(precision.compute_dtype())?;
         self.precision = precision;

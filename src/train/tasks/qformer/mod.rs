@@ -29,7 +29,7 @@ use crate::objectives::itc::{itc_loss, max_over_queries, TEMP_INIT, TEMP_MAX, TE
 use crate::objectives::itg::{decoder_ids, itg_loss};
 use crate::objectives::itm::{itm_loss, sample_hard_negatives_excluding};
 use crate::rng;
-use crate::train::config::{QformerInit, QformerSpec, TrainConfig};
+use crate::train::config::{Precision, QformerInit, QformerSpec, TrainConfig};
 use crate::train::distill::Distillation;
 use crate::train::optim::Grads;
 use crate::train::task::{LossTerms, Task, TaskParts};
@@ -155,9 +155,14 @@ impl QformerTask {
             device,
         );
         // The frozen tower stays in `frozen` too, to be saved with the model.
-        let model = crate::nn::linear::keeping_layout(|| {
+        let mut model = crate::nn::linear::keeping_layout(|| {
             Blip2Qformer::new(vb.clone(), &config, Heads::Stage1 { lm_head: true })
         })?;
+        let compute = cfg.train.precision.compute_dtype();
+        model.set_compute(compute);
+        if cfg.train.precision != Precision::F32 && device.is_cpu() {
+            tracing::warn!("{}", crate::train::config::BF16_ON_CPU);
+        }
         vb.get_with_hints((), TEMP, candle_nn::Init::Const(TEMP_INIT))?;
         let parts = TaskParts {
             varmap,
@@ -188,9 +193,10 @@ impl QformerTask {
                     DType::F32,
                     device,
                 );
-                let model = crate::nn::linear::keeping_layout(|| {
+                let mut model = crate::nn::linear::keeping_layout(|| {
                     Blip2Qformer::new(vb, &config, Heads::Stage1 { lm_head: true })
                 })?;
+                model.set_compute(compute);
                 if state.varmap.all_vars().len() != parts.vars().len() {
                     return Err(Error::input(
                         "the momentum Q-Former does not have the trained Q-Former's variables",
