@@ -59,6 +59,17 @@ fn non_finite(what: &str, bad: usize, total: usize) -> crate::error::Error {
     ))
 }
 
+/// Mixed precision: the float type `compute` a block's products run in, when it is set and
+/// differs from its input `x`'s; `None` when the block runs in `x`'s own type.
+pub fn mixed_dtype(compute: Option<DType>, x: &Tensor) -> Option<DType> {
+    compute.filter(|&c| c != x.dtype())
+}
+
+/// `t` in `dtype` (a differentiable cast), or `t` itself with none.
+pub fn cast_to(t: &Tensor, dtype: Option<DType>) -> Result<Tensor> {
+    dtype.map_or(Ok(t.clone()), |d| t.to_dtype(d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

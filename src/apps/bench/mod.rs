@@ -340,7 +340,7 @@ fn vit_b32_embed(
     device: &Device,
 ) -> Result<Vec<f64>> {
     let mut vision = vit_b32_tower(device)?;
-    vision.set_compute(precision.compute_dtype());
+    vision.encoder_mut().set_compute(precision.compute_dtype());
     let px = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), device)?;
     let mut times = Vec::new();
     for i in 0..warmup + iters {

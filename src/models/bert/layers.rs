@@ -7,6 +7,7 @@ use candle_nn::{Module, VarBuilder};
 
 use crate::nn::fused;
 use crate::nn::fused_post_ln::{self, AttentionParams, FeedForwardParams};
+use crate::nn::ops::{cast_to, mixed_dtype};
 use crate::nn::{attention, linear, Activation, LayerNorm, Linear};
 
 /// `LayerNorm(dense(attention(x, kv)) + x)`: multi-head attention (BERT's `*.self` or the
@@ -59,14 +60,13 @@ impl PostLnAttention {
         kv: Option<&Tensor>,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let mixed = mixed(self.compute, x);
+        let mixed = mixed_dtype(self.compute, x);
         if mixed.is_none() {
             if let Some(y) = self.forward_fused(x, kv, mask)? {
                 return Ok(y);
             }
         }
-        let into = |t: &Tensor| mixed.map_or(Ok(t.clone()), |c| t.to_dtype(c));
-        let (xc, src) = (into(x)?, into(kv.unwrap_or(x))?);
+        let (xc, src) = (cast_to(x, mixed)?, cast_to(kv.unwrap_or(x), mixed)?);
         let y = attention::multi_head(
             &self.query.forward(&xc)?,
             &self.key.forward(&src)?,
@@ -148,13 +148,13 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mixed = mixed(self.compute, x);
+        let mixed = mixed_dtype(self.compute, x);
         if mixed.is_none() {
             if let Some(y) = self.forward_fused(x)? {
                 return Ok(y);
             }
         }
-        let xc = mixed.map_or(Ok(x.clone()), |c| x.to_dtype(c))?;
+        let xc = cast_to(x, mixed)?;
         let h = self.act.forward(&self.intermediate.forward(&xc)?)?;
         let y = self.output.forward(&h)?.to_dtype(x.dtype())?;
         self.layer_norm.forward(&(y + x)?)
@@ -182,9 +182,4 @@ impl FeedForward {
         };
         fused_post_ln::feed_forward(x, &w, act, self.layer_norm.eps()).map(Some)
     }
-}
-
-/// The products' float type when it is set and differs from the input's (mixed precision).
-fn mixed(compute: Option<DType>, x: &Tensor) -> Option<DType> {
-    compute.filter(|&c| c != x.dtype())
 }

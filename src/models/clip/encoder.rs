@@ -5,6 +5,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 use crate::nn::fused_layer::{self, LayerParams};
+use crate::nn::ops::{cast_to, mixed_dtype};
 use crate::nn::{attention, fused_attention, linear, Activation, LayerNorm, Linear};
 use crate::nn::{checkpoint, fused};
 
@@ -143,20 +144,16 @@ impl EncoderLayer {
     /// the residual additions; LayerNorm and the residual stream stay in `x`'s type
     /// (`train::config::Precision::Bf16`).
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, compute: Option<DType>) -> Result<Tensor> {
-        let mixed = compute.filter(|&c| c != x.dtype());
+        let mixed = mixed_dtype(compute, x);
         if mixed.is_none() {
             if let Some(y) = self.forward_fused(x, mask)? {
                 return Ok(y);
             }
         }
-        let into = |t: Tensor| match mixed {
-            Some(c) => t.to_dtype(c),
-            None => Ok(t),
-        };
-        let h = into(self.layer_norm1.forward(x)?)?;
+        let h = cast_to(&self.layer_norm1.forward(x)?, mixed)?;
         let h = self.self_attn.forward(&h, mask)?.to_dtype(x.dtype())?;
         let x = (x + h)?;
-        let h = into(self.layer_norm2.forward(&x)?)?;
+        let h = cast_to(&self.layer_norm2.forward(&x)?, mixed)?;
         let h = self
             .fc2
             .forward(&self.act.forward(&self.fc1.forward(&h)?)?)?;

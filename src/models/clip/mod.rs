@@ -120,37 +120,41 @@ impl Clip {
     /// Mixed precision (`train.precision = "bf16"`): both towers' encoder layers run their
     /// products in `dtype` ([`encoder::Encoder::set_compute`]); embeddings, LayerNorms,
     /// projections and the weights stay float32. A ResNet image tower has no such mode.
-    pub fn set_compute(&mut self, dtype: candle_core::DType) -> Result<()> {
-        if self.resnet.is_some() && dtype != candle_core::DType::F32 {
-            candle_core::bail!(
-                "mixed precision is for ViT image towers; this CLIP's ResNet tower trains in float32"
-            );
+    pub fn set_compute(&mut self, dtype: candle_core::DType) -> crate::error::Result<()> {
+        if dtype != candle_core::DType::F32 {
+            self.vit_only("train.precision = \"bf16\"", "trains in float32")?;
         }
-        if let Some(v) = &mut self.vision {
-            v.set_compute(dtype);
-        }
-        if let Some(t) = &mut self.text {
-            t.set_compute(dtype);
-        }
+        self.encoders_mut().for_each(|e| e.set_compute(dtype));
         Ok(())
     }
 
     /// Gradient checkpointing (`train.grad_checkpointing`): in training, both towers' encoder
     /// layers keep only their inputs for the backward pass and run again there
     /// ([`encoder::Encoder::set_checkpointing`]). A ResNet image tower has no such mode.
-    pub fn set_checkpointing(&mut self, on: bool) -> Result<()> {
-        if self.resnet.is_some() && on {
-            candle_core::bail!(
-                "gradient checkpointing is for ViT image towers, not this CLIP's ResNet"
-            );
+    pub fn set_checkpointing(&mut self, on: bool) -> crate::error::Result<()> {
+        if on {
+            self.vit_only("train.grad_checkpointing", "keeps its activations")?;
         }
-        if let Some(v) = &mut self.vision {
-            v.set_checkpointing(on);
-        }
-        if let Some(t) = &mut self.text {
-            t.set_checkpointing(on);
-        }
+        self.encoders_mut().for_each(|e| e.set_checkpointing(on));
         Ok(())
+    }
+
+    /// Refuses the training mode `key` for a ResNet image tower, which has none.
+    fn vit_only(&self, key: &str, instead: &str) -> crate::error::Result<()> {
+        match self.resnet {
+            Some(_) => Err(crate::error::Error::input(format!(
+                "{key} is for ViT image towers; this CLIP's ResNet tower {instead}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Both towers' transformers (those present).
+    fn encoders_mut(&mut self) -> impl Iterator<Item = &mut encoder::Encoder> {
+        let vision = self.vision.as_mut().map(ClipVision::encoder_mut);
+        vision
+            .into_iter()
+            .chain(self.text.as_mut().map(ClipText::encoder_mut))
     }
 
     /// `get_image_features`: projected pooled image features, not normalised. `[B, P]`.

@@ -153,14 +153,9 @@ impl ClipText {
         self.cfg.hidden_size
     }
 
-    /// Gradient checkpointing of the encoder layers (`Encoder::set_checkpointing`).
-    pub fn set_checkpointing(&mut self, on: bool) {
-        self.encoder.set_checkpointing(on);
-    }
-
-    /// Mixed precision: the encoder layers' products in `dtype` (`Encoder::set_compute`).
-    pub fn set_compute(&mut self, dtype: candle_core::DType) {
-        self.encoder.set_compute(dtype);
+    /// The transformer, for its training modes (`Encoder::set_compute`, `set_checkpointing`).
+    pub fn encoder_mut(&mut self) -> &mut Encoder {
+        &mut self.encoder
     }
 }
 

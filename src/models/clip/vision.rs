@@ -62,14 +62,10 @@ impl ClipVision {
         &self.cfg
     }
 
-    /// Gradient checkpointing of the encoder layers ([`Encoder::set_checkpointing`]).
-    pub fn set_checkpointing(&mut self, on: bool) {
-        self.encoder.set_checkpointing(on);
-    }
-
-    /// Mixed precision: the encoder layers' products in `dtype` ([`Encoder::set_compute`]).
-    pub fn set_compute(&mut self, dtype: candle_core::DType) {
-        self.encoder.set_compute(dtype);
+    /// The transformer, for its training modes ([`Encoder::set_compute`],
+    /// [`Encoder::set_checkpointing`]).
+    pub fn encoder_mut(&mut self) -> &mut Encoder {
+        &mut self.encoder
     }
 
     /// Token embeddings before the encoder: `[B, 1 + grid², hidden]`.

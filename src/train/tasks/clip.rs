@@ -106,16 +106,10 @@ impl ClipTask {
         if precision == Precision::F32 {
             return Ok(self);
         }
-        if self.model.resnet.is_some() {
-            return Err(crate::error::Error::input(
-                "train.precision = \"bf16\" is for ViT image towers; this CLIP's ResNet tower \
-                 trains in float32 (set train.precision = \"f32\")",
-            ));
-        }
+        self.model.set_compute(precision.compute_dtype())?;
         if self.parts.device.is_cpu() {
             tracing::warn!("{}", crate::train::config::BF16_ON_CPU);
         }
-        self.model.set_compute(precision.compute_dtype())?;
         self.precision = precision;
         Ok(self)
     }
@@ -124,12 +118,6 @@ impl ClipTask {
     /// (`Clip::set_checkpointing`). The momentum CLIP of distillation runs without a graph and
     /// needs none.
     pub fn with_checkpointing(mut self, on: bool) -> Result<Self> {
-        if on && self.model.resnet.is_some() {
-            return Err(crate::error::Error::input(
-                "train.grad_checkpointing is for ViT image towers, not this CLIP's ResNet tower \
-                 (set it to false)",
-            ));
-        }
         self.model.set_checkpointing(on)?;
         Ok(self)
     }
