@@ -158,3 +158,47 @@ fn the_import_scanner_sees_paths() {
     let got: Vec<String> = crate_imports(t).into_iter().collect();
     assert_eq!(got, ["io", "nn"]);
 }
+
+/// The training path (src/train, src/objectives, src/models, src/nn) reads tensor values to the
+/// host only through `nn::host`, which counts the reads (`host_reads_per_step` in a run's
+/// metrics): on a GPU each read waits for the device. Test modules and the CPU-only kernels
+/// (`nn/fused_attention.rs` reads its mask, already host memory) are exempt.
+#[test]
+fn the_training_path_reads_the_device_through_nn_host() {
+    let exempt = ["nn/host.rs", "nn/fused_attention.rs"];
+    let mut checked = 0;
+    for folder in ["train", "objectives", "models", "nn"] {
+        let mut files = Vec::new();
+        rust_files(&src().join(folder), &mut files);
+        for f in files {
+            let rel = f
+                .strip_prefix(src())
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
+            if exempt.contains(&rel.as_str()) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&f).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            for (n, line) in lines.iter().enumerate() {
+                // The test module (`#[cfg(test)]` then `mod …`) ends the checked part.
+                let next = lines.get(n + 1).map_or("", |l| l.trim_start());
+                if line.trim_start().starts_with("#[cfg(test)]") && next.starts_with("mod ") {
+                    break;
+                }
+                let code = line.split("//").next().unwrap_or("");
+                for banned in [".to_scalar", ".to_vec0", ".to_vec1", ".to_vec2", ".to_vec3"] {
+                    assert!(
+                        !code.contains(banned),
+                        "{rel}:{}: `{banned}` on the training path: read through nn::host \
+                         (counted reads)",
+                        n + 1
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "{checked} files");
+}

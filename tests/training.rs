@@ -755,3 +755,29 @@ fn bf16_is_refused_where_it_does_not_apply() {
         .unwrap_err();
     assert!(e.contains("f16"), "{e}");
 }
+
+/// Host reads per step (metrics.jsonl's `host_reads_per_step`, counted by nn::host; on a GPU
+/// each read waits for the device): a CLIP step reads its loss once — the gradient-norm clip
+/// stays on the device — and a Q-Former step reads its ITC similarities (for the hard
+/// negatives) and its three loss terms together, for any number of layers or shards. Each run
+/// is its own `vlalign train` process, so other tests' reads do not count.
+#[test]
+fn a_training_step_reads_the_device_once_per_need() {
+    let dir = scratch("host-reads");
+    let q = format!("{}grad_clip = 1.0\n", common::tiny_qformer_toml());
+    for (name, toml, reads) in [("clip", TINY.to_string(), 1.0), ("qformer", q, 2.0)] {
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, toml).unwrap();
+        let run = dir.join(name);
+        common::train_cli(&cfg, &run);
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let seen: Vec<f64> = metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|m| m.get("loss").is_some())
+            .map(|m| m["host_reads_per_step"].as_f64().unwrap())
+            .collect();
+        assert!(seen.len() >= 4, "{name}: {metrics}");
+        assert!(seen.iter().all(|&r| r == reads), "{name}: {seen:?}");
+    }
+}

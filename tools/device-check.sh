@@ -12,7 +12,9 @@
 #       throughput, vlalign beside PyTorch (tools/reference/bench_torch_gpu.py) on the same GPU,
 #       with peak GPU memory, again in mixed precision (--precision bf16; PyTorch: autocast bf16),
 #       then with gradient checkpointing too (--grad-checkpointing: its peak memory)
-#       and again with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1);
+#       and again with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1), and float32 once with the
+#       driver's default memory-pool trimming (VLALIGN_CUDA_POOL_TRIM=1: what the pool setting
+#       of src/nn/device.rs gains);
 #       one JSON line.
 # Exits non-zero on any mismatch. Output under ${OUT:-/tmp/device-check}.
 set -uo pipefail
@@ -119,11 +121,14 @@ step_losses() {
     python3 - "$OUT" "$DEV" "$1" "$2" <<'PY'
 import json, sys
 d, dev, name, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+def rows(dev):
+    return [r for r in map(json.loads, open(f"{d}/{name}-{dev}/metrics.jsonl")) if "loss" in r]
 def losses(dev):
-    return [json.loads(l)["loss"] for l in open(f"{d}/{name}-{dev}/metrics.jsonl") if "loss" in json.loads(l)]
+    return [r["loss"] for r in rows(dev)]
 c, g = losses("cpu"), losses(dev)
 print("cpu ", " ".join(f"{x:.6f}" for x in c), file=sys.stderr)
 print(dev, " ".join(f"{x:.6f}" for x in g), file=sys.stderr)
+print("host reads per step on", dev, [r.get("host_reads_per_step") for r in rows(dev)], file=sys.stderr)
 print(max(abs(x - y) for x, y in zip(c, g)) if len(c) == len(g) == n else "inf")
 PY
 }
@@ -197,8 +202,12 @@ fused=$(VLALIGN_FUSED_CUDA=1 peak_of timeout 240 "$BIN" bench --suite vit-b32 --
 fused_peak=$(cat "$OUT/peak" 2>/dev/null || echo 0)
 echo "${fused:-null}" >&2
 say "peak MiB $fused_peak"
+say "ViT-B/32 float32 with the driver's pool trimming (VLALIGN_CUDA_POOL_TRIM=1):"
+trim=$(VLALIGN_CUDA_POOL_TRIM=1 timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters 5 \
+    --device "$DEV" --json) || fail=1
+echo "${trim:-null}" >&2
 theirs=$(timeout 240 python3 tools/reference/bench_torch_gpu.py --batch "$BATCH" --iters 10) || fail=1
-python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" "${fused:-null}" "$fused_peak" "${bf16:-null}" "$bf16_peak" "${ckpt:-null}" "$ckpt_peak" <<'PY'
+python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" "${fused:-null}" "$fused_peak" "${bf16:-null}" "$bf16_peak" "${ckpt:-null}" "$ckpt_peak" "${trim:-null}" <<'PY'
 import json, sys
 o, t, peak = json.loads(sys.argv[1]) or {}, json.loads(sys.argv[2]) or {}, float(sys.argv[3] or 0)
 f, fpeak = json.loads(sys.argv[4]) or {}, float(sys.argv[5] or 0)
@@ -222,6 +231,8 @@ r["vlalign_embed_bf16_images_per_s"] = h.get("embed_images_per_s")
 r["vlalign_bf16_peak_gpu_gib"] = round(hpeak / 1024, 2)
 r["vlalign_train_bf16_ckpt_samples_per_s"] = c.get("train_samples_per_s")
 r["vlalign_bf16_ckpt_peak_gpu_gib"] = round(cpeak / 1024, 2)
+trim = json.loads(sys.argv[10]) or {}
+r["vlalign_train_f32_pool_trim_samples_per_s"] = trim.get("train_samples_per_s")
 r["vlalign"], r["vlalign_fused"], r["vlalign_bf16"], r["torch_all"] = o, f, h, t
 if h and t:
     r["train_bf16_ratio_vs_torch_bf16"] = h["train_samples_per_s"] / t["train_bf16_samples_per_s"]

@@ -57,7 +57,9 @@ impl DeviceOpt {
                          feature `cuda`); use --device cpu"
                     );
                 }
-                Ok(Device::new_cuda(n)?)
+                let device = Device::new_cuda(n)?;
+                vlalign::nn::device::prepare(&device)?;
+                Ok(device)
             }
         }
     }

@@ -721,7 +721,7 @@ pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// max |a − c| / max |c| (the denominator floored at 1e-6): how far a fused op's result `a` is
 /// from the composition's `c`.
 pub fn rel(a: &Tensor, c: &Tensor) -> Result<f32> {
-    let max = |t: Tensor| t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>();
+    let max = |t: Tensor| super::host::f32_of(&t.abs()?.flatten_all()?.max(0)?);
     Ok(max((a - c)?)? / max(c.clone())?.max(1e-6))
 }
 

@@ -9,6 +9,7 @@
 pub mod activation;
 pub mod attention;
 pub mod checkpoint;
+pub mod device;
 mod few_rows;
 pub mod frozen;
 pub mod fused;
@@ -19,6 +20,7 @@ pub mod fused_layer;
 pub mod fused_linear;
 pub mod fused_post_ln;
 mod gemm;
+pub mod host;
 pub mod init;
 pub mod layer_norm;
 pub mod linear;

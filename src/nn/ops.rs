@@ -29,17 +29,31 @@ pub fn l2_normalize(xs: &Tensor) -> Result<Tensor> {
 /// printed, ranked or saved (a NaN compares false with everything, so a ranking that counts
 /// better-scored candidates would call it perfect).
 pub fn ensure_finite(t: &Tensor, what: &str) -> crate::error::Result<()> {
-    // 0·x is 0 where x is finite and NaN where it is NaN or ±inf; NaN ≠ NaN.
-    let d = (t * 0.0)?;
-    let bad = d
-        .ne(&d)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    if bad > 0.0 {
-        return Err(non_finite(what, bad as usize, t.elem_count()));
+    ensure_each_finite(&[t], |_| what.to_string())
+}
+
+/// [`ensure_finite`] for several tensors with one host read: the error names the first bad
+/// tensor `what(i)` (the names are built only then).
+pub fn ensure_each_finite(
+    ts: &[&Tensor],
+    what: impl Fn(usize) -> String,
+) -> crate::error::Result<()> {
+    if ts.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let counts = ts
+        .iter()
+        .map(|t| {
+            // 0·x is 0 where x is finite and NaN where it is NaN or ±inf; NaN ≠ NaN.
+            let d = (*t * 0.0)?;
+            d.ne(&d)?.to_dtype(DType::F32)?.sum_all()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bad: Vec<f32> = super::host::flat(&Tensor::stack(&counts, 0)?)?;
+    match bad.iter().position(|&b| b > 0.0) {
+        Some(i) => Err(non_finite(&what(i), bad[i] as usize, ts[i].elem_count())),
+        None => Ok(()),
+    }
 }
 
 /// [`ensure_finite`] for values already on the host (a decode step's logit rows): the check

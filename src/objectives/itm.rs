@@ -29,7 +29,7 @@ pub fn sample_hard_negatives_excluding<R: Rng>(
     matches: &dyn Fn(usize, usize) -> bool,
     rng: &mut R,
 ) -> Result<(Vec<usize>, Vec<usize>)> {
-    let s: Vec<Vec<f32>> = sim.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+    let s: Vec<Vec<f32>> = crate::nn::host::rows(sim)?;
     let b = s.len();
     if b < 2 || s.iter().any(|r| r.len() != b) {
         candle_core::bail!("hard negatives need a square similarity with at least 2 rows, got {b}");

@@ -80,7 +80,7 @@ fn by_name(vars: &[(String, Var)]) -> Vec<&(String, Var)> {
 
 /// Rank 0's values of `t` (same shape everywhere), in `t`'s dtype.
 fn broadcast_tensor(comm: &dyn Comm, t: &Tensor) -> Result<Tensor> {
-    let mut v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut v: Vec<f32> = crate::nn::host::flat(t)?;
     comm.broadcast_f32(&mut v, 0)?;
     Ok(Tensor::from_vec(v, t.shape(), t.device())?.to_dtype(t.dtype())?)
 }
@@ -120,20 +120,26 @@ pub fn sum_step(
         return Ok(());
     }
     let sorted = by_name(vars);
-    let mut buf = Vec::new();
+    // Packed on the device and read in one go (one host read per step, not one per variable).
+    let mut parts = Vec::with_capacity(sorted.len());
     let mut flags = Vec::with_capacity(sorted.len());
     for (name, var) in &sorted {
         match grads.get(name) {
             Some(g) => {
-                buf.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+                parts.push(g.to_dtype(DType::F32)?.flatten_all()?);
                 flags.push(1.0);
             }
             None => {
-                buf.resize(buf.len() + var.elem_count(), 0.0);
+                parts.push(Tensor::zeros(var.elem_count(), DType::F32, var.device())?);
                 flags.push(0.0);
             }
         }
     }
+    let mut buf: Vec<f32> = if parts.is_empty() {
+        Vec::new()
+    } else {
+        crate::nn::host::flat(&Tensor::cat(&parts, 0)?)?
+    };
     let n_grads = buf.len();
     buf.extend(flags);
     buf.push(terms.total);

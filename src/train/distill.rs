@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 
 use super::config::DistillSpec;
@@ -95,13 +95,19 @@ impl FeatureQueues {
                     &rows.dims()[1..]
                 )));
             }
-            let mut all: Vec<f32> = queue.flatten_all()?.to_vec1()?;
-            let new: Vec<f32> = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            for r in 0..n {
-                let slot = (cursor + r) % q;
-                all[slot * d..(slot + 1) * d].copy_from_slice(&new[r * d..(r + 1) * d]);
+            // On the device, in at most a few contiguous pieces (no host round trip per step):
+            // row r lands in slot (cursor + r) mod q, a later row overwriting an earlier one.
+            let mut shape = queue.dims().to_vec();
+            shape[0] = n;
+            let rows = rows.to_dtype(queue.dtype())?.reshape(shape)?;
+            let (mut out, mut r, mut slot) = (queue.clone(), 0, cursor);
+            while r < n {
+                let piece = (q - slot).min(n - r);
+                out = out.slice_scatter0(&rows.narrow(0, r, piece)?, slot)?;
+                r += piece;
+                slot = (slot + piece) % q;
             }
-            Ok(Tensor::from_vec(all, queue.shape(), queue.device())?)
+            Ok(out)
         };
         self.image = write(&self.image, &image.detach(), self.cursor)?;
         self.text = write(&self.text, &text.detach(), self.cursor)?;
@@ -223,9 +229,9 @@ impl Distillation {
         q.image = shaped("queue.image", &q.image)?;
         q.text = shaped("queue.text", &q.text)?;
         let n = q.ids.len();
-        let ids: Vec<i64> = get("queue.ids")?.to_dtype(DType::I64)?.to_vec1()?;
-        let filled: Vec<u8> = get("queue.filled")?.to_dtype(DType::U8)?.to_vec1()?;
-        let cursor: Vec<i64> = get("queue.cursor")?.to_dtype(DType::I64)?.to_vec1()?;
+        let ids: Vec<i64> = crate::nn::host::flat(get("queue.ids")?)?;
+        let filled: Vec<u8> = crate::nn::host::flat(get("queue.filled")?)?;
+        let cursor: Vec<i64> = crate::nn::host::flat(get("queue.cursor")?)?;
         match cursor.as_slice() {
             [c] if ids.len() == n && filled.len() == n && (*c as usize) < n.max(1) && *c >= 0 => {
                 q.cursor = *c as usize;
@@ -248,6 +254,7 @@ impl Distillation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, IndexOp};
 
     fn spec(q: usize) -> DistillSpec {
         DistillSpec {
@@ -275,6 +282,24 @@ mod tests {
         assert_eq!(img[0], vec![5.0; 3]);
         assert_eq!(img[2], vec![1.0; 3]);
         assert_eq!(img[3], vec![5.0; 3]);
+        // Five rows into a queue of 4 from slot 2: slots 2, 3, 0, 1, 2 — the fifth row (40)
+        // overwrites the first (0) in slot 2, and the cursor ends at 3.
+        let ramp = |k: f32| {
+            Tensor::arange(0f32, 5.0, &dev)
+                .unwrap()
+                .affine(10.0 * k as f64, 0.0)
+                .unwrap()
+                .unsqueeze(1)
+                .unwrap()
+                .repeat((1, 3))
+                .unwrap()
+        };
+        q.push(&ramp(1.0), &ramp(2.0), &[7, 8, 9, 10, 11]).unwrap();
+        assert_eq!(q.cursor, 3);
+        assert_eq!(q.ids, vec![Some(9), Some(10), Some(11), Some(8)]);
+        let col = |t: &Tensor| -> Vec<f32> { t.i((.., 0)).unwrap().to_vec1().unwrap() };
+        assert_eq!(col(&q.image), [20.0, 30.0, 40.0, 10.0]);
+        assert_eq!(col(&q.text), [40.0, 60.0, 80.0, 20.0]);
     }
 
     /// m ← 0.9 m + 0.1 p, and the state round-trips.

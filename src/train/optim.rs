@@ -187,30 +187,39 @@ impl AdamW {
             p.m = m.to_dtype(p.var.dtype())?.to_device(&dev)?.copy()?;
             p.v = v.to_dtype(p.var.dtype())?.to_device(&dev)?.copy()?;
         }
-        self.step = get("step")?.to_dtype(DType::F64)?.to_scalar::<f64>()? as u64;
+        self.step = crate::nn::host::f64_of(get("step")?)? as u64;
         Ok(())
     }
 }
 
 /// Scales the gradients in place so their global L2 norm is at most `max_norm`
-/// (torch.nn.utils.clip_grad_norm_); returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
-    let mut total = 0f64;
+/// (torch.nn.utils.clip_grad_norm_); returns the norm before clipping, a one-element float64
+/// tensor on the gradients' device (`None` without gradients).
+///
+/// Nothing is read to the host: like PyTorch, every gradient is multiplied by
+/// min(1, max_norm / (norm + 1e-6)) computed on the device, so a GPU step does not wait here
+/// (the trainer reads the norm only when it logs it). The squares are summed in float64 in the
+/// gradients' name order, one addition after another, so the norm is the same bit for bit on
+/// every run and device order-wise; a factor of exactly 1 leaves a gradient unchanged.
+pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<Option<Tensor>> {
+    let mut total: Option<Tensor> = None;
     for g in grads.values() {
-        total += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        let sq = g.sqr()?.sum_all()?.to_dtype(DType::F64)?;
+        total = Some(match total {
+            Some(t) => (t + sq)?,
+            None => sq,
+        });
     }
-    let norm = total.sqrt();
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.values_mut() {
-            *g = (&*g * coef)?;
-        }
+    let Some(total) = total else {
+        return Ok(None);
+    };
+    let norm = total.sqrt()?;
+    let max = Tensor::new(max_norm, norm.device())?;
+    let coef = max.div(&norm.affine(1.0, 1e-6)?)?.minimum(1.0)?;
+    for g in grads.values_mut() {
+        *g = g.broadcast_mul(&coef.to_dtype(g.dtype())?)?;
     }
-    Ok(norm)
+    Ok(Some(norm))
 }
 
 #[cfg(test)]
@@ -240,12 +249,16 @@ mod tests {
         let mut g: Grads = Grads::new();
         g.insert("a".into(), Tensor::new(&[3f32, 0.0], &dev).unwrap());
         g.insert("b".into(), Tensor::new(&[4f32], &dev).unwrap());
-        let n = clip_grad_norm(&mut g, 1.0).unwrap();
+        let norm = |g: &mut Grads, max| {
+            crate::nn::host::f64_of(&clip_grad_norm(g, max).unwrap().unwrap()).unwrap()
+        };
+        let n = norm(&mut g, 1.0);
         assert!((n - 5.0).abs() < 1e-6);
         let a = g["a"].to_vec1::<f32>().unwrap();
         assert!((a[0] - 0.6).abs() < 1e-5, "{a:?}");
-        let n = clip_grad_norm(&mut g, 10.0).unwrap();
+        let n = norm(&mut g, 10.0);
         assert!((n - 1.0).abs() < 1e-5);
         assert!((g["b"].to_vec1::<f32>().unwrap()[0] - 0.8).abs() < 1e-5);
+        assert!(clip_grad_norm(&mut Grads::new(), 1.0).unwrap().is_none());
     }
 }

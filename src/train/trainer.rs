@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::Tensor;
 use serde_json::json;
 
 use super::checkpoint::{self, TrainerState};
@@ -138,19 +139,17 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 /// Refuses to save weights that are NaN or infinite: `last` only ever points at a finite
 /// checkpoint, and no model directory holds a diverged model.
 fn ensure_weights_finite(task: &dyn Task, step: u64) -> Result<()> {
-    for (name, var) in task.vars() {
-        crate::nn::ops::ensure_finite(
-            var.as_tensor(),
-            &format!("weights `{name}` after step {step}"),
-        )
-        .map_err(|e| {
-            Error::NonFinite(format!(
-                "{e}; stopping: nothing from this step is saved (the last checkpoint is \
-                     intact). Lower train.lr or raise warmup_steps."
-            ))
-        })?;
-    }
-    Ok(())
+    let vars = task.vars();
+    let tensors: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).collect();
+    crate::nn::ops::ensure_each_finite(&tensors, |i| {
+        format!("weights `{}` after step {step}", vars[i].0)
+    })
+    .map_err(|e| {
+        Error::NonFinite(format!(
+            "{e}; stopping: nothing from this step is saved (the last checkpoint is intact). \
+             Lower train.lr or raise warmup_steps."
+        ))
+    })
 }
 
 pub fn run<T: Task>(
@@ -276,6 +275,9 @@ pub fn run<T: Task>(
     let mut last_loss = f32::NAN;
     let mut last_metrics = json!({});
     let mut warned = 0usize;
+    // Host reads made by the steps since the last metrics line (nn::host), and those steps.
+    let (mut step_reads, mut read_steps) = (0u64, 0u64);
+    let mut scalars = Vec::new();
     while step < t.steps {
         // Gather the accumulation micro-batches, skipping what the loader could not read.
         let mut micro: Vec<Batch> = Vec::with_capacity(t.accum_steps);
@@ -333,6 +335,7 @@ pub fn run<T: Task>(
                 );
             }
         }
+        let reads_before = crate::nn::host::reads();
         let (mut grads, mut terms) = task.grads(&micro, step)?;
         dp::sum_step(comm.as_ref(), &vars, &mut grads, &mut terms)?;
         if !terms.total.is_finite() {
@@ -350,20 +353,27 @@ pub fn run<T: Task>(
                     .any(|p| name.starts_with(p.as_str()))
             });
         }
+        // The clipped norm stays on the device until it is logged (no host read per step).
         let grad_norm = if t.grad_clip > 0.0 {
             clip_grad_norm(&mut grads, t.grad_clip)?
         } else {
-            f64::NAN
+            None
         };
         let lr = schedule.lr(step);
         opt.step(&grads, lr)?;
         task.after_step()?;
+        step_reads += crate::nn::host::reads() - reads_before;
+        read_steps += 1;
         step += 1;
         samples += step_samples;
         last_loss = terms.total;
         let elapsed = started.elapsed().as_secs_f64();
         let rate = (samples - start_samples) as f64 / elapsed.max(1e-9);
-        let scalars = task.scalars();
+        let log = step.is_multiple_of(t.log_every) || step == t.steps;
+        if log || scalars.is_empty() {
+            // Read (from the device) only for a metrics line and the first bar message.
+            scalars = task.scalars();
+        }
         if let Some(pb) = &bar {
             let extra: String = scalars
                 .iter()
@@ -374,11 +384,17 @@ pub fn run<T: Task>(
                 "loss {last_loss:.4} lr {lr:.2e}{extra} {rate:.0} samples/s"
             ));
         }
-        if step.is_multiple_of(t.log_every) || step == t.steps {
+        if log {
+            let grad_norm = match &grad_norm {
+                Some(n) => crate::nn::host::f64_of(n)?,
+                None => f64::NAN,
+            };
             let mut m = json!({
                 "step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
                 "samples_per_s": rate, "samples": samples, "skipped": skipped,
+                "host_reads_per_step": step_reads as f64 / read_steps.max(1) as f64,
             });
+            (step_reads, read_steps) = (0, 0);
             for (k, v) in terms.parts.iter().chain(&scalars) {
                 m[k] = json!(v);
             }

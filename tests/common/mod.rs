@@ -244,16 +244,20 @@ pub fn train_tiny_qformer(dir: &std::path::Path) -> PathBuf {
         ),
     )
     .unwrap();
-    let run = dir.join("run");
-    let out = json(&vlalign(&[
+    let out = train_cli(&cfg, &dir.join("run"));
+    PathBuf::from(out["model_dir"].as_str().unwrap())
+}
+
+/// `vlalign train --config CONFIG --out RUN --json` in a process of its own; its JSON report.
+pub fn train_cli(config: &std::path::Path, run: &std::path::Path) -> serde_json::Value {
+    json(&vlalign(&[
         "train",
         "--config",
-        cfg.to_str().unwrap(),
+        config.to_str().unwrap(),
         "--out",
         run.to_str().unwrap(),
         "--json",
-    ]));
-    PathBuf::from(out["model_dir"].as_str().unwrap())
+    ]))
 }
 
 /// The tiny CLIP config the training tests share (tests/training.rs, tests/distill.rs).

@@ -201,10 +201,7 @@ impl Clip {
     /// exp(logit_scale) as a float; 100 (CLIP's cap) for a single-tower checkpoint.
     pub fn logit_scale_exp(&self) -> Result<f32> {
         match &self.logit_scale {
-            Some(t) => Ok(t
-                .to_dtype(candle_core::DType::F32)?
-                .to_scalar::<f32>()?
-                .exp()),
+            Some(t) => Ok(crate::nn::host::f32_of(t)?.exp()),
             None => Ok(100.0),
         }
     }

@@ -282,14 +282,16 @@ impl CausalLm {
     /// Root mean square of the token-embedding matrix: the scale of the inputs the LM was trained
     /// on.
     pub fn embedding_rms(&self) -> Result<f32> {
-        self.parts()
-            .0
-            .embed_tokens
-            .embeddings()
-            .sqr()?
-            .mean_all()?
-            .sqrt()?
-            .to_scalar::<f32>()
+        crate::nn::host::f32_of(
+            &self
+                .parts()
+                .0
+                .embed_tokens
+                .embeddings()
+                .sqr()?
+                .mean_all()?
+                .sqrt()?,
+        )
     }
 
     /// Vocabulary logits of hidden states `[..., W]` (the LM head).

@@ -242,12 +242,13 @@ impl Blip2Task {
 
     /// The gradients of one shard's summed loss divided by the step's target count `total`,
     /// and that loss.
-    fn shard_grads(&self, b: &Batch, texts: &[Vec<u32>], total: f64) -> Result<(Grads, f64)> {
+    /// The shard's loss stays on the device (float64): the step reads the sum once.
+    fn shard_grads(&self, b: &Batch, texts: &[Vec<u32>], total: f64) -> Result<(Grads, Tensor)> {
         let (sum, _) = self.loss_sum_of(b, texts)?;
         let l = (sum / total)?;
         let mut grads = Grads::new();
         self.parts.collect(&l.backward()?, &mut grads)?;
-        Ok((grads, l.to_scalar::<f32>()? as f64))
+        Ok((grads, l.detach().to_dtype(candle_core::DType::F64)?))
     }
 }
 
@@ -286,7 +287,7 @@ impl Task for Blip2Task {
             .sum();
         let total = count.max(1) as f64;
         let mut grads = Grads::new();
-        let mut loss = 0f64;
+        let mut loss: Option<Tensor> = None;
         let this = &*self;
         for (b, texts) in micro.iter().zip(&texts) {
             // SHARDS fixed row ranges on parallel threads, added in order: the same sums on any
@@ -304,10 +305,16 @@ impl Task for Blip2Task {
             for res in results {
                 let (g, l) = res?;
                 add_grads(&mut grads, g)?;
-                loss += l;
+                loss = Some(match loss {
+                    Some(s) => (s + l)?,
+                    None => l,
+                });
             }
         }
-        let total = loss as f32;
+        let total = match loss {
+            Some(l) => crate::nn::host::f64_of(&l)? as f32,
+            None => 0.0,
+        };
         Ok((
             grads,
             LossTerms {

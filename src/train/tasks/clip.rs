@@ -208,7 +208,7 @@ impl ClipTask {
         let q = &d.state.queues;
         let image_cols = FeatureQueues::columns(&img_m, &q.image)?;
         let text_cols = FeatureQueues::columns(&txt_m, &q.text)?;
-        let s = scale.exp()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let s = crate::nn::host::f64_of(&scale.exp()?)?;
         let alpha = d.state.alpha(step);
         let hard = hard_targets(&ids, &q.ids, d.state.spec.same_image_targets, dev)?;
         let t_i2t = soft_targets(&img_m, &text_cols, s, alpha, &hard)?;
@@ -228,7 +228,7 @@ impl ClipTask {
                 &t_t2i.narrow(0, offset, n)?,
                 rows,
             )?;
-            total += loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            total += crate::nn::host::f32_of(&loss)?;
             self.parts.collect(&loss.backward()?, &mut grads)?;
             offset += n;
         }
@@ -297,7 +297,7 @@ impl Task for ClipTask {
         if micro.len() == 1 {
             let (img, txt) = self.features(&micro[0], true)?;
             let loss = self.loss_of(&img, &txt, &scale)?;
-            loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            loss_value = crate::nn::host::f32_of(&loss)?;
             self.parts.collect(&loss.backward()?, &mut grads)?;
         } else {
             // Pass 1: every micro-batch's features, graphs dropped.
@@ -326,7 +326,7 @@ impl Task for ClipTask {
                     scale.detach()
                 };
                 let loss = self.loss_of(&Tensor::cat(&imgs, 0)?, &Tensor::cat(&txts, 0)?, &s)?;
-                first.get_or_insert(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+                first.get_or_insert(crate::nn::host::f32_of(&loss)?);
                 self.parts.collect(&loss.backward()?, &mut grads)?;
             }
             loss_value = first.unwrap_or(f32::NAN);

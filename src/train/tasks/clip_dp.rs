@@ -16,7 +16,7 @@
 //! over the global batch: each rank's loss part is a partition of its rows, and every path from
 //! a feature to the loss is counted once.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use super::clip::ClipTask;
 use crate::data::batch::Batch;
@@ -47,10 +47,7 @@ impl ClipTask {
         }
         let (img, txt) = (Tensor::cat(&imgs, 0)?, Tensor::cat(&txts, 0)?);
         let (n_local, d) = img.dims2()?;
-        let packed = Tensor::cat(&[&img, &txt], 1)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let packed: Vec<f32> = crate::nn::host::flat(&Tensor::cat(&[&img, &txt], 1)?)?;
         let (all, counts) = dist::all_gather_varlen(comm, &packed)?;
         let rows: Vec<usize> = counts.iter().map(|c| c / (2 * d)).collect();
         let n_global: usize = rows.iter().sum();
@@ -75,7 +72,7 @@ impl ClipTask {
             &scale,
             self.model.logit_bias.as_ref(),
         )?;
-        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let value = crate::nn::host::f32_of(&loss)?;
         let store = loss.backward()?;
         let mut grads = Grads::new();
         // The temperature (and bias): this rank's part.
@@ -84,10 +81,10 @@ impl ClipTask {
             Some(g) => Ok(g.clone()),
             None => v.as_tensor().zeros_like(),
         };
-        let g_cols = Tensor::cat(&[grad_of(&cols_img)?, grad_of(&cols_txt)?], 1)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let g_cols: Vec<f32> = crate::nn::host::flat(&Tensor::cat(
+            &[grad_of(&cols_img)?, grad_of(&cols_txt)?],
+            1,
+        )?)?;
         let segments: Vec<usize> = rows.iter().map(|r| r * 2 * d).collect();
         let mine = dist::reduce_scatter_sum(comm, &g_cols, &segments)?;
         let mine = Tensor::from_vec(mine, (n_local, 2 * d), &dev)?.to_dtype(img.dtype())?;

@@ -8,7 +8,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::data::batch::{decode_truth, CaptionTruth};
 use crate::dist::{self, Comm};
@@ -61,9 +61,7 @@ pub(super) fn exchange(comm: &dyn Comm, parts: &[LocalPart], device: &Device) ->
             .max()
             .unwrap_or(0) as usize;
         let row = p * w + q * d + d + 2 * len;
-        let flat = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-        };
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(crate::nn::host::flat(t)?) };
         let (pi, pq, pt) = (flat(&part.hidden)?, flat(&part.img)?, flat(&part.txt)?);
         let rows = part.ids.len();
         let mut send = Vec::with_capacity(rows * row);

@@ -340,9 +340,7 @@ impl Task for QformerTask {
     }
 
     fn scalars(&self) -> Vec<(String, f32)> {
-        self.temp
-            .as_tensor()
-            .to_scalar::<f32>()
+        crate::nn::host::f32_of(self.temp.as_tensor())
             .map(|t| vec![("temp".to_string(), t)])
             .unwrap_or_default()
     }

@@ -26,7 +26,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use super::global::{self, Global, LocalPart};
 use super::{QformerDistill, QformerTask};
@@ -106,11 +106,7 @@ fn returned(
         g.by_rank.iter().map(|&i| i as u32).collect::<Vec<_>>(),
         col.device(),
     )?;
-    let send = col
-        .index_select(&order, 0)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let send: Vec<f32> = crate::nn::host::flat(&col.index_select(&order, 0)?)?;
     let segments: Vec<usize> = g.per_rank.iter().map(|n| n * per).collect();
     let mine = dist::reduce_scatter_sum(comm, &send, &segments)?;
     let mut shape = dims;
@@ -140,10 +136,6 @@ fn trimmed(ids: &[&Vec<u32>], mask: &[&Vec<u32>]) -> (Vec<Vec<u32>>, Vec<Vec<u32
     (cut(ids), cut(mask))
 }
 
-fn scalar(t: &Tensor) -> Result<f32> {
-    Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
-}
-
 impl QformerTask {
     /// ITC features `([n, Q, D], [n, D])` of `range`, with a graph.
     fn itc_features(&self, rows: &StepRows, range: Range<usize>) -> Result<(Tensor, Tensor)> {
@@ -157,7 +149,7 @@ impl QformerTask {
         c: &Cached,
         range: Range<usize>,
         grad_at: usize,
-    ) -> Result<(Grads, f32, f32)> {
+    ) -> Result<(Grads, Tensor, Tensor)> {
         let rows = c.rows;
         let (n, start) = (range.len(), range.start);
         // ITC: the cached gradient pulled back through the live features.
@@ -204,7 +196,9 @@ impl QformerTask {
         let total = ((itc + &itm)? + &itg)?;
         let mut grads = Grads::new();
         self.parts.collect(&total.backward()?, &mut grads)?;
-        Ok((grads, scalar(&itm)?, scalar(&itg)?))
+        // The terms stay on the device: the step reads all three in one go.
+        let term = |t: &Tensor| t.detach().to_dtype(candle_core::DType::F32);
+        Ok((grads, term(&itm)?, term(&itg)?))
     }
 
     /// The gradient of ITC + ITM + ITG over all of `micro` (one batch of their concatenation)
@@ -374,7 +368,8 @@ impl QformerTask {
         };
 
         // Pass 2: each micro-batch's shards in parallel, summed in order.
-        let (mut itm, mut itg) = (0f32, 0f32);
+        let zero = || Tensor::zeros((), candle_core::DType::F32, &self.parts.device);
+        let (mut itm, mut itg) = (zero()?, zero()?);
         for (r, at) in work {
             let shards: Vec<(Range<usize>, usize)> = (0..SHARDS)
                 .map(|k| r.start + r.len() * k / SHARDS..r.start + r.len() * (k + 1) / SHARDS)
@@ -387,11 +382,14 @@ impl QformerTask {
             for res in results {
                 let (g, m, t) = res?;
                 add_grads(&mut grads, g)?;
-                itm += m;
-                itg += t;
+                itm = (itm + m)?;
+                itg = (itg + t)?;
             }
         }
-        let itc = scalar(&s.itc)?;
+        // One host read for the three terms (summed over shards in order, in float32).
+        let itc = s.itc.detach().to_dtype(candle_core::DType::F32)?;
+        let terms: Vec<f32> = crate::nn::host::flat(&Tensor::stack(&[itc, itm, itg], 0)?)?;
+        let (itc, itm, itg) = (terms[0], terms[1], terms[2]);
         let momentum = s.momentum.map(|(i, t)| (i, t, s.image_ids));
         Ok((
             grads,
