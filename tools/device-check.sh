@@ -232,6 +232,13 @@ r["vlalign_bf16_peak_gpu_gib"] = round(hpeak / 1024, 2)
 r["vlalign_train_bf16_ckpt_samples_per_s"] = c.get("train_samples_per_s")
 r["vlalign_bf16_ckpt_peak_gpu_gib"] = round(cpeak / 1024, 2)
 trim = json.loads(sys.argv[10]) or {}
+# One ViT-B/32 layer's pieces side by side (float32, ms): where a step's gap comes from.
+theirs_ops = dict(t.get("ops_ms") or [])
+for name, ms in o.get("ops_ms") or []:
+    tm = theirs_ops.get(name)
+    ratio = f"{tm / ms:5.2f}x" if tm else "  -  "
+    print(f"  op {name:34} vlalign {ms:8.3f} ms  torch {tm if tm else float('nan'):8.3f} ms  {ratio}",
+          file=sys.stderr)
 r["vlalign_train_f32_pool_trim_samples_per_s"] = trim.get("train_samples_per_s")
 r["vlalign"], r["vlalign_fused"], r["vlalign_bf16"], r["torch_all"] = o, f, h, t
 if h and t:

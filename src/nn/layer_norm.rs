@@ -41,6 +41,12 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.weight.dtype() != x.dtype() {
+            // Weights stored in another float type (a frozen LM loaded in bfloat16): normalised
+            // in the input's type, the weights cast to it.
+            let cast = |t: &Tensor| t.to_dtype(x.dtype());
+            return Self::from_tensors(cast(&self.weight)?, cast(&self.bias)?, self.eps).forward(x);
+        }
         if super::fused::supported(x) {
             return super::fused::layer_norm(x, &self.weight, &self.bias, self.eps);
         }

@@ -346,7 +346,8 @@ pub struct TrainSpec {
     #[serde(default)]
     pub freeze_steps: u64,
     /// `"f32"` (default) or `"bf16"`: mixed precision, for CLIP training (`[model]` with a ViT
-    /// image tower, or `[finetune]`) and BLIP-2 stage 1 (`[qformer]`). See [`Precision`].
+    /// image tower, or `[finetune]`) and BLIP-2 stages 1 and 2 (`[qformer]`, `[blip2]`). See
+    /// [`Precision`].
     #[serde(default)]
     pub precision: Precision,
     /// Gradient checkpointing (open_clip's `--grad-checkpointing`): each encoder layer keeps
@@ -371,7 +372,9 @@ pub enum Precision {
     /// master copies, cast to bfloat16 where a product uses them: the gradient flows back
     /// through the cast), gradients and AdamW state in float32. The casts sit in
     /// `models::clip::encoder` (CLIP's layers), `models::bert::layers` (the Q-Former's blocks),
-    /// `nn::linear` and `nn::attention`.
+    /// `nn::linear` and `nn::attention`. BLIP-2 stage 2's frozen LM is stored in bfloat16
+    /// (no master copy: it is not trained) and runs its products in it, its residual stream,
+    /// norms, attention softmax and logits in float32 (`models::lm`).
     Bf16,
 }
 
@@ -510,11 +513,13 @@ impl TrainConfig {
             .as_ref()
             .is_some_and(|m| m.resnet_layers.is_some());
         let vit_clip = (self.model.is_some() || self.finetune.is_some()) && !resnet;
-        if t.precision != Precision::F32 && !(vit_clip || self.qformer.is_some()) {
+        if t.precision != Precision::F32
+            && !(vit_clip || self.qformer.is_some() || self.blip2.is_some())
+        {
             return Err(
                 "train.precision = \"bf16\" is for CLIP training with a ViT image tower \
-                 ([model] or [finetune]) and BLIP-2 stage 1 ([qformer]); stage 2 and the ResNet \
-                 tower train in float32 (leave train.precision out or set it to \"f32\")"
+                 ([model] or [finetune]) and BLIP-2 ([qformer], [blip2]); the ResNet tower \
+                 trains in float32 (leave train.precision out or set it to \"f32\")"
                     .into(),
             );
         }

@@ -1,7 +1,8 @@
 """The PyTorch twin of `vlalign bench --suite vit-b32` on a GPU: transformers' ViT-B/32 CLIPModel
 (its default CLIPConfig: 224², patch 32, text context 77, vocabulary 49408) trained on random
 batches with AdamW (lr 1e-4, betas 0.9/0.98, eps 1e-6, weight decay 0.1 on matrices), in float32
-and under torch.autocast bf16, and image embedding (get_image_features, no grad). Prints one JSON
+and under torch.autocast bf16, and image embedding (get_image_features, no grad); then one layer's
+pieces as `vlalign bench --suite vit-b32` times them (`ops_ms`, same names). Prints one JSON
 object: medians in ms, samples/s and peak GPU memory per workload.
 
   python3 tools/reference/bench_torch_gpu.py [--batch 256] [--iters 10]
@@ -74,6 +75,45 @@ def embed(batch, iters, bf16):
     return ms
 
 
+def layer_ops(batch, iters):
+    """The rows of `vlalign bench --suite vit-b32`'s ops_ms, same names and shapes: one ViT-B/32
+    layer's pieces forward + backward (float32), and fc1's product alone, forward."""
+    t, h, heads = 50, 768, 12
+    torch.manual_seed(0)
+    fc1 = torch.nn.Linear(h, 4 * h).cuda()
+    ln = torch.nn.LayerNorm(h, eps=1e-5).cuda()
+    x = torch.randn(batch, t, h, device="cuda", requires_grad=True)
+    wide = torch.randn(batch, t, 4 * h, device="cuda", requires_grad=True)
+    scores = torch.randn(batch, heads, t, t, device="cuda", requires_grad=True)
+
+    def fb(f):
+        def run():
+            for p in (x, wide, scores, fc1.weight, fc1.bias, ln.weight, ln.bias):
+                p.grad = None
+            f().sum().backward()
+        return run
+
+    def attention():
+        q = x.view(batch, t, heads, h // heads).transpose(1, 2)
+        o = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return o.transpose(1, 2).reshape(batch, t, h)
+
+    rows = x.detach().reshape(batch * t, h)
+    w = torch.randn(4 * h, h, device="cuda") * 0.02
+
+    def matmul():
+        with torch.no_grad():
+            rows @ w.t()
+
+    ops = [("linear 768->3072 (fc1)", fb(lambda: fc1(x))),
+           ("layer_norm 768", fb(lambda: ln(x))),
+           ("quick_gelu 3072", fb(lambda: wide * torch.sigmoid(1.702 * wide))),
+           ("softmax 12x50x50", fb(lambda: torch.softmax(scores, -1))),
+           ("attention 12 heads", fb(attention)),
+           (f"matmul {batch * t}x{h}x{4 * h} (forward)", matmul)]
+    return [[name, timed(f, 2, iters)] for name, f in ops]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256)
@@ -89,6 +129,7 @@ def main():
         ms = embed(a.batch, a.iters, bf16)
         out[f"embed_{name}_ms"] = ms
         out[f"embed_{name}_images_per_s"] = a.batch / (ms / 1e3)
+    out["ops_ms"] = layer_ops(a.batch, a.iters)
     print(json.dumps(out))
 
 

@@ -95,6 +95,17 @@ fn layer_ops(batch: usize, iters: usize, device: &Device) -> Result<Vec<(String,
             backward(crate::nn::attention::multi_head(v, v, v, heads, None)?)
         })?,
     ));
+    // fc1's product alone, forward, no graph: cuBLAS through candle, against torch's `x @ Wᵀ`
+    // (tools/reference/bench_torch_gpu.py times the same rows).
+    let rows = x.as_tensor().detach().reshape((batch * t, h))?;
+    let w = Tensor::randn(0f32, 0.02, (4 * h, h), device)?;
+    out.push((
+        format!("matmul {}x{h}x{} (forward)", batch * t, 4 * h),
+        time_ms(iters, device, || {
+            rows.matmul(&w.t()?)?;
+            Ok(())
+        })?,
+    ));
     Ok(out)
 }
 

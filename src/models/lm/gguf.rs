@@ -375,12 +375,12 @@ fn unpermute_rows(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape((rows, cols))
 }
 
-/// Loads a GGUF file as a frozen LM (weights dequantised to f32).
-pub fn load(path: &Path, device: &Device) -> Result<(CausalLm, LmConfig)> {
+/// Loads a GGUF file as a frozen LM (weights dequantised to float32, then stored in `dtype`).
+pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<(CausalLm, LmConfig)> {
     let g = Gguf::open(path)?;
     let cfg = g.config()?;
     let tensors = g.tensors(&cfg, device)?;
-    let vb = crate::nn::init::taking(tensors, DType::F32, device);
+    let vb = crate::nn::init::taking(tensors, dtype, device);
     let lm = CausalLm::new(vb, &LmConfig::Llama(cfg.clone()))
         .map_err(|e| Error::weights(path, e.to_string()))?;
     Ok((lm, LmConfig::Llama(cfg)))

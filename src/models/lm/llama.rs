@@ -26,13 +26,15 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // A bfloat16 LM's weight, applied to its float32 residual stream.
+        let weight = self.weight.to_dtype(x.dtype())?;
         // candle's fused rms_norm has no backward: only where nothing needs a gradient.
-        if !needs_grad(&[x, &self.weight]) && x.dtype() == DType::F32 {
-            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
+        if !needs_grad(&[x, &weight]) && x.dtype() == DType::F32 {
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &weight, self.eps as f32);
         }
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         x.broadcast_div(&(ms + self.eps)?.sqrt()?)?
-            .broadcast_mul(&self.weight)
+            .broadcast_mul(&weight)
     }
 }
 
@@ -80,6 +82,9 @@ pub struct Llama {
     pub(super) layers: Vec<Layer>,
     norm: RmsNorm,
     cfg: LlamaConfig,
+    /// The weights' float type: the layers' products run in it (bfloat16 for mixed precision),
+    /// the residual stream and the norms in float32.
+    dtype: DType,
 }
 
 impl Llama {
@@ -104,6 +109,7 @@ impl Llama {
             layers,
             norm: RmsNorm::new(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
             cfg: cfg.clone(),
+            dtype: vb.dtype(),
         })
     }
 
@@ -143,6 +149,7 @@ impl Llama {
         let c = &self.cfg;
         let ctx = StepContext::new(cache, mask, c.max_position_embeddings, embeds.device())?;
         let (cos, sin) = self.rotary(&ctx.positions, embeds.device())?;
+        let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
         let rope = |x: &Tensor| -> Result<Tensor> {
             let half = x.dim(D::Minus1)? / 2;
             let rotated = Tensor::cat(
@@ -155,18 +162,21 @@ impl Llama {
             x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
         };
         let scale = (c.head_dim() as f64).powf(-0.5);
-        let mut h = embeds.clone();
+        // The residual stream in float32; each block's products in the weights' type.
+        let mut h = embeds.to_dtype(DType::F32)?;
+        let dt = self.dtype;
         for (i, l) in self.layers.iter().enumerate() {
-            let x = l.input_layernorm.forward(&h)?;
+            let x = l.input_layernorm.forward(&h)?.to_dtype(dt)?;
             let q = rope(&split_heads(&l.q_proj.forward(&x)?, c.num_attention_heads)?)?;
             let k = rope(&split_heads(&l.k_proj.forward(&x)?, c.kv_heads())?)?;
             let v = split_heads(&l.v_proj.forward(&x)?, c.kv_heads())?;
             let (k, v) = cache.append(i, k, v)?;
             let a = attend(&q, &k, &v, &ctx.mask, scale)?;
-            h = (h + l.o_proj.forward(&a)?)?;
-            let x = l.post_attention_layernorm.forward(&h)?;
+            h = (h + l.o_proj.forward(&a)?.to_dtype(DType::F32)?)?;
+            let x = l.post_attention_layernorm.forward(&h)?.to_dtype(dt)?;
             let gate = c.hidden_act.forward(&l.gate_proj.forward(&x)?)?;
-            h = (h + l.down_proj.forward(&(gate * l.up_proj.forward(&x)?)?)?)?;
+            let f = l.down_proj.forward(&(gate * l.up_proj.forward(&x)?)?)?;
+            h = (h + f.to_dtype(DType::F32)?)?;
         }
         self.norm.forward(&h)
     }

@@ -148,7 +148,9 @@ impl StepContext {
 /// Scaled dot-product attention with grouped-query heads: `q` `[B, H, Tq, d]`, `k` and `v`
 /// `[B, Hkv, Tk, d]` (query head h reads key/value head h / (H / Hkv), transformers'
 /// `repeat_kv`, without copying the keys: the query heads of a group share one matmul), `mask`
-/// `[B, 1, Tq, Tk]` additive. Returns `[B, Tq, H·d]`.
+/// `[B, 1, Tq, Tk]` additive. Returns `[B, Tq, H·d]`. In a bfloat16 LM the two products run in
+/// bfloat16 and the scores are scaled, masked and normalised in float32 (as transformers
+/// upcasts its attention softmax).
 pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -160,10 +162,11 @@ pub(crate) fn attend(
     let (_, hkv, tk, _) = k.dims4()?;
     let rep = h / hkv;
     let q = q.contiguous()?.reshape((b, hkv, rep * tq, d))?;
-    let scores = (q.matmul(&k.t()?)? * scale)?
+    let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?
         .reshape((b, hkv, rep, tq, tk))?
         .broadcast_add(&mask.unsqueeze(1)?)?;
     softmax_last(&scores)?
+        .to_dtype(v.dtype())?
         .reshape((b, hkv, rep * tq, tk))?
         .matmul(&v.contiguous()?)?
         .reshape((b, h, tq, d))?
@@ -235,15 +238,27 @@ impl CausalLm {
     /// Loads an LM model directory (`config.json` + `model.safetensors`, transformers' layout) or
     /// a directory holding one `.gguf` file (llama.cpp's layout, dequantised to float32).
     pub fn load(dir: &Path, device: &Device) -> crate::error::Result<(Self, LmConfig)> {
+        Self::load_as(dir, DType::F32, device)
+    }
+
+    /// [`CausalLm::load`] with the weights stored in `dtype`. `BF16` halves the frozen LM's
+    /// memory, and its layers' products run in bfloat16 while the residual stream, the norms,
+    /// the attention softmax, the embeddings handed out and the logits stay float32 (BLIP-2
+    /// stage 2 in mixed precision; LAVIS keeps its frozen OPT in float16 likewise).
+    pub fn load_as(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> crate::error::Result<(Self, LmConfig)> {
         if let Some(file) = gguf::find(dir)? {
-            return gguf::load(&file, device);
+            return gguf::load(&file, dtype, device);
         }
         let md = crate::models::ModelDir::open(dir)?;
         let cfg = md.lm("loading a language model")?.clone();
         let w = md.weights()?;
         // A tied head is the embedding matrix; older checkpoints store it twice.
         let ignored: &[&str] = if cfg.tied() { &["lm_head.weight"] } else { &[] };
-        let lm = w.build(DType::F32, device, ignored, |vb| Self::new(vb, &cfg))?;
+        let lm = w.build(dtype, device, ignored, |vb| Self::new(vb, &cfg))?;
         Ok((lm, cfg))
     }
 
@@ -258,10 +273,15 @@ impl CausalLm {
         self.parts().1
     }
 
-    /// Token embeddings `[B, T, embed_width]` of `ids` `[B, T]` (u32).
+    /// Token embeddings `[B, T, embed_width]` of `ids` `[B, T]` (u32), float32 whatever the
+    /// weights' type.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         use candle_nn::Module;
-        self.parts().0.embed_tokens.forward(ids)
+        self.parts()
+            .0
+            .embed_tokens
+            .forward(ids)?
+            .to_dtype(DType::F32)
     }
 
     /// Final hidden states `[B, T, W]` of `embeds` `[B, T, embed_width]` that follow the
@@ -288,16 +308,20 @@ impl CausalLm {
                 .0
                 .embed_tokens
                 .embeddings()
+                .to_dtype(DType::F32)?
                 .sqr()?
                 .mean_all()?
                 .sqrt()?,
         )
     }
 
-    /// Vocabulary logits of hidden states `[..., W]` (the LM head).
+    /// Vocabulary logits of hidden states `[..., W]` (the LM head), float32: the product runs
+    /// in the weights' type (no float32 copy of a bfloat16 head).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         use candle_nn::Module;
-        self.parts().0.lm_head.forward(hidden)
+        let head = &self.parts().0.lm_head;
+        head.forward(&hidden.to_dtype(head.weight().dtype())?)?
+            .to_dtype(DType::F32)
     }
 
     /// An empty cache for this model.

@@ -4,7 +4,7 @@
 //! which also projects its narrower token embeddings in and out), a ReLU feed-forward and a
 //! head tied to the token embeddings.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
 
 use super::{attend, proj, split_heads, KvCache, OptConfig, StepContext, TokenIo};
@@ -53,6 +53,9 @@ pub struct Opt {
     pub(super) layers: Vec<Layer>,
     final_layer_norm: Option<LayerNorm>,
     cfg: OptConfig,
+    /// The weights' float type: the layers' products run in it (bfloat16 for mixed precision),
+    /// the residual stream and the LayerNorms in float32.
+    dtype: DType,
 }
 
 impl Opt {
@@ -93,6 +96,7 @@ impl Opt {
             layers,
             final_layer_norm,
             cfg: cfg.clone(),
+            dtype: vb.dtype(),
         })
     }
 
@@ -115,11 +119,13 @@ impl Opt {
             .collect();
         let (b, t) = (ctx.positions.len(), idx.len() / ctx.positions.len().max(1));
         let idx = Tensor::from_vec(idx, (b, t), embeds.device())?;
+        // The residual stream in float32; each block's products in the weights' type.
+        let (dt, f32) = (self.dtype, DType::F32);
         let x = match &self.project_in {
-            Some(p) => p.forward(embeds)?,
+            Some(p) => p.forward(&embeds.to_dtype(dt)?)?,
             None => embeds.clone(),
         };
-        let mut h = (x + self.embed_positions.forward(&idx)?)?;
+        let mut h = (x.to_dtype(f32)? + self.embed_positions.forward(&idx)?.to_dtype(f32)?)?;
         let heads = c.num_attention_heads;
         let scale = ((c.hidden_size / heads) as f64).powf(-0.5);
         let pre = c.do_layer_norm_before;
@@ -128,12 +134,14 @@ impl Opt {
                 l.self_attn_layer_norm.forward(&h)?
             } else {
                 h.clone()
-            };
+            }
+            .to_dtype(dt)?;
             let q = split_heads(&l.q_proj.forward(&x)?, heads)?;
             let k = split_heads(&l.k_proj.forward(&x)?, heads)?;
             let v = split_heads(&l.v_proj.forward(&x)?, heads)?;
             let (k, v) = cache.append(i, k, v)?;
-            h = (h + l.out_proj.forward(&attend(&q, &k, &v, &ctx.mask, scale)?)?)?;
+            let a = l.out_proj.forward(&attend(&q, &k, &v, &ctx.mask, scale)?)?;
+            h = (h + a.to_dtype(f32)?)?;
             if !pre {
                 h = l.self_attn_layer_norm.forward(&h)?;
             }
@@ -141,11 +149,12 @@ impl Opt {
                 l.final_layer_norm.forward(&h)?
             } else {
                 h.clone()
-            };
+            }
+            .to_dtype(dt)?;
             let f = l
                 .fc2
                 .forward(&c.activation_function.forward(&l.fc1.forward(&x)?)?)?;
-            h = (h + f)?;
+            h = (h + f.to_dtype(f32)?)?;
             if !pre {
                 h = l.final_layer_norm.forward(&h)?;
             }
@@ -154,7 +163,7 @@ impl Opt {
             h = n.forward(&h)?;
         }
         match &self.project_out {
-            Some(p) => p.forward(&h),
+            Some(p) => p.forward(&h.to_dtype(dt)?)?.to_dtype(f32),
             None => Ok(h),
         }
     }

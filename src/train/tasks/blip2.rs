@@ -25,7 +25,7 @@ use crate::models::lm::gguf::{self, Gguf};
 use crate::models::lm::CausalLm;
 use crate::models::ModelDir;
 use crate::objectives::lm::{caption_targets, token_cross_entropy_sum};
-use crate::train::config::{Blip2Spec, TrainConfig};
+use crate::train::config::{Blip2Spec, Precision, TrainConfig};
 use crate::train::optim::{add_grads, Grads};
 use crate::train::shards::SHARDS;
 use crate::train::task::{LossTerms, Task, TaskParts};
@@ -89,7 +89,13 @@ impl Blip2Task {
             )));
         }
         let lm_path = lm_path.canonicalize().map_err(|e| Error::io(&lm_path, e))?;
-        let (lm, text) = CausalLm::load(&lm_path, device)?;
+        // Mixed precision: the frozen LM stored in bfloat16 (half its memory) with its products
+        // in bfloat16; the Q-Former's blocks compute in bfloat16 over float32 master weights.
+        let compute = cfg.train.precision.compute_dtype();
+        if cfg.train.precision != Precision::F32 && device.is_cpu() {
+            tracing::warn!("{}", crate::train::config::BF16_ON_CPU);
+        }
+        let (lm, text) = CausalLm::load_as(&lm_path, compute, device)?;
         let tokenizer = lm_tokenizer(&lm_path, spec.max_text_len)?;
         let end_id = *text.eos_token_ids().first().ok_or_else(|| {
             Error::input(format!(
@@ -125,7 +131,10 @@ impl Blip2Task {
         );
         // The frozen tower stays in `frozen` too, to be saved with the model (the LM, loaded
         // above and held only by the model, is laid out for inference).
-        let model = crate::nn::linear::keeping_layout(|| Blip2Lm::new(vb, &config, Some(lm)))?;
+        let mut model = crate::nn::linear::keeping_layout(|| Blip2Lm::new(vb, &config, Some(lm)))?;
+        if compute != DType::F32 {
+            model.qformer.set_compute(compute);
+        }
         let processor = match processor_for_dir(stage1)? {
             Some((p, _)) => p,
             None => ImageProcessor::clip_default(config.blip2.vision.image_size()),
