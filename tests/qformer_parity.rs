@@ -122,3 +122,32 @@ fn qformer_a_matches_transformers() {
 fn qformer_b_matches_transformers() {
     check("qformer-b");
 }
+
+/// Mixed precision (`Blip2Qformer::set_compute`, `train.precision = "bf16"`): the frozen
+/// BLIP-2 (EVA-style) vision tower and the Q-Former's blocks compute their products in bfloat16,
+/// their LayerNorms and residual streams in float32; the image features and query outputs stay
+/// float32 and within bfloat16's precision of transformers' float32 ones (largest difference at
+/// most 3% of the largest value; seen 0.6–1.0%).
+#[test]
+fn bf16_products_stay_within_bfloat16_precision_of_transformers() {
+    for name in ["qformer-a", "qformer-b"] {
+        let mut model = Blip2Qformer::load(&fixture(name), &Device::Cpu).unwrap();
+        model.set_compute(DType::BF16);
+        let r = reference(&format!("{name}.reference.safetensors"));
+        let image = model.image_embeds(&r["pixel_values"]).unwrap();
+        let query = model.query_output(&image).unwrap();
+        for (what, ours, theirs) in [
+            ("image_embeds", &image, &r["image_embeds"]),
+            ("query_output", &query, &r["query_output"]),
+        ] {
+            assert_eq!(ours.dtype(), DType::F32, "{name} {what}");
+            let d = max_abs_diff(ours, theirs);
+            let scale = max_abs_diff(&theirs.zeros_like().unwrap(), theirs);
+            println!("{name} bf16 {what}: max abs diff {d:.3e} of max |value| {scale:.3e}");
+            assert!(
+                d <= 0.03 * scale && d > 1e-6,
+                "{name} {what}: {d:e} of {scale:e}"
+            );
+        }
+    }
+}

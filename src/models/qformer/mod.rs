@@ -49,6 +49,14 @@ impl ImageEncoder {
         }
     }
 
+    /// Mixed precision: the frozen tower's layers compute their products in `dtype`.
+    pub fn set_compute(&mut self, dtype: candle_core::DType) {
+        match self {
+            ImageEncoder::Blip2(v) => v.set_compute(dtype),
+            ImageEncoder::Clip(v) => v.encoder_mut().set_compute(dtype),
+        }
+    }
+
     /// The final LayerNorm over every token of `hidden`.
     pub fn post_norm(&self, hidden: &Tensor) -> Result<Tensor> {
         match self {
@@ -194,12 +202,14 @@ impl Blip2Qformer {
     }
 
     /// Mixed precision (`train.precision = "bf16"`): the layers' products in `dtype`
-    /// (`QformerLayer::set_compute`); embeddings, heads, projections and the image encoder stay
-    /// float32.
+    /// (`QformerLayer::set_compute`), and the frozen image encoder's (as LAVIS runs its frozen
+    /// ViT in half precision); embeddings, LayerNorms (`ln_vision` too), heads and projections
+    /// stay float32.
     pub fn set_compute(&mut self, dtype: candle_core::DType) {
         for l in &mut self.layers {
             l.set_compute(dtype);
         }
+        self.vision.set_compute(dtype);
     }
 
     pub fn config(&self) -> &Blip2Config {

@@ -2,11 +2,12 @@
 //! convolution with bias, a class token, learned positions, pre-LN blocks with one fused `qkv`
 //! projection, and `post_layernorm` over every token (LAVIS's `ln_vision`, BLIP-2 §3.1).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 use super::config::Blip2VisionConfig;
 use crate::models::clip::vision::normal;
+use crate::nn::ops::{cast_to, mixed_dtype};
 use crate::nn::{attention, linear, linear_no_bias, Activation, LayerNorm, Linear};
 
 #[derive(Clone, Debug)]
@@ -19,6 +20,8 @@ struct Block {
     fc2: Linear,
     heads: usize,
     act: Activation,
+    /// Mixed precision ([`Blip2Vision::set_compute`]): the float type of the block's products.
+    compute: Option<DType>,
 }
 
 impl Block {
@@ -38,12 +41,18 @@ impl Block {
             fc2: linear(c.intermediate_size, h, vb.pp("mlp").pp("fc2"))?,
             heads: c.num_attention_heads,
             act: c.hidden_act,
+            compute: None,
         })
     }
 
+    /// As CLIP's encoder layer: in mixed precision each LayerNorm's output is cast to `compute`
+    /// for the attention and the MLP, and their outputs back to `x`'s type for the residual.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = x.dim(2)?;
-        let qkv = self.qkv.forward(&self.layer_norm1.forward(x)?)?;
+        let mixed = mixed_dtype(self.compute, x);
+        let qkv = self
+            .qkv
+            .forward(&cast_to(&self.layer_norm1.forward(x)?, mixed)?)?;
         // Rows [0, h) of the fused weight are the queries, [h, 2h) the keys, [2h, 3h) the values.
         let (q, k, v) = (
             qkv.narrow(2, 0, h)?,
@@ -51,9 +60,14 @@ impl Block {
             qkv.narrow(2, 2 * h, h)?,
         );
         let a = attention::multi_head(&q, &k, &v, self.heads, None)?;
-        let x = (x + self.projection.forward(&a)?)?;
-        let m = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
-        x + self.fc2.forward(&self.act.forward(&m)?)?
+        let x = (x + self.projection.forward(&a)?.to_dtype(x.dtype())?)?;
+        let m = self
+            .fc1
+            .forward(&cast_to(&self.layer_norm2.forward(&x)?, mixed)?)?;
+        &x + self
+            .fc2
+            .forward(&self.act.forward(&m)?)?
+            .to_dtype(x.dtype())?
     }
 }
 
@@ -97,6 +111,15 @@ impl Blip2Vision {
             post_layernorm: LayerNorm::new(vb.pp("post_layernorm"), h, c.layer_norm_eps)?,
             cfg: c.clone(),
         })
+    }
+
+    /// Mixed precision (`train.precision = "bf16"`, as LAVIS runs its frozen ViT in half
+    /// precision): every block's products in `dtype`, its LayerNorms and residual stream in
+    /// float32 (the float32 weights cast where a product uses them).
+    pub fn set_compute(&mut self, dtype: DType) {
+        for l in &mut self.layers {
+            l.compute = Some(dtype);
+        }
     }
 
     /// `last_hidden_state` after `post_layernorm`: `[B, 1 + grid², hidden]`, the features the
