@@ -15,7 +15,8 @@ use candle_core::{Result, Tensor, WithDType};
 static READS: AtomicU64 = AtomicU64::new(0);
 
 /// How many reads this process has made through this module (every device counts, so a CPU run
-/// shows what a GPU run of the same code would wait for).
+/// shows what a GPU run of the same code would wait for; ranks that are threads of one process,
+/// as in the data-parallel tests, count together).
 pub fn reads() -> u64 {
     READS.load(Ordering::Relaxed)
 }
