@@ -391,6 +391,13 @@ impl Precision {
             Precision::Bf16 => candle_core::DType::BF16,
         }
     }
+
+    /// Warns ([`BF16_ON_CPU`]) when mixed precision is asked for on the CPU, where it is slower.
+    pub fn warn_if_cpu(self, device: &candle_core::Device) {
+        if self != Precision::F32 && device.is_cpu() {
+            tracing::warn!("{BF16_ON_CPU}");
+        }
+    }
 }
 
 fn beta1() -> f64 {

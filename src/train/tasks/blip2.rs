@@ -25,7 +25,7 @@ use crate::models::lm::gguf::{self, Gguf};
 use crate::models::lm::CausalLm;
 use crate::models::ModelDir;
 use crate::objectives::lm::{caption_targets, token_cross_entropy_sum};
-use crate::train::config::{Blip2Spec, Precision, TrainConfig};
+use crate::train::config::{Blip2Spec, TrainConfig};
 use crate::train::optim::{add_grads, Grads};
 use crate::train::shards::SHARDS;
 use crate::train::task::{LossTerms, Task, TaskParts};
@@ -92,9 +92,7 @@ impl Blip2Task {
         // Mixed precision: the frozen LM stored in bfloat16 (half its memory) with its products
         // in bfloat16; the Q-Former's blocks compute in bfloat16 over float32 master weights.
         let compute = cfg.train.precision.compute_dtype();
-        if cfg.train.precision != Precision::F32 && device.is_cpu() {
-            tracing::warn!("{}", crate::train::config::BF16_ON_CPU);
-        }
+        cfg.train.precision.warn_if_cpu(device);
         let (lm, text) = CausalLm::load_as(&lm_path, compute, device)?;
         let tokenizer = lm_tokenizer(&lm_path, spec.max_text_len)?;
         let end_id = *text.eos_token_ids().first().ok_or_else(|| {

@@ -107,9 +107,7 @@ impl ClipTask {
             return Ok(self);
         }
         self.model.set_compute(precision.compute_dtype())?;
-        if self.parts.device.is_cpu() {
-            tracing::warn!("{}", crate::train::config::BF16_ON_CPU);
-        }
+        precision.warn_if_cpu(&self.parts.device);
         self.precision = precision;
         Ok(self)
     }

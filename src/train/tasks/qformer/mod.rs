@@ -29,7 +29,7 @@ use crate::objectives::itc::{itc_loss, max_over_queries, TEMP_INIT, TEMP_MAX, TE
 use crate::objectives::itg::{decoder_ids, itg_loss};
 use crate::objectives::itm::{itm_loss, sample_hard_negatives_excluding};
 use crate::rng;
-use crate::train::config::{Precision, QformerInit, QformerSpec, TrainConfig};
+use crate::train::config::{QformerInit, QformerSpec, TrainConfig};
 use crate::train::distill::Distillation;
 use crate::train::optim::Grads;
 use crate::train::task::{LossTerms, Task, TaskParts};
@@ -160,9 +160,7 @@ impl QformerTask {
         })?;
         let compute = cfg.train.precision.compute_dtype();
         model.set_compute(compute);
-        if cfg.train.precision != Precision::F32 && device.is_cpu() {
-            tracing::warn!("{}", crate::train::config::BF16_ON_CPU);
-        }
+        cfg.train.precision.warn_if_cpu(device);
         vb.get_with_hints((), TEMP, candle_nn::Init::Const(TEMP_INIT))?;
         let parts = TaskParts {
             varmap,
