@@ -14,7 +14,8 @@
 #       then with gradient checkpointing too (--grad-checkpointing: its peak memory)
 #       and again with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1), and float32 once with the
 #       driver's default memory-pool trimming (VLALIGN_CUDA_POOL_TRIM=1: what the pool setting
-#       of src/nn/device.rs gains);
+#       of src/nn/device.rs gains), and bf16 once with cudarc's event tracking off
+#       (--cuda-events off: what an event per kernel argument costs on the host);
 #       one JSON line.
 # Exits non-zero on any mismatch. Output under ${OUT:-/tmp/device-check}.
 set -uo pipefail
@@ -206,8 +207,12 @@ say "ViT-B/32 float32 with the driver's pool trimming (VLALIGN_CUDA_POOL_TRIM=1)
 trim=$(VLALIGN_CUDA_POOL_TRIM=1 timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters 5 \
     --device "$DEV" --json) || fail=1
 echo "${trim:-null}" >&2
+say "ViT-B/32 in mixed precision without cudarc's event tracking (--cuda-events off):"
+noev=$(timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters 5 --device "$DEV" \
+    --precision bf16 --cuda-events off --json) || fail=1
+echo "${noev:-null}" >&2
 theirs=$(timeout 240 python3 tools/reference/bench_torch_gpu.py --batch "$BATCH" --iters 10) || fail=1
-python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" "${fused:-null}" "$fused_peak" "${bf16:-null}" "$bf16_peak" "${ckpt:-null}" "$ckpt_peak" "${trim:-null}" <<'PY'
+python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" "${fused:-null}" "$fused_peak" "${bf16:-null}" "$bf16_peak" "${ckpt:-null}" "$ckpt_peak" "${trim:-null}" "${noev:-null}" <<'PY'
 import json, sys
 o, t, peak = json.loads(sys.argv[1]) or {}, json.loads(sys.argv[2]) or {}, float(sys.argv[3] or 0)
 f, fpeak = json.loads(sys.argv[4]) or {}, float(sys.argv[5] or 0)
@@ -240,6 +245,8 @@ for name, ms in o.get("ops_ms") or []:
     print(f"  op {name:34} vlalign {ms:8.3f} ms  torch {tm if tm else float('nan'):8.3f} ms  {ratio}",
           file=sys.stderr)
 r["vlalign_train_f32_pool_trim_samples_per_s"] = trim.get("train_samples_per_s")
+noev = json.loads(sys.argv[11]) or {}
+r["vlalign_train_bf16_no_events_samples_per_s"] = noev.get("train_samples_per_s")
 r["vlalign"], r["vlalign_fused"], r["vlalign_bf16"], r["torch_all"] = o, f, h, t
 if h and t:
     r["train_bf16_ratio_vs_torch_bf16"] = h["train_samples_per_s"] / t["train_bf16_samples_per_s"]

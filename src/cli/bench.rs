@@ -60,6 +60,11 @@ pub struct Args {
     /// `train.grad_checkpointing`).
     #[arg(long)]
     grad_checkpointing: bool,
+    /// The vit-b32 suite on CUDA: "off" turns off cudarc's event tracking (an event recorded
+    /// and waited on per kernel argument, on the host) to measure what it costs. Safe here: the
+    /// suite launches every kernel from one thread. Nothing on the CPU.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    cuda_events: String,
     /// Model directory of the serve suite.
     #[arg(long, default_value = "runs/demo/model")]
     model: std::path::PathBuf,
@@ -95,10 +100,18 @@ pub fn run(a: Args) -> Result<()> {
         .iters
         .unwrap_or(if a.suite == Suite::Default { 20 } else { 10 })
         .max(1);
+    if a.cuda_events == "off" && a.suite != Suite::VitB32 {
+        bail!("--cuda-events off applies to the vit-b32 suite only");
+    }
     if a.suite == Suite::Comm {
         return comm(&a, iters);
     }
     let device = a.device.resolve()?;
+    if a.cuda_events == "off" {
+        // SAFETY: only the vit-b32 suite gets here (checked above), which launches every kernel
+        // from this thread, and no tensor exists on the device yet.
+        unsafe { vlalign::nn::device::disable_event_tracking(&device) };
+    }
     if a.suite == Suite::Ann {
         if a.sizes.iter().any(|n| !(10..=10_000_000).contains(n))
             || !(2..=4096).contains(&a.dim)

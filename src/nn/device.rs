@@ -49,6 +49,37 @@ fn keep_freed_memory(gpu: &candle_core::CudaDevice) -> Result<()> {
     Ok(())
 }
 
+/// Whether cudarc tracks each tensor's uses with CUDA events on `device` (`None` off CUDA).
+///
+/// candle runs every CUDA tensor on the per-thread default stream of the thread that launches
+/// its kernel; cudarc records an event after each launch for each argument and makes the next
+/// launch wait on it, which is what keeps a tensor made by one thread correct when another
+/// thread's stream reads it (the Q-Former's shard threads do). Each record and wait is a driver
+/// call on the host, per argument per launch.
+pub fn event_tracking(device: &Device) -> Option<bool> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(gpu) => Some(gpu.is_event_tracking()),
+        _ => None,
+    }
+}
+
+/// Turns event tracking ([`event_tracking`]) off for the tensors created on `device` from now
+/// on; does nothing off CUDA.
+///
+/// # Safety
+/// Every kernel on such tensors must be launched from one thread (so one stream orders them
+/// all): no training with the Q-Former's or stage 2's shard threads, no tensor handed between
+/// threads that both launch work on it.
+pub unsafe fn disable_event_tracking(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(gpu) = device {
+        // SAFETY: the caller launches everything from one thread (above).
+        unsafe { gpu.disable_event_tracking() };
+    }
+    let _ = device;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +87,8 @@ mod tests {
     #[test]
     fn the_cpu_needs_nothing() {
         assert!(prepare(&Device::Cpu).is_ok());
+        assert_eq!(event_tracking(&Device::Cpu), None);
+        // SAFETY: nothing to order on the CPU.
+        unsafe { disable_event_tracking(&Device::Cpu) };
     }
 }

@@ -29,6 +29,8 @@ pub struct VitB32Report {
     /// ViT-B/32 image embedding: median forward and images/s.
     pub embed_ms: f64,
     pub embed_images_per_s: f64,
+    /// Whether cudarc tracked tensor uses with events (`bench --cuda-events`); null off CUDA.
+    pub cuda_event_tracking: Option<bool>,
     /// One ViT-B/32 layer's pieces at this batch (vision: 50 tokens × 768), forward + backward,
     /// median ms each: where a step's time goes.
     pub ops_ms: Vec<(String, f64)>,
@@ -140,6 +142,7 @@ pub fn run_vit_b32(
         train_optimizer_ms: median(&p.optimizer),
         embed_ms: embed,
         embed_images_per_s: batch as f64 / (embed / 1e3),
+        cuda_event_tracking: crate::nn::device::event_tracking(device),
         ops_ms: layer_ops(batch, iters, device)?,
     })
 }
