@@ -2,8 +2,9 @@
 # The GPU check, for a machine with an NVIDIA GPU (CUDA 13.0 driver, python3 with PyTorch and
 # transformers; no network). It receives the repository with target/cuda/release/vlalign (from
 # tools/build-cuda.sh) and the committed fixtures, and:
-#   (a0) the fused CUDA kernels (LayerNorm, softmax, GELUs, bias; fused.cu) against candle's
-#       compositions, values and gradients;
+#   (a0) the fused CUDA kernels (LayerNorm, softmax, GELUs, bias; fused.cu; the GELUs and the
+#       bias in bfloat16 too) against candle's compositions, values and gradients (the same
+#       kernels run on the CPU in tools/check-fused-cu.sh);
 #   (a) CUDA vs CPU parity: `embed` on the CLIP fixture and `itm` on the Q-Former fixture on
 #       --device cuda within 1e-4 of the same binary on --device cpu;
 #   (b) a short clip-tiny training on CUDA whose per-step losses equal the CPU run's within 1e-3,
@@ -86,15 +87,22 @@ check() { # name value tolerance
 # (a0) the fused kernels (LayerNorm, softmax, GELUs, bias) against candle's compositions on the
 #      device, values and gradients
 timeout 120 "$BIN" bench --suite kernels --device "$DEV" --json >"$OUT/kernels.json" || fail=1
+# The float32 kernels within float32's error (values 1e-5, gradients 1e-4, relative to the
+# largest); the bfloat16 ones (rows "... bf16", from bf16-rounded inputs against the float32
+# compositions) within 1e-2: bfloat16 keeps 8 bits, 2^-8 = 3.9e-3.
 kernels=$(python3 - "$OUT/kernels.json" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))["kernels"]
 for r in rows:
-    print(f"  {r['op']:12} values {r['value']:.2e}  gradients {r['grad']:.2e}", file=sys.stderr)
-print(max(max(r["value"] * 10, r["grad"]) for r in rows))
+    print(f"  {r['op']:16} values {r['value']:.2e}  gradients {r['grad']:.2e}", file=sys.stderr)
+def scaled(r):
+    if r["op"].endswith("bf16"):
+        return max(r["value"], r["grad"]) / 100
+    return max(r["value"] * 10, r["grad"])
+print(max(scaled(r) for r in rows))
 PY
 )
-check "fused kernels vs compositions (max of 10 x value, gradient relative diff)" "${kernels:-inf}" 1e-4
+check "fused kernels vs compositions (max of 10 x value, gradient relative diff; bf16 rows / 100)" "${kernels:-inf}" 1e-4
 
 # (a) parity
 texts=(--text "a photo of a cat" "A large RED circle on the left, and a small blue square at the top!" "x")

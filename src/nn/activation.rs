@@ -35,7 +35,7 @@ impl Activation {
     }
 
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
-        if let (Some(act), true) = (self.fused_kernel(), super::fused::supported(x)) {
+        if let (Some(act), true) = (self.fused_kernel(), super::fused::supported_elementwise(x)) {
             return super::fused::activation(x, act);
         }
         match self {

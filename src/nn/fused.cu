@@ -1,11 +1,34 @@
-// The CUDA twins of fused.rs's CPU kernels (float32, contiguous rows of length n), compiled at
-// run time through NVRTC (fused_cuda.rs). Same arithmetic as the CPU side: LayerNorm with the
+// The CUDA twins of fused.rs's CPU kernels (float32, contiguous rows of length n; the
+// activation, the bias and its column sum also in bfloat16), compiled at run time through NVRTC
+// (fused_cuda.rs), and on the CPU by tools/check-fused-cu.sh. Same arithmetic as the CPU side: LayerNorm with the
 // biased variance from a second pass over the row, softmax with the row maximum subtracted,
 // closed-form activation derivatives; column sums go through fixed row chunks added in chunk
 // order, so results do not depend on scheduling.
 
 #define BLOCK 256
 #define ROWS_PER_CHUNK 64
+
+// bfloat16 (mixed precision, `train.precision = "bf16"`): the activation and the bias of the
+// products that run in bfloat16 read and write bf16 bit patterns (no cuda_bf16.h needed at
+// NVRTC time), compute in float32 and round once to the nearest bf16, ties to even, as candle's
+// `half::bf16::from_f32` and PyTorch do; their column sums accumulate in float32. The kernels
+// below are written once over the element type (`load`, `store`) and named per type.
+
+typedef unsigned short bf16_bits;
+
+__device__ float bf16_to_float(bf16_bits h) { return __uint_as_float(((unsigned)h) << 16); }
+
+__device__ bf16_bits float_to_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_bits)((u >> 16) | 0x0040u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_bits)(u >> 16);
+}
+
+__device__ float load(const float* p, size_t i) { return p[i]; }
+__device__ float load(const bf16_bits* p, size_t i) { return bf16_to_float(p[i]); }
+__device__ void store(float* p, size_t i, float v) { p[i] = v; }
+__device__ void store(bf16_bits* p, size_t i, float v) { p[i] = float_to_bf16(v); }
 
 __device__ float block_sum(float v, float* shared) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
@@ -87,44 +110,69 @@ extern "C" __global__ void vl_layer_norm_bwd_dx(const float* x, const float* w, 
     }
 }
 
-// Grid (column blocks, row chunks): partial[chunk][j] = sum over the chunk's rows of
-// dy * xhat (dw) and, at offset n, of dy (db).
+// Grid (column blocks, row-chunk slots): partial[chunk][j] = sum over the chunk's rows of
+// dy * xhat (dw) and, at offset n, of dy (db); slot y takes chunks y, y + gridDim.y, ...
 extern "C" __global__ void vl_layer_norm_bwd_partial(const float* x, const float* dy,
                                                      const float* stats, float* partial,
                                                      int rows, int n) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n) return;
-    int r0 = blockIdx.y * ROWS_PER_CHUNK;
-    int r1 = min(r0 + ROWS_PER_CHUNK, rows);
-    float dw = 0.0f, db = 0.0f;
-    for (int r = r0; r < r1; ++r) {
-        float g = dy[(size_t)r * n + j];
-        dw += g * (x[(size_t)r * n + j] - stats[2 * r]) * stats[2 * r + 1];
-        db += g;
+    int chunks = (rows + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK;
+    for (int c = blockIdx.y; c < chunks; c += gridDim.y) {
+        int r0 = c * ROWS_PER_CHUNK;
+        int r1 = min(r0 + ROWS_PER_CHUNK, rows);
+        float dw = 0.0f, db = 0.0f;
+        for (int r = r0; r < r1; ++r) {
+            float g = dy[(size_t)r * n + j];
+            dw += g * (x[(size_t)r * n + j] - stats[2 * r]) * stats[2 * r + 1];
+            db += g;
+        }
+        partial[(size_t)c * 2 * n + j] = dw;
+        partial[(size_t)c * 2 * n + n + j] = db;
     }
-    partial[(size_t)blockIdx.y * 2 * n + j] = dw;
-    partial[(size_t)blockIdx.y * 2 * n + n + j] = db;
 }
 
-// out[j] = sum over chunks c (in order) of partial[c][j], for j < width.
+// out[j] = sum over chunks c (in order) of partial[c][j], for j < width (grid-stride: the
+// launch caps its blocks).
 extern "C" __global__ void vl_sum_chunks(const float* partial, float* out, int chunks,
                                          int width) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= width) return;
-    float s = 0.0f;
-    for (int c = 0; c < chunks; ++c) s += partial[(size_t)c * width + j];
-    out[j] = s;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < width; j += gridDim.x * blockDim.x) {
+        float s = 0.0f;
+        for (int c = 0; c < chunks; ++c) s += partial[(size_t)c * width + j];
+        out[j] = s;
+    }
 }
 
-// Grid (column blocks, row chunks): partial[chunk][j] = sum over the chunk's rows of x[r][j].
-extern "C" __global__ void vl_column_sum_partial(const float* x, float* partial, int rows, int n) {
+// Grid (column blocks, row-chunk slots): partial[chunk][j] = sum over the chunk's rows of
+// x[r][j], in float32; slot y takes chunks y, y + gridDim.y, ...
+template <typename T>
+__device__ void column_sum_partial(const T* x, float* partial, int rows, int n) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n) return;
-    int r0 = blockIdx.y * ROWS_PER_CHUNK;
-    int r1 = min(r0 + ROWS_PER_CHUNK, rows);
-    float s = 0.0f;
-    for (int r = r0; r < r1; ++r) s += x[(size_t)r * n + j];
-    partial[(size_t)blockIdx.y * n + j] = s;
+    int chunks = (rows + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK;
+    for (int c = blockIdx.y; c < chunks; c += gridDim.y) {
+        int r0 = c * ROWS_PER_CHUNK;
+        int r1 = min(r0 + ROWS_PER_CHUNK, rows);
+        float s = 0.0f;
+        for (int r = r0; r < r1; ++r) s += load(x, (size_t)r * n + j);
+        partial[(size_t)c * n + j] = s;
+    }
+}
+
+extern "C" __global__ void vl_column_sum_partial(const float* x, float* partial, int rows, int n) {
+    column_sum_partial(x, partial, rows, n);
+}
+
+// The same over bfloat16 rows (vl_sum_chunks adds the partials, vl_round_bf16 rounds the total).
+extern "C" __global__ void vl_column_sum_partial_bf16(const bf16_bits* x, float* partial, int rows,
+                                                      int n) {
+    column_sum_partial(x, partial, rows, n);
+}
+
+extern "C" __global__ void vl_round_bf16(const float* x, bf16_bits* y, size_t len) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] = float_to_bf16(x[i]);
 }
 
 // One block per row: y = exp(x - max) / sum.
@@ -155,10 +203,14 @@ extern "C" __global__ void vl_softmax_bwd(const float* y, const float* dy, float
     for (int i = threadIdx.x; i < n; i += blockDim.x) dx[off + i] = y[off + i] * (dy[off + i] - d);
 }
 
-// act: 0 = quick_gelu x * sigmoid(1.702 x), 1 = exact gelu 0.5 x (1 + erf(x / sqrt 2)).
+// act: 0 = quick_gelu x * sigmoid(1.702 x), 1 = exact gelu x Φ(x). Φ(x) = erfc(-x / sqrt 2) / 2
+// (PyTorch's CUDA kernel takes normcdf): 1 + erf(x / sqrt 2), as the CPU kernel and PyTorch's
+// CPU one write it, cancels in float32 below x ≈ -4.5 (gelu(-5.5) = -1.04e-7 comes out
+// -1.64e-7, gelu(-6) = -5.9e-9 comes out 0): harmless beside values of order 1, but a bfloat16
+// result is exact to 8 bits at any magnitude, and tools/check-fused-cu.sh holds it to that.
 __device__ float act_f(int act, float x) {
     if (act == 0) return x / (1.0f + expf(-1.702f * x));
-    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    return 0.5f * x * erfcf(x * -0.70710678118654752f);
 }
 
 __device__ float act_df(int act, float x) {
@@ -166,28 +218,57 @@ __device__ float act_df(int act, float x) {
         float s = 1.0f / (1.0f + expf(-1.702f * x));
         return s + 1.702f * x * s * (1.0f - s);
     }
-    float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+    float cdf = 0.5f * erfcf(x * -0.70710678118654752f);
     float pdf = expf(-0.5f * x * x) * 0.3989422804014327f;
     return cdf + x * pdf;
 }
 
-extern "C" __global__ void vl_act_fwd(const float* x, float* y, size_t len, int act) {
+template <typename T>
+__device__ void act_fwd(const T* x, T* y, size_t len, int act) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
          i += (size_t)gridDim.x * blockDim.x)
-        y[i] = act_f(act, x[i]);
+        store(y, i, act_f(act, load(x, i)));
+}
+
+template <typename T>
+__device__ void act_bwd(const T* x, const T* dy, T* dx, size_t len, int act) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (size_t)gridDim.x * blockDim.x)
+        store(dx, i, load(dy, i) * act_df(act, load(x, i)));
+}
+
+// y[r][j] = x[r][j] + b[j] (in float32, stored once).
+template <typename T>
+__device__ void add_bias(const T* x, const T* b, T* y, size_t len, int n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (size_t)gridDim.x * blockDim.x)
+        store(y, i, load(x, i) + load(b, i % n));
+}
+
+extern "C" __global__ void vl_act_fwd(const float* x, float* y, size_t len, int act) {
+    act_fwd(x, y, len, act);
 }
 
 extern "C" __global__ void vl_act_bwd(const float* x, const float* dy, float* dx, size_t len,
                                       int act) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
-         i += (size_t)gridDim.x * blockDim.x)
-        dx[i] = dy[i] * act_df(act, x[i]);
+    act_bwd(x, dy, dx, len, act);
 }
 
-// y[r][j] = x[r][j] + b[j].
 extern "C" __global__ void vl_add_bias(const float* x, const float* b, float* y, size_t len,
                                        int n) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
-         i += (size_t)gridDim.x * blockDim.x)
-        y[i] = x[i] + b[i % n];
+    add_bias(x, b, y, len, n);
+}
+
+extern "C" __global__ void vl_act_fwd_bf16(const bf16_bits* x, bf16_bits* y, size_t len, int act) {
+    act_fwd(x, y, len, act);
+}
+
+extern "C" __global__ void vl_act_bwd_bf16(const bf16_bits* x, const bf16_bits* dy, bf16_bits* dx,
+                                           size_t len, int act) {
+    act_bwd(x, dy, dx, len, act);
+}
+
+extern "C" __global__ void vl_add_bias_bf16(const bf16_bits* x, const bf16_bits* b, bf16_bits* y,
+                                            size_t len, int n) {
+    add_bias(x, b, y, len, n);
 }

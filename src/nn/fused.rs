@@ -25,6 +25,15 @@ pub fn supported(x: &Tensor) -> bool {
     x.dtype() == DType::F32 && (x.device().is_cpu() || (x.device().is_cuda() && cuda_enabled()))
 }
 
+/// Whether the elementwise kernels — [`activation`] and [`add_bias`] (with its column-sum
+/// gradient) — apply to `x`: as [`supported`], and to bfloat16 on CUDA too (mixed precision's
+/// MLP activation and the biases of its bfloat16 products; fused.cu computes in float32 and
+/// rounds once, and sums the bias gradient in float32 where candle's reduction adds in
+/// bfloat16).
+pub fn supported_elementwise(x: &Tensor) -> bool {
+    supported(x) || (x.dtype() == DType::BF16 && x.device().is_cuda() && cuda_enabled())
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -729,7 +738,8 @@ pub fn rel(a: &Tensor, c: &Tensor) -> Result<f32> {
 /// random inputs of `shape` (the last dimension is the rows' length): `(op, max |Δ value| /
 /// max |value|, max |Δ gradient| / max |gradient|)`, the gradients being those of a random
 /// linear functional of the output with respect to the input and the op's weights. The unit
-/// tests hold the CPU kernels to it; `vlalign bench --suite kernels` reports it for a GPU.
+/// tests hold the CPU kernels to it; `vlalign bench --suite kernels` reports it for a GPU, where
+/// the rows named `… bf16` check the bfloat16 kernels too.
 pub fn check_against_compositions(
     device: &candle_core::Device,
     shape: (usize, usize, usize),
@@ -780,6 +790,36 @@ pub fn check_against_compositions(
             Box::new(|x| x.broadcast_add(&b)),
         ),
     ];
+    // Mixed precision on CUDA: the bfloat16 kernels from bf16-rounded inputs, against the float32
+    // compositions from the same inputs widened back (relative differences of bfloat16's order,
+    // 2^-8, where the float32 rows show float32's).
+    let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
+    let widened = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+    let narrow_cases: Vec<Case> = vec![
+        (
+            "quick_gelu bf16",
+            Box::new(|x| activation(&bf16(x)?, Act::QuickGelu)?.to_dtype(DType::F32)),
+            Box::new(|x| {
+                let x = widened(x)?;
+                x.mul(&candle_nn::ops::sigmoid(&(&x * 1.702)?)?)
+            }),
+        ),
+        (
+            "gelu_erf bf16",
+            Box::new(|x| activation(&bf16(x)?, Act::GeluErf)?.to_dtype(DType::F32)),
+            Box::new(|x| widened(x)?.gelu_erf()),
+        ),
+        (
+            "add_bias bf16",
+            Box::new(|x| add_bias(&bf16(x)?, &bf16(&b)?)?.to_dtype(DType::F32)),
+            Box::new(|x| widened(x)?.broadcast_add(&widened(&b)?)),
+        ),
+    ];
+    let cases = if device.is_cuda() {
+        cases.into_iter().chain(narrow_cases).collect()
+    } else {
+        cases
+    };
     let mut out = Vec::new();
     for (name, fused, composed) in cases {
         let yf = fused(x.as_tensor())?;

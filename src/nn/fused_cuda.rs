@@ -1,13 +1,19 @@
 //! The CUDA side of fused.rs (cargo feature `cuda`): fused.cu compiled once per process by
 //! NVRTC (so no nvcc is needed at build or run time for our kernels) and launched on the
-//! tensor's stream. Each function takes contiguous float32 storage and returns new storage.
+//! tensor's stream. Each function takes contiguous float32 storage — the activation, the bias
+//! and the column sum bfloat16 too (mixed precision) — and returns new storage of the same type.
+//! tools/check-fused-cu.sh runs fused.cu on the CPU with this file's launch geometry.
 
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 use candle_core::cuda_backend::cudarc::nvrtc;
-use candle_core::cuda_backend::WrapErr;
-use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
+use half::bf16;
 
 const SRC: &str = include_str!("fused.cu");
 /// Threads per block (fused.cu's BLOCK) and rows per column-sum chunk (ROWS_PER_CHUNK).
@@ -35,16 +41,38 @@ macro_rules! kernel {
 }
 
 /// The contiguous float32 data of `s` under `l`.
-fn data<'a>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    op: &str,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
-    let slice = s.as_cuda_slice::<f32>()?;
+fn data<'a>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, f32>> {
+    data_of::<f32>(s, l, op)
+}
+
+/// The contiguous data of `s` under `l`, of element type `T`.
+fn data_of<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
+    let slice = s.as_cuda_slice::<T>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(slice.slice(a..b)),
         None => bail!("{op}: input must be contiguous"),
     }
+}
+
+/// An element type of the elementwise kernels, with the suffix of its fused.cu names.
+trait Elem: CudaDType + DeviceRepr + ValidAsZeroBits {
+    const SUFFIX: &'static str;
+    const IS_F32: bool;
+}
+
+impl Elem for f32 {
+    const SUFFIX: &'static str = "";
+    const IS_F32: bool = true;
+}
+
+impl Elem for bf16 {
+    const SUFFIX: &'static str = "_bf16";
+    const IS_F32: bool = false;
+}
+
+/// The fused.cu name of kernel `base` for element type `T` (`vl_act_fwd` → `vl_act_fwd_bf16`).
+fn name_for<T: Elem>(base: &'static str) -> String {
+    format!("{base}{}", T::SUFFIX)
 }
 
 fn rows_cfg(rows: usize) -> LaunchConfig {
@@ -64,15 +92,29 @@ fn elems_cfg(len: usize) -> LaunchConfig {
     }
 }
 
-/// Grid over (column blocks, row chunks) for the column-sum kernels.
+/// Grid over (column blocks, row-chunk slots) for the column-sum kernels, and the number of
+/// chunks: a slot takes every `MAX_GRID_Y`-th chunk when there are more (CUDA's grid limit).
 fn columns_cfg(rows: usize, n: usize) -> (LaunchConfig, usize) {
+    const MAX_GRID_Y: usize = 65_535;
     let chunks = rows.div_ceil(ROWS_PER_CHUNK).max(1);
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(BLOCK as usize) as u32, chunks as u32, 1),
+        grid_dim: (
+            n.div_ceil(BLOCK as usize) as u32,
+            chunks.min(MAX_GRID_Y) as u32,
+            1,
+        ),
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
     (cfg, chunks)
+}
+
+/// Errors when `elements` (a buffer's length) is past what fused.cu's `int` indices reach.
+fn check_len(elements: usize, op: &str) -> Result<()> {
+    if elements > i32::MAX as usize {
+        bail!("{op}: {elements} elements is more than the CUDA kernels index (2^31 - 1)");
+    }
+    Ok(())
 }
 
 fn wrap(slice: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {
@@ -81,7 +123,14 @@ fn wrap(slice: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {
 
 /// `len` zeros: the result of an op on an empty tensor (a launch with an empty grid would fail).
 fn zeros(dev: &CudaDevice, len: usize) -> Result<CudaStorage> {
-    Ok(wrap(dev.alloc_zeros::<f32>(len)?, dev))
+    zeros_of::<f32>(dev, len)
+}
+
+fn zeros_of<T: Elem>(dev: &CudaDevice, len: usize) -> Result<CudaStorage> {
+    Ok(CudaStorage::wrap_cuda_slice(
+        dev.alloc_zeros::<T>(len)?,
+        dev.clone(),
+    ))
 }
 
 /// Sums `chunks` rows of `width` partials into `out` (chunk order, deterministic).
@@ -116,6 +165,7 @@ pub fn layer_norm(
         data(b.0, b.1, "layer_norm")?,
     );
     let len = xv.len();
+    check_len(len, "layer_norm")?;
     let rows = len / n.max(1);
     if rows == 0 {
         return zeros(dev, len);
@@ -146,6 +196,7 @@ pub fn layer_norm_bwd(
         data(dy.0, dy.1, "layer_norm_bwd")?,
     );
     let len = xv.len();
+    check_len(len + 2 * n, "layer_norm_bwd")?;
     let rows = len / n.max(1);
     if rows == 0 {
         return zeros(dev, len + 2 * n);
@@ -180,7 +231,7 @@ pub fn layer_norm_bwd(
         .arg(&partial)
         .arg(&ri)
         .arg(&ni);
-    // SAFETY: threads guard j < n and rows < rows.
+    // SAFETY: threads guard j < n and each chunk's rows < rows.
     unsafe { bld.launch(cfg) }.w()?;
     {
         let mut tail = out.slice_mut(len..len + 2 * n);
@@ -194,6 +245,7 @@ pub fn softmax(x: (&CudaStorage, &Layout), n: usize) -> Result<CudaStorage> {
     let dev = &x.0.device;
     let xv = data(x.0, x.1, "softmax")?;
     let len = xv.len();
+    check_len(len, "softmax")?;
     if len == 0 || n == 0 {
         return zeros(dev, len);
     }
@@ -220,6 +272,7 @@ pub fn softmax_bwd(
         data(dy.0, dy.1, "softmax_bwd")?,
     );
     let len = yv.len();
+    check_len(len, "softmax_bwd")?;
     if len == 0 || n == 0 {
         return zeros(dev, len);
     }
@@ -234,95 +287,190 @@ pub fn softmax_bwd(
     Ok(wrap(dx, dev))
 }
 
-/// Elementwise activation `act` (0 quick_gelu, 1 gelu_erf).
+/// Runs `$f::<T>($args)` for the element type of storage `$s`: float32 or bfloat16.
+macro_rules! by_dtype {
+    ($s:expr, $op:expr, $f:ident($($args:expr),*)) => {
+        match $s.dtype() {
+            DType::F32 => $f::<f32>($($args),*),
+            DType::BF16 => $f::<bf16>($($args),*),
+            dt => bail!("{}: {dt:?} has no CUDA kernel (float32 and bfloat16 do)", $op),
+        }
+    };
+}
+
+/// Elementwise activation `act` (0 quick_gelu, 1 gelu_erf), float32 or bfloat16.
 pub fn activation(x: (&CudaStorage, &Layout), act: i32) -> Result<CudaStorage> {
+    by_dtype!(x.0, "activation", activation_t(x, act))
+}
+
+fn activation_t<T: Elem>(x: (&CudaStorage, &Layout), act: i32) -> Result<CudaStorage> {
     let dev = &x.0.device;
-    let xv = data(x.0, x.1, "activation")?;
+    let xv = data_of::<T>(x.0, x.1, "activation")?;
     let len = xv.len();
     if len == 0 {
-        return zeros(dev, 0);
+        return zeros_of::<T>(dev, 0);
     }
     // SAFETY: every element is written by the grid-stride kernel.
-    let y = unsafe { dev.alloc::<f32>(len)? };
-    let f = kernel!(dev, "vl_act_fwd");
+    let y = unsafe { dev.alloc::<T>(len)? };
+    let f = kernel!(dev, &name_for::<T>("vl_act_fwd"));
     let l = len as u64;
     let mut bld = f.builder();
     bld.arg(&xv).arg(&y).arg(&l).arg(&act);
     // SAFETY: grid-stride loop bounded by len.
     unsafe { bld.launch(elems_cfg(len)) }.w()?;
-    Ok(wrap(y, dev))
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
-/// `dx = dy ⊙ act'(x)`.
+/// `dx = dy ⊙ act'(x)`, float32 or bfloat16 (`x` and `dy` of one type).
 pub fn activation_bwd(
+    x: (&CudaStorage, &Layout),
+    dy: (&CudaStorage, &Layout),
+    act: i32,
+) -> Result<CudaStorage> {
+    by_dtype!(x.0, "activation_bwd", activation_bwd_t(x, dy, act))
+}
+
+fn activation_bwd_t<T: Elem>(
     x: (&CudaStorage, &Layout),
     dy: (&CudaStorage, &Layout),
     act: i32,
 ) -> Result<CudaStorage> {
     let dev = &x.0.device;
     let (xv, gv) = (
-        data(x.0, x.1, "activation_bwd")?,
-        data(dy.0, dy.1, "activation_bwd")?,
+        data_of::<T>(x.0, x.1, "activation_bwd")?,
+        data_of::<T>(dy.0, dy.1, "activation_bwd")?,
     );
     let len = xv.len();
     if len == 0 {
-        return zeros(dev, 0);
+        return zeros_of::<T>(dev, 0);
+    }
+    if gv.len() != len {
+        bail!("activation_bwd: {} gradients for {len} inputs", gv.len());
     }
     // SAFETY: every element is written by the grid-stride kernel.
-    let dx = unsafe { dev.alloc::<f32>(len)? };
-    let f = kernel!(dev, "vl_act_bwd");
+    let dx = unsafe { dev.alloc::<T>(len)? };
+    let f = kernel!(dev, &name_for::<T>("vl_act_bwd"));
     let l = len as u64;
     let mut bld = f.builder();
     bld.arg(&xv).arg(&gv).arg(&dx).arg(&l).arg(&act);
     // SAFETY: grid-stride loop bounded by len.
     unsafe { bld.launch(elems_cfg(len)) }.w()?;
-    Ok(wrap(dx, dev))
+    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
 }
 
-/// `x + b` with `b` (length `n`) broadcast over rows.
+/// `x + b` with `b` (length `n`) broadcast over rows, float32 or bfloat16 (both of one type).
 pub fn add_bias(
     x: (&CudaStorage, &Layout),
     b: (&CudaStorage, &Layout),
     n: usize,
 ) -> Result<CudaStorage> {
+    by_dtype!(x.0, "add_bias", add_bias_t(x, b, n))
+}
+
+fn add_bias_t<T: Elem>(
+    x: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    n: usize,
+) -> Result<CudaStorage> {
     let dev = &x.0.device;
-    let (xv, bv) = (data(x.0, x.1, "add_bias")?, data(b.0, b.1, "add_bias")?);
+    let (xv, bv) = (
+        data_of::<T>(x.0, x.1, "add_bias")?,
+        data_of::<T>(b.0, b.1, "add_bias")?,
+    );
     let len = xv.len();
+    check_len(n, "add_bias")?;
     if len == 0 || n == 0 {
-        return zeros(dev, len);
+        return zeros_of::<T>(dev, len);
+    }
+    if bv.len() != n {
+        bail!("add_bias: bias of {} for rows of {n}", bv.len());
     }
     // SAFETY: every element is written by the grid-stride kernel.
-    let y = unsafe { dev.alloc::<f32>(len)? };
-    let f = kernel!(dev, "vl_add_bias");
+    let y = unsafe { dev.alloc::<T>(len)? };
+    let f = kernel!(dev, &name_for::<T>("vl_add_bias"));
     let (l, ni) = (len as u64, n as i32);
     let mut bld = f.builder();
     bld.arg(&xv).arg(&bv).arg(&y).arg(&l).arg(&ni);
     // SAFETY: grid-stride loop bounded by len; b is indexed modulo n.
     unsafe { bld.launch(elems_cfg(len)) }.w()?;
-    Ok(wrap(y, dev))
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
-/// Σ over rows of a `[rows, n]` buffer → `[n]`, in fixed chunks added in order.
+/// Σ over rows of a `[rows, n]` buffer → `[n]`, in fixed chunks added in order; bfloat16 rows
+/// are summed in float32 and the total rounded once.
 pub fn column_sum(x: (&CudaStorage, &Layout), n: usize) -> Result<CudaStorage> {
+    by_dtype!(x.0, "column_sum", column_sum_t(x, n))
+}
+
+fn column_sum_t<T: Elem>(x: (&CudaStorage, &Layout), n: usize) -> Result<CudaStorage> {
     let dev = &x.0.device;
-    let xv = data(x.0, x.1, "column_sum")?;
+    let xv = data_of::<T>(x.0, x.1, "column_sum")?;
+    check_len(xv.len(), "column_sum")?;
     let rows = xv.len() / n.max(1);
     if rows == 0 || n == 0 {
-        return zeros(dev, n);
+        return zeros_of::<T>(dev, n);
     }
     let (cfg, chunks) = columns_cfg(rows, n);
     // SAFETY: the partial kernel writes all chunks·n entries, the sum all n outputs.
     let partial = unsafe { dev.alloc::<f32>(chunks * n)? };
-    let mut out = unsafe { dev.alloc::<f32>(n)? };
-    let f = kernel!(dev, "vl_column_sum_partial");
+    let mut total = unsafe { dev.alloc::<f32>(n)? };
+    let f = kernel!(dev, &name_for::<T>("vl_column_sum_partial"));
     let (ri, ni) = (rows as i32, n as i32);
     let mut bld = f.builder();
     bld.arg(&xv).arg(&partial).arg(&ri).arg(&ni);
-    // SAFETY: threads guard j < n and the chunk's rows < rows.
+    // SAFETY: threads guard j < n and each chunk's rows < rows.
     unsafe { bld.launch(cfg) }.w()?;
     {
-        let mut all = out.slice_mut(0..n);
+        let mut all = total.slice_mut(0..n);
         sum_chunks(dev, &partial, &mut all, chunks, n)?;
     }
-    Ok(wrap(out, dev))
+    if T::IS_F32 {
+        return Ok(wrap(total, dev));
+    }
+    // SAFETY: the rounding kernel writes all n outputs.
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let f = kernel!(dev, "vl_round_bf16");
+    let l = n as u64;
+    let mut bld = f.builder();
+    bld.arg(&total).arg(&out).arg(&l);
+    // SAFETY: grid-stride loop bounded by n.
+    unsafe { bld.launch(elems_cfg(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// fused.cu compiles with NVRTC (no GPU needed: NVRTC is a library) and defines every kernel
+    /// this file launches, in both element types where it has two. Runs in a `cuda` build's
+    /// tests with libnvrtc on the library path (`$VLALIGN_CACHE/cu13/nvidia/cu13/lib`).
+    #[test]
+    fn nvrtc_compiles_every_kernel_the_launches_name() {
+        let ptx = ptx().unwrap();
+        let mut names = vec![
+            "vl_layer_norm_fwd".to_string(),
+            "vl_layer_norm_bwd_dx".into(),
+            "vl_layer_norm_bwd_partial".into(),
+            "vl_sum_chunks".into(),
+            "vl_softmax_fwd".into(),
+            "vl_softmax_bwd".into(),
+            "vl_round_bf16".into(),
+        ];
+        for base in [
+            "vl_act_fwd",
+            "vl_act_bwd",
+            "vl_add_bias",
+            "vl_column_sum_partial",
+        ] {
+            names.push(name_for::<f32>(base));
+            names.push(name_for::<bf16>(base));
+        }
+        for name in names {
+            assert!(
+                ptx.contains(&format!(".entry {name}(")),
+                "{name} is not in fused.cu's PTX"
+            );
+        }
+    }
 }

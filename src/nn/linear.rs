@@ -145,7 +145,9 @@ impl Module for Linear {
         // A frozen weight (no gradient path) contributes no weight-gradient gemm to backward.
         let y = super::frozen::matmul_t(&x.contiguous()?.reshape((rows, k))?, &self.weight)?;
         let y = match &self.bias {
-            Some(b) if super::fused::supported(&y) => super::fused::add_bias(&y, b)?,
+            Some(b) if super::fused::supported_elementwise(&y) && b.dtype() == y.dtype() => {
+                super::fused::add_bias(&y, b)?
+            }
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
