@@ -16,7 +16,9 @@ use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
 use half::bf16;
 
 const SRC: &str = include_str!("fused.cu");
-/// Threads per block (fused.cu's BLOCK) and rows per column-sum chunk (ROWS_PER_CHUNK).
+/// Threads per block (fused.cu's BLOCK) and rows per column-sum chunk (ROWS_PER_CHUNK). These,
+/// the three `*_cfg` grids and the buffer sizes below are mirrored by hand in
+/// tools/cuda-emulate/check_fused.cpp, which runs the kernels on the CPU: change both together.
 const BLOCK: u32 = 256;
 const ROWS_PER_CHUNK: usize = 64;
 
