@@ -13,7 +13,8 @@
 #       throughput, vlalign beside PyTorch (tools/reference/bench_torch_gpu.py) on the same GPU,
 #       with peak GPU memory, again in mixed precision (--precision bf16; PyTorch: autocast bf16),
 #       then with gradient checkpointing too (--grad-checkpointing: its peak memory)
-#       and again with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1), and float32 once with the
+#       and again with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1; float32, and bf16 with
+#       fused.cu's bfloat16 activation and bias), and float32 once with the
 #       driver's default memory-pool trimming (VLALIGN_CUDA_POOL_TRIM=1: what the pool setting
 #       of src/nn/device.rs gains), and bf16 once with cudarc's event tracking off
 #       (--cuda-events off: what an event per kernel argument costs on the host);
@@ -211,6 +212,12 @@ fused=$(VLALIGN_FUSED_CUDA=1 peak_of timeout 240 "$BIN" bench --suite vit-b32 --
 fused_peak=$(cat "$OUT/peak" 2>/dev/null || echo 0)
 echo "${fused:-null}" >&2
 say "peak MiB $fused_peak"
+# ... and in mixed precision, where the activation and the biases run fused.cu's bf16 kernels
+# (what becomes the default once (a0) passes).
+say "ViT-B/32 in mixed precision with the fused CUDA kernels (VLALIGN_FUSED_CUDA=1 --precision bf16):"
+fused16=$(VLALIGN_FUSED_CUDA=1 timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters 5 \
+    --device "$DEV" --precision bf16 --json) || fail=1
+echo "${fused16:-null}" >&2
 say "ViT-B/32 float32 with the driver's pool trimming (VLALIGN_CUDA_POOL_TRIM=1):"
 trim=$(VLALIGN_CUDA_POOL_TRIM=1 timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters 5 \
     --device "$DEV" --json) || fail=1
@@ -220,7 +227,7 @@ noev=$(timeout 240 "$BIN" bench --suite vit-b32 --batch "$BATCH" --iters 5 --dev
     --precision bf16 --cuda-events off --json) || fail=1
 echo "${noev:-null}" >&2
 theirs=$(timeout 240 python3 tools/reference/bench_torch_gpu.py --batch "$BATCH" --iters 10) || fail=1
-python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" "${fused:-null}" "$fused_peak" "${bf16:-null}" "$bf16_peak" "${ckpt:-null}" "$ckpt_peak" "${trim:-null}" "${noev:-null}" <<'PY'
+python3 - "${ours:-null}" "${theirs:-null}" "$ours_peak" "${fused:-null}" "$fused_peak" "${bf16:-null}" "$bf16_peak" "${ckpt:-null}" "$ckpt_peak" "${trim:-null}" "${noev:-null}" "${fused16:-null}" <<'PY'
 import json, sys
 o, t, peak = json.loads(sys.argv[1]) or {}, json.loads(sys.argv[2]) or {}, float(sys.argv[3] or 0)
 f, fpeak = json.loads(sys.argv[4]) or {}, float(sys.argv[5] or 0)
@@ -255,6 +262,12 @@ for name, ms in o.get("ops_ms") or []:
 r["vlalign_train_f32_pool_trim_samples_per_s"] = trim.get("train_samples_per_s")
 noev = json.loads(sys.argv[11]) or {}
 r["vlalign_train_bf16_no_events_samples_per_s"] = noev.get("train_samples_per_s")
+fused16 = json.loads(sys.argv[12]) or {}
+r["vlalign_fused_train_bf16_samples_per_s"] = fused16.get("train_samples_per_s")
+r["vlalign_fused_embed_bf16_images_per_s"] = fused16.get("embed_images_per_s")
+if fused16 and t:
+    r["fused_train_bf16_ratio_vs_torch_bf16"] = (
+        fused16["train_samples_per_s"] / t["train_bf16_samples_per_s"])
 r["vlalign"], r["vlalign_fused"], r["vlalign_bf16"], r["torch_all"] = o, f, h, t
 if h and t:
     r["train_bf16_ratio_vs_torch_bf16"] = h["train_samples_per_s"] / t["train_bf16_samples_per_s"]
