@@ -2,9 +2,9 @@
 # The GPU check, for a machine with an NVIDIA GPU (CUDA 13.0 driver, python3 with PyTorch and
 # transformers; no network). It receives the repository with target/cuda/release/vlalign (from
 # tools/build-cuda.sh) and the committed fixtures, and:
-#   (a0) the fused CUDA kernels (LayerNorm, softmax, GELUs, bias; fused.cu; the GELUs and the
-#       bias in bfloat16 too) against candle's compositions, values and gradients (the same
-#       kernels run on the CPU in tools/check-fused-cu.sh);
+#   (a0) the fused CUDA kernels (LayerNorm, softmax, GELUs, bias; fused.cu; the GELUs, the
+#       bias and the attention softmax in bfloat16 too) against candle's compositions, values
+#       and gradients (the same kernels run on the CPU in tools/check-fused-cu.sh);
 #   (a) CUDA vs CPU parity: `embed` on the CLIP fixture and `itm` on the Q-Former fixture on
 #       --device cuda within 1e-4 of the same binary on --device cpu;
 #   (b) a short clip-tiny training on CUDA whose per-step losses equal the CPU run's within 1e-3,

@@ -55,8 +55,13 @@ pub fn composed(
     // In mixed precision (bfloat16 q, k, v) the scores are scaled, masked and normalised in
     // float32, as under torch.autocast (softmax is on its float32 list); the probabilities go
     // back to v's type for the weighted sum.
-    let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-    let scores = (scores * (hd as f64).powf(-0.5))?;
+    let scores = q.matmul(&k.t()?)?;
+    let scale = (hd as f64).powf(-0.5);
+    if let Some(p) = super::fused::attn_softmax_bf16(&scores, mask, scale)? {
+        // bfloat16 on CUDA with the fused kernels: the same steps in one kernel each way.
+        return p.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, dim));
+    }
+    let scores = (scores.to_dtype(DType::F32)? * scale)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(&m.to_dtype(DType::F32)?)?,
         None => scores,

@@ -272,3 +272,63 @@ extern "C" __global__ void vl_add_bias_bf16(const bf16_bits* x, const bf16_bits*
                                             size_t len, int n) {
     add_bias(x, b, y, len, n);
 }
+
+// Attention probabilities in mixed precision: row r of bfloat16 scores (row r = (b·H + h)·Tq + q,
+// n = Tk) gives p = softmax(scale·x + mask[b][q]) in float32, stored as bfloat16 for the product
+// with v — what the composition's cast, scale, mask add, softmax and cast give, in one pass and
+// without keeping the float32 probabilities: the backward recomputes them. `mask` is [B, Tq, n]
+// float32, or null; `hq` = H·Tq.
+__device__ const float* mask_row(const float* mask, size_t r, int hq, int q_len, int n) {
+    if (mask == 0) return 0;
+    return mask + ((r / hq) * (size_t)q_len + r % q_len) * n;
+}
+
+__device__ float scaled_masked(const bf16_bits* xr, const float* mr, int i, float scale) {
+    return scale * bf16_to_float(xr[i]) + (mr ? mr[i] : 0.0f);
+}
+
+// The row's max and 1 / Σ exp(z - max) of z = scale·x + mask, by the whole block.
+__device__ void softmax_stats(const bf16_bits* xr, const float* mr, int n, float scale,
+                              float* shared, float* max_out, float* inv_out) {
+    float m = __int_as_float(0xff800000);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, scaled_masked(xr, mr, i, scale));
+    m = block_max(m, shared);
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += expf(scaled_masked(xr, mr, i, scale) - m);
+    *max_out = m;
+    *inv_out = 1.0f / block_sum(s, shared);
+}
+
+extern "C" __global__ void vl_attn_softmax_fwd_bf16(const bf16_bits* x, const float* mask,
+                                                    bf16_bits* y, int n, float scale, int hq,
+                                                    int q_len) {
+    __shared__ float shared[32];
+    size_t r = blockIdx.x;
+    const bf16_bits* xr = x + r * n;
+    const float* mr = mask_row(mask, r, hq, q_len, n);
+    float m, inv;
+    softmax_stats(xr, mr, n, scale, shared, &m, &inv);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        y[r * n + i] = float_to_bf16(expf(scaled_masked(xr, mr, i, scale) - m) * inv);
+}
+
+// dx = scale · p ⊙ (dy − Σ dy ⊙ p), p recomputed in float32 from x and the mask.
+extern "C" __global__ void vl_attn_softmax_bwd_bf16(const bf16_bits* x, const float* mask,
+                                                    const bf16_bits* dy, bf16_bits* dx, int n,
+                                                    float scale, int hq, int q_len) {
+    __shared__ float shared[32];
+    size_t r = blockIdx.x;
+    const bf16_bits* xr = x + r * n;
+    const bf16_bits* gr = dy + r * n;
+    const float* mr = mask_row(mask, r, hq, q_len, n);
+    float m, inv;
+    softmax_stats(xr, mr, n, scale, shared, &m, &inv);
+    float d = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        d += bf16_to_float(gr[i]) * expf(scaled_masked(xr, mr, i, scale) - m) * inv;
+    d = block_sum(d, shared);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float p = expf(scaled_masked(xr, mr, i, scale) - m) * inv;
+        dx[r * n + i] = float_to_bf16(scale * p * (bf16_to_float(gr[i]) - d));
+    }
+}

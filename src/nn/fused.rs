@@ -727,6 +727,160 @@ pub fn add_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(b, AddBias)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention probabilities in mixed precision (CUDA only)
+
+/// softmax(scale·scores + mask) from bfloat16 scores `[B, H, Tq, Tk]` to bfloat16 probabilities,
+/// the mask `[B, Tq, Tk]` float32 (or none); the backward recomputes the probabilities in float32.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the CUDA launch only
+struct AttnSoftmax {
+    scale: f32,
+    heads: usize,
+    q_len: usize,
+    masked: bool,
+}
+
+#[cfg(feature = "cuda")]
+impl AttnSoftmax {
+    /// The forward over scores `x` (with the mask when there is one), or with `dy` the backward.
+    fn run(
+        &self,
+        x: (&candle_core::CudaStorage, &Layout),
+        mask: (&candle_core::CudaStorage, &Layout),
+        dy: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = super::fused_cuda::attn_softmax_bf16(
+            x,
+            self.masked.then_some(mask),
+            dy,
+            last_dim(x.1),
+            self.scale,
+            self.heads * self.q_len,
+            self.q_len,
+        )?;
+        Ok((out, x.1.shape().clone()))
+    }
+}
+
+/// What the ops are on the CPU, where bfloat16 has no kernel.
+fn cuda_only() -> Result<(CpuStorage, Shape)> {
+    bail!("the bfloat16 attention softmax kernel runs on CUDA only")
+}
+
+impl CustomOp2 for AttnSoftmax {
+    fn name(&self) -> &'static str {
+        "vlalign-attn-softmax-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cuda_only()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(mask, &dy.contiguous()?, &AttnSoftmaxBwd(*self))?;
+        Ok((Some(dx), None))
+    }
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the CUDA launch only
+struct AttnSoftmaxBwd(AttnSoftmax);
+
+impl CustomOp3 for AttnSoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "vlalign-attn-softmax-bf16-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cuda_only()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.0.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+}
+
+/// Attention probabilities `softmax(scale·scores + mask)` for bfloat16 `scores` `[B, H, Tq, Tk]`
+/// on CUDA, as bfloat16, by one fused kernel forward and one backward (fused.cu), where the
+/// composition casts to float32, scales, adds the mask, normalises and casts back (keeping the
+/// float32 probabilities for its backward). `None` where it does not apply: not bfloat16 on
+/// CUDA with `VLALIGN_FUSED_CUDA=1`, or a mask that does not broadcast to `[B, 1, Tq, Tk]`.
+pub fn attn_softmax_bf16(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if scores.dtype() != DType::BF16 || !supported_elementwise(scores) {
+        return Ok(None);
+    }
+    attn_softmax_op(scores, mask, scale)
+}
+
+/// [`attn_softmax_bf16`] without asking whether the kernels are switched on (what
+/// [`check_against_compositions`] runs).
+fn attn_softmax_op(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Option<Tensor>> {
+    let (b, heads, q_len, k_len) = scores.dims4()?;
+    let mask = match mask {
+        Some(m) => match m.broadcast_as((b, 1, q_len, k_len)) {
+            Ok(m) => Some(m.to_dtype(DType::F32)?.contiguous()?),
+            Err(_) => return Ok(None),
+        },
+        None => None,
+    };
+    let op = AttnSoftmax {
+        scale: scale as f32,
+        heads,
+        q_len,
+        masked: mask.is_some(),
+    };
+    // Without a mask the op still takes a second tensor: one float32 zero, never read.
+    let mask = match mask {
+        Some(m) => m,
+        None => Tensor::zeros(1, DType::F32, scores.device())?,
+    };
+    scores.contiguous()?.apply_op2(&mask, op).map(Some)
+}
+
 /// max |a − c| / max |c| (the denominator floored at 1e-6): how far a fused op's result `a` is
 /// from the composition's `c`.
 pub fn rel(a: &Tensor, c: &Tensor) -> Result<f32> {
@@ -794,6 +948,8 @@ pub fn check_against_compositions(
     // compositions from the same inputs widened back (relative differences of bfloat16's order,
     // 2^-8, where the float32 rows show float32's).
     let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
+    // Attention scores [B, 1, T, n] with an additive mask of the same shape.
+    let mask = Tensor::randn(0f32, 1.0, (shape.0, 1, shape.1, n), device)?;
     let widened = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
     let narrow_cases: Vec<Case> = vec![
         (
@@ -813,6 +969,18 @@ pub fn check_against_compositions(
             "add_bias bf16",
             Box::new(|x| add_bias(&bf16(x)?, &bf16(&b)?)?.to_dtype(DType::F32)),
             Box::new(|x| widened(x)?.broadcast_add(&widened(&b)?)),
+        ),
+        (
+            "attn_softmax bf16",
+            Box::new(|x| {
+                let p = attn_softmax_op(&bf16(&x.unsqueeze(1)?)?, Some(&mask), 0.125)?;
+                let p = p.ok_or_else(|| candle_core::Error::Msg("mask not applied".into()))?;
+                p.to_dtype(DType::F32)?.squeeze(1)
+            }),
+            Box::new(|x| {
+                let scores = (widened(&x.unsqueeze(1)?)? * 0.125)?.broadcast_add(&mask)?;
+                candle_nn::ops::softmax(&scores, D::Minus1)?.squeeze(1)
+            }),
         ),
     ];
     let cases = if device.is_cuda() {

@@ -440,6 +440,83 @@ fn column_sum_t<T: Elem>(x: (&CudaStorage, &Layout), n: usize) -> Result<CudaSto
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
+/// Attention probabilities in mixed precision: rows of `n` bfloat16 scores (row r of `B·H·Tq`)
+/// → softmax(scale·x + mask[b][q]) as bfloat16, `mask` `[B, Tq, n]` float32 or none, `hq` = H·Tq;
+/// with `dy`, the backward instead: `dx = scale · p ⊙ (dy − Σ dy ⊙ p)`, p recomputed from `x`.
+pub fn attn_softmax_bf16(
+    x: (&CudaStorage, &Layout),
+    mask: Option<(&CudaStorage, &Layout)>,
+    dy: Option<(&CudaStorage, &Layout)>,
+    n: usize,
+    scale: f32,
+    hq: usize,
+    q_len: usize,
+) -> Result<CudaStorage> {
+    let dev = &x.0.device;
+    let xv = data_of::<bf16>(x.0, x.1, "attn_softmax")?;
+    let gv = dy
+        .map(|(s, l)| data_of::<bf16>(s, l, "attn_softmax_bwd"))
+        .transpose()?;
+    let len = xv.len();
+    check_len(len, "attn_softmax")?;
+    if len == 0 || n == 0 {
+        return zeros_of::<bf16>(dev, len);
+    }
+    if let Some(g) = &gv {
+        if g.len() != len {
+            bail!("attn_softmax_bwd: {} gradients for {len} scores", g.len());
+        }
+    }
+    let mv = mask_of(mask, len / n, n, hq, q_len)?;
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<bf16>(len)? };
+    let name = match gv {
+        None => "vl_attn_softmax_fwd_bf16",
+        Some(_) => "vl_attn_softmax_bwd_bf16",
+    };
+    let f = kernel!(dev, name);
+    let (ni, hqi, qi) = (n as i32, hq as i32, q_len as i32);
+    let null = 0u64;
+    let mut bld = f.builder();
+    bld.arg(&xv);
+    match &mv {
+        Some(m) => bld.arg(m),
+        None => bld.arg(&null),
+    };
+    if let Some(g) = &gv {
+        bld.arg(g);
+    }
+    bld.arg(&out).arg(&ni).arg(&scale).arg(&hqi).arg(&qi);
+    // SAFETY: one block per row of n elements; mask rows indexed within [B, Tq, n] (checked).
+    unsafe { bld.launch(rows_cfg(len / n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// The float32 mask `[B, Tq, n]` of `rows` = B·H·Tq score rows, its length checked.
+fn mask_of<'a>(
+    mask: Option<(&'a CudaStorage, &Layout)>,
+    rows: usize,
+    n: usize,
+    hq: usize,
+    q_len: usize,
+) -> Result<Option<CudaView<'a, f32>>> {
+    let Some((s, l)) = mask else {
+        return Ok(None);
+    };
+    let m = data(s, l, "attn_softmax mask")?;
+    if hq == 0 || q_len == 0 || !hq.is_multiple_of(q_len) || !rows.is_multiple_of(hq) {
+        bail!("attn_softmax: {rows} score rows are not B·H·Tq with H·Tq = {hq}, Tq = {q_len}");
+    }
+    if m.len() != rows / hq * q_len * n {
+        bail!(
+            "attn_softmax: a mask of {} values for [B, Tq, n] = [{}, {q_len}, {n}]",
+            m.len(),
+            rows / hq
+        );
+    }
+    Ok(Some(m))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,6 +535,8 @@ mod tests {
             "vl_softmax_fwd".into(),
             "vl_softmax_bwd".into(),
             "vl_round_bf16".into(),
+            "vl_attn_softmax_fwd_bf16".into(),
+            "vl_attn_softmax_bwd_bf16".into(),
         ];
         for base in [
             "vl_act_fwd",

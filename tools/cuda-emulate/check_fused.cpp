@@ -143,6 +143,24 @@ Hv column_sum_bf16(const Hv& x, size_t n) {
     return out;
 }
 
+// Attention probabilities from bf16 scores [B·H·Tq, n] with an optional [B, Tq, n] mask.
+Hv attn_softmax_bf16(const Hv& x, const Vec* mask, size_t n, float scale, size_t heads, size_t q_len) {
+    Hv y(x.size());
+    emu::launch(rows_cfg(x.size() / n), block, vl_attn_softmax_fwd_bf16, x.data(),
+                mask ? mask->data() : (const float*)nullptr, y.data(), int(n), scale,
+                int(heads * q_len), int(q_len));
+    return y;
+}
+
+Hv attn_softmax_bwd_bf16(const Hv& x, const Vec* mask, const Hv& dy, size_t n, float scale,
+                         size_t heads, size_t q_len) {
+    Hv dx(x.size());
+    emu::launch(rows_cfg(x.size() / n), block, vl_attn_softmax_bwd_bf16, x.data(),
+                mask ? mask->data() : (const float*)nullptr, dy.data(), dx.data(), int(n), scale,
+                int(heads * q_len), int(q_len));
+    return dx;
+}
+
 // ---- references, in double, from the definitions -------------------------------------------
 
 using Dv = std::vector<double>;
@@ -420,6 +438,49 @@ void check_bias_and_column_sum_bf16(size_t rows, size_t n) {
     compare_bf16("column_sum bf16", rows, n, s, rs, sum_slack);
 }
 
+// Scores of `batch` × `heads` × `q_len` rows of n, bf16; with a mask, entries past q + b are
+// blocked (nn::attention::MASKED) and the others get a random bias, and row q = 0 of batch 0
+// is blocked whole (a uniform row, as the composition gives).
+void check_attn_softmax_bf16(size_t batch, size_t heads, size_t q_len, size_t n, bool masked) {
+    const float blocked = -3.4028235e38f, scale = 0.125f;
+    size_t rows = batch * heads * q_len;
+    Hv x = random_bf16(rows * n, -8, 8), dy = random_bf16(rows * n, -1, 1);
+    Vec mask(batch * q_len * n);
+    for (size_t b = 0; b < batch; ++b)
+        for (size_t q = 0; q < q_len; ++q)
+            for (size_t k = 0; k < n; ++k)
+                mask[(b * q_len + q) * n + k] =
+                    (k > q + b || (b == 0 && q == 0)) ? blocked : uniform(-1, 1);
+    const Vec* m = masked ? &mask : nullptr;
+    Hv y = attn_softmax_bf16(x, m, n, scale, heads, q_len);
+    Hv dx = attn_softmax_bwd_bf16(x, m, dy, n, scale, heads, q_len);
+    Dv ry(rows * n), rdx(rows * n), sy(rows * n), sdx(rows * n);
+    for (size_t r = 0; r < rows; ++r) {
+        size_t mrow = (r / (heads * q_len)) * q_len + r % q_len;
+        // z = scale·x + mask as float32 forms it (a masked entry is the mask itself), then the
+        // softmax and its gradient in double.
+        Dv z(n);
+        for (size_t k = 0; k < n; ++k)
+            z[k] = double(scale * float(widen(x[r * n + k])) + (m ? mask[mrow * n + k] : 0.0f));
+        Dv p = softmax_row(z.data(), n);
+        double d = 0, dabs = 0;
+        for (size_t k = 0; k < n; ++k) {
+            d += widen(dy[r * n + k]) * p[k];
+            dabs += std::abs(widen(dy[r * n + k])) * p[k];
+        }
+        for (size_t k = 0; k < n; ++k) {
+            double g = widen(dy[r * n + k]);
+            ry[r * n + k] = p[k];
+            rdx[r * n + k] = scale * p[k] * (g - d);
+            // float32's error before the one rounding: exp of |z| up to ~10, sums of n terms.
+            sy[r * n + k] = 2e-5 * p[k];
+            sdx[r * n + k] = 2e-5 * scale * p[k] * (std::abs(g) + dabs);
+        }
+    }
+    compare_bf16(masked ? "attn softmax bf16 mask" : "attn softmax bf16", rows, n, y, ry, sy);
+    compare_bf16(masked ? "attn softmax bf16 m dx" : "attn softmax bf16 dx", rows, n, dx, rdx, sdx);
+}
+
 }  // namespace
 
 int main() {
@@ -446,6 +507,11 @@ int main() {
         check_activation_bf16(len, 0);
         check_activation_bf16(len, 1);
     }
+    // Attention rows: ViT-like (no mask, 50 keys), text-like (causal + padding, 77 keys), and
+    // more keys than a block has threads.
+    check_attn_softmax_bf16(2, 3, 5, 50, false);
+    check_attn_softmax_bf16(2, 2, 7, 77, true);
+    if (!quick) check_attn_softmax_bf16(1, 2, 3, 300, true);
     // The grid-stride loops with fewer blocks than elements need (elems_cfg caps the grid at 65,536
     // blocks, columns_cfg the row-chunk slots at 65,535; caps of 2 and 1 make each thread take
     // several elements — 768 columns on 512 threads — and each slot several chunks).
