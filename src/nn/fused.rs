@@ -873,12 +873,11 @@ fn attn_softmax_op(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result
         q_len,
         masked: mask.is_some(),
     };
-    // Without a mask the op still takes a second tensor: one float32 zero, never read.
-    let mask = match mask {
-        Some(m) => m,
-        None => Tensor::zeros(1, DType::F32, scores.device())?,
-    };
-    scores.contiguous()?.apply_op2(&mask, op).map(Some)
+    let scores = scores.contiguous()?;
+    // Without a mask the op still takes a second tensor: the scores stand in, never read (no
+    // placeholder allocated per attention call).
+    let mask = mask.unwrap_or_else(|| scores.clone());
+    scores.apply_op2(&mask, op).map(Some)
 }
 
 /// max |a − c| / max |c| (the denominator floored at 1e-6): how far a fused op's result `a` is

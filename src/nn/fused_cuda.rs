@@ -12,7 +12,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::cudarc::nvrtc;
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 use half::bf16;
 
 const SRC: &str = include_str!("fused.cu");
@@ -57,19 +57,16 @@ fn data_of<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result
 }
 
 /// An element type of the elementwise kernels, with the suffix of its fused.cu names.
-trait Elem: CudaDType + DeviceRepr + ValidAsZeroBits {
+trait Elem: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType {
     const SUFFIX: &'static str;
-    const IS_F32: bool;
 }
 
 impl Elem for f32 {
     const SUFFIX: &'static str = "";
-    const IS_F32: bool = true;
 }
 
 impl Elem for bf16 {
     const SUFFIX: &'static str = "_bf16";
-    const IS_F32: bool = false;
 }
 
 /// The fused.cu name of kernel `base` for element type `T` (`vl_act_fwd` → `vl_act_fwd_bf16`).
@@ -119,7 +116,7 @@ fn check_len(elements: usize, op: &str) -> Result<()> {
     Ok(())
 }
 
-fn wrap(slice: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {
+fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(slice, dev.clone())
 }
 
@@ -129,10 +126,7 @@ fn zeros(dev: &CudaDevice, len: usize) -> Result<CudaStorage> {
 }
 
 fn zeros_of<T: Elem>(dev: &CudaDevice, len: usize) -> Result<CudaStorage> {
-    Ok(CudaStorage::wrap_cuda_slice(
-        dev.alloc_zeros::<T>(len)?,
-        dev.clone(),
-    ))
+    Ok(wrap(dev.alloc_zeros::<T>(len)?, dev))
 }
 
 /// Sums `chunks` rows of `width` partials into `out` (chunk order, deterministic).
@@ -320,7 +314,7 @@ fn activation_t<T: Elem>(x: (&CudaStorage, &Layout), act: i32) -> Result<CudaSto
     bld.arg(&xv).arg(&y).arg(&l).arg(&act);
     // SAFETY: grid-stride loop bounded by len.
     unsafe { bld.launch(elems_cfg(len)) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    Ok(wrap(y, dev))
 }
 
 /// `dx = dy ⊙ act'(x)`, float32 or bfloat16 (`x` and `dy` of one type).
@@ -357,7 +351,7 @@ fn activation_bwd_t<T: Elem>(
     bld.arg(&xv).arg(&gv).arg(&dx).arg(&l).arg(&act);
     // SAFETY: grid-stride loop bounded by len.
     unsafe { bld.launch(elems_cfg(len)) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    Ok(wrap(dx, dev))
 }
 
 /// `x + b` with `b` (length `n`) broadcast over rows, float32 or bfloat16 (both of one type).
@@ -395,7 +389,7 @@ fn add_bias_t<T: Elem>(
     bld.arg(&xv).arg(&bv).arg(&y).arg(&l).arg(&ni);
     // SAFETY: grid-stride loop bounded by len; b is indexed modulo n.
     unsafe { bld.launch(elems_cfg(len)) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    Ok(wrap(y, dev))
 }
 
 /// Σ over rows of a `[rows, n]` buffer → `[n]`, in fixed chunks added in order; bfloat16 rows
@@ -426,7 +420,7 @@ fn column_sum_t<T: Elem>(x: (&CudaStorage, &Layout), n: usize) -> Result<CudaSto
         let mut all = total.slice_mut(0..n);
         sum_chunks(dev, &partial, &mut all, chunks, n)?;
     }
-    if T::IS_F32 {
+    if T::DTYPE == DType::F32 {
         return Ok(wrap(total, dev));
     }
     // SAFETY: the rounding kernel writes all n outputs.
@@ -437,7 +431,7 @@ fn column_sum_t<T: Elem>(x: (&CudaStorage, &Layout), n: usize) -> Result<CudaSto
     bld.arg(&total).arg(&out).arg(&l);
     // SAFETY: grid-stride loop bounded by n.
     unsafe { bld.launch(elems_cfg(n)) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    Ok(wrap(out, dev))
 }
 
 /// Attention probabilities in mixed precision: rows of `n` bfloat16 scores (row r of `B·H·Tq`)
@@ -489,7 +483,7 @@ pub fn attn_softmax_bf16(
     bld.arg(&out).arg(&ni).arg(&scale).arg(&hqi).arg(&qi);
     // SAFETY: one block per row of n elements; mask rows indexed within [B, Tq, n] (checked).
     unsafe { bld.launch(rows_cfg(len / n)) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    Ok(wrap(out, dev))
 }
 
 /// The float32 mask `[B, Tq, n]` of `rows` = B·H·Tq score rows, its length checked.

@@ -79,66 +79,62 @@ Vec softmax_bwd(const Vec& y, const Vec& dy, size_t n) {
     return dx;
 }
 
-Vec activation(const Vec& x, int act) {
-    Vec y(x.size());
-    emu::launch(elems_cfg(x.size()), block, vl_act_fwd, x.data(), y.data(), size_t(x.size()), act);
+// The elementwise kernels and column sums, of either element type T (fused_cuda.rs's
+// activation_t, activation_bwd_t, add_bias_t, column_sum_t).
+template <class T>
+std::vector<T> run_act(void (*k)(const T*, T*, size_t, int), const std::vector<T>& x, int act) {
+    std::vector<T> y(x.size());
+    emu::launch(elems_cfg(x.size()), block, k, x.data(), y.data(), size_t(x.size()), act);
     return y;
 }
 
-Vec activation_bwd(const Vec& x, const Vec& dy, int act) {
-    Vec dx(x.size());
-    emu::launch(elems_cfg(x.size()), block, vl_act_bwd, x.data(), dy.data(), dx.data(),
-                size_t(x.size()), act);
+template <class T>
+std::vector<T> run_act_bwd(void (*k)(const T*, const T*, T*, size_t, int), const std::vector<T>& x,
+                           const std::vector<T>& dy, int act) {
+    std::vector<T> dx(x.size());
+    emu::launch(elems_cfg(x.size()), block, k, x.data(), dy.data(), dx.data(), size_t(x.size()),
+                act);
     return dx;
 }
 
-Vec add_bias(const Vec& x, const Vec& b, size_t n) {
-    Vec y(x.size());
-    emu::launch(elems_cfg(x.size()), block, vl_add_bias, x.data(), b.data(), y.data(),
-                size_t(x.size()), int(n));
+template <class T>
+std::vector<T> run_add_bias(void (*k)(const T*, const T*, T*, size_t, int),
+                            const std::vector<T>& x, const std::vector<T>& b, size_t n) {
+    std::vector<T> y(x.size());
+    emu::launch(elems_cfg(x.size()), block, k, x.data(), b.data(), y.data(), size_t(x.size()),
+                int(n));
     return y;
 }
 
-Vec column_sum(const Vec& x, size_t n) {
-    size_t rows = x.size() / n;
-    auto [cfg, chunks] = columns_cfg(rows, n);
-    Vec partial(chunks * n);
-    Vec out(n);
-    emu::launch(cfg, block, vl_column_sum_partial, x.data(), partial.data(), int(rows), int(n));
-    sum_chunks(partial, out.data(), chunks, n);
-    return out;
-}
-
-// The bfloat16 kernels, launched as fused_cuda.rs launches them.
-using Hv = std::vector<bf16_bits>;
-
-Hv activation_bf16(const Hv& x, int act) {
-    Hv y(x.size());
-    emu::launch(elems_cfg(x.size()), block, vl_act_fwd_bf16, x.data(), y.data(), size_t(x.size()), act);
-    return y;
-}
-
-Hv activation_bwd_bf16(const Hv& x, const Hv& dy, int act) {
-    Hv dx(x.size());
-    emu::launch(elems_cfg(x.size()), block, vl_act_bwd_bf16, x.data(), dy.data(), dx.data(),
-                size_t(x.size()), act);
-    return dx;
-}
-
-Hv add_bias_bf16(const Hv& x, const Hv& b, size_t n) {
-    Hv y(x.size());
-    emu::launch(elems_cfg(x.size()), block, vl_add_bias_bf16, x.data(), b.data(), y.data(),
-                size_t(x.size()), int(n));
-    return y;
-}
-
-Hv column_sum_bf16(const Hv& x, size_t n) {
+// The float32 column totals (before any rounding to T).
+template <class T>
+Vec run_column_total(void (*k)(const T*, float*, int, int), const std::vector<T>& x, size_t n) {
     size_t rows = x.size() / n;
     auto [cfg, chunks] = columns_cfg(rows, n);
     Vec partial(chunks * n), total(n);
-    Hv out(n);
-    emu::launch(cfg, block, vl_column_sum_partial_bf16, x.data(), partial.data(), int(rows), int(n));
+    emu::launch(cfg, block, k, x.data(), partial.data(), int(rows), int(n));
     sum_chunks(partial, total.data(), chunks, n);
+    return total;
+}
+
+Vec activation(const Vec& x, int act) { return run_act(vl_act_fwd, x, act); }
+Vec activation_bwd(const Vec& x, const Vec& dy, int act) { return run_act_bwd(vl_act_bwd, x, dy, act); }
+Vec add_bias(const Vec& x, const Vec& b, size_t n) { return run_add_bias(vl_add_bias, x, b, n); }
+Vec column_sum(const Vec& x, size_t n) { return run_column_total(vl_column_sum_partial, x, n); }
+
+// The bfloat16 kernels.
+using Hv = std::vector<bf16_bits>;
+
+Hv activation_bf16(const Hv& x, int act) { return run_act(vl_act_fwd_bf16, x, act); }
+Hv activation_bwd_bf16(const Hv& x, const Hv& dy, int act) {
+    return run_act_bwd(vl_act_bwd_bf16, x, dy, act);
+}
+Hv add_bias_bf16(const Hv& x, const Hv& b, size_t n) {
+    return run_add_bias(vl_add_bias_bf16, x, b, n);
+}
+Hv column_sum_bf16(const Hv& x, size_t n) {
+    Vec total = run_column_total(vl_column_sum_partial_bf16, x, n);
+    Hv out(n);
     emu::launch(elems_cfg(n), block, vl_round_bf16, total.data(), out.data(), size_t(n));
     return out;
 }
