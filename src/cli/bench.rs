@@ -191,7 +191,10 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     if a.suite == Suite::Kernels {
-        let r = vlalign::nn::fused::check_against_compositions(&device, (64, 77, 768))?;
+        let mut r = vlalign::nn::fused::check_against_compositions(&device, (64, 77, 768))?;
+        // AdamW's in-place passes (train/adamw_fused.rs: θ in the value column, the moments in
+        // the gradient column) and the clip's sum of squares.
+        r.extend(vlalign::train::optim::check_fused_optimizer(&device)?);
         if a.json {
             let rows: Vec<_> = r
                 .iter()
@@ -202,6 +205,7 @@ pub fn run(a: Args) -> Result<()> {
             for (op, v, g) in r {
                 println!("{op:12} values {v:.2e}  gradients {g:.2e} (relative max differences)");
             }
+            println!("(the adamw rows: values = the variables, gradients = the two moments)");
         }
         return Ok(());
     }

@@ -1,9 +1,10 @@
 // The CUDA twins of fused.rs's CPU kernels (float32, contiguous rows of length n; the
-// activation, the bias and its column sum also in bfloat16), compiled at run time through NVRTC
-// (fused_cuda.rs), and on the CPU by tools/check-fused-cu.sh. Same arithmetic as the CPU side: LayerNorm with the
-// biased variance from a second pass over the row, softmax with the row maximum subtracted,
-// closed-form activation derivatives; column sums go through fixed row chunks added in chunk
-// order, so results do not depend on scheduling.
+// activation, the bias and its column sum also in bfloat16; at the end AdamW's update and the
+// gradient norm's sum of squares), compiled at run time through NVRTC (fused_cuda.rs), and on
+// the CPU by tools/check-fused-cu.sh. Same arithmetic as the CPU side: LayerNorm with the biased
+// variance from a second pass over the row, softmax with the row maximum subtracted, closed-form
+// activation derivatives; column sums go through fixed row chunks added in chunk order, so
+// results do not depend on scheduling.
 
 #define BLOCK 256
 #define ROWS_PER_CHUNK 64
@@ -30,13 +31,15 @@ __device__ float load(const bf16_bits* p, size_t i) { return bf16_to_float(p[i])
 __device__ void store(float* p, size_t i, float v) { p[i] = v; }
 __device__ void store(bf16_bits* p, size_t i, float v) { p[i] = float_to_bf16(v); }
 
-__device__ float block_sum(float v, float* shared) {
+// The block's total of v (float32, or float64 for the gradient norm), in every thread.
+template <typename T>
+__device__ T block_sum(T v, T* shared) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) shared[warp] = v;
     __syncthreads();
-    float total = 0.0f;
+    T total = 0;
     int warps = (blockDim.x + 31) >> 5;
     for (int w = 0; w < warps; ++w) total += shared[w];
     return total;
@@ -331,4 +334,58 @@ extern "C" __global__ void vl_attn_softmax_bwd_bf16(const bf16_bits* x, const fl
         float p = expf(scaled_masked(xr, mr, i, scale) - m) * inv;
         dx[r * n + i] = float_to_bf16(scale * p * (bf16_to_float(gr[i]) - d));
     }
+}
+
+// AdamW's in-place update (train/adamw_fused.rs) in the CPU kernels' arithmetic, operation for
+// operation: each product, quotient, sum and square root is rounded on its own (the `_rn`
+// intrinsics are never contracted into a fused multiply-add), so a CUDA update gives the CPU
+// update's bits. The `+ 0` steps turn a -0 into +0 as the CPU side (and candle's `affine`) do.
+// A moment: m ← (m·β + 0) + (g·(1 − β) + 0), with g² for the second (`square`).
+extern "C" __global__ void vl_adamw_moment(float* m, const float* g, size_t len, float beta,
+                                           float one_minus_beta, int square) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float gi = square ? __fmul_rn(g[i], g[i]) : g[i];
+        m[i] = __fadd_rn(__fadd_rn(__fmul_rn(m[i], beta), 0.0f),
+                         __fadd_rn(__fmul_rn(gi, one_minus_beta), 0.0f));
+    }
+}
+
+// The step: θ ← [θ·(1 − lr·λ) + 0] − ((m / ((√v · inv_bc2_sqrt + 0)·1 + ε))·rate + 0), the decay
+// only when `decayed`; inv_bc2_sqrt = 1/√(1 − β₂ᵗ), rate = lr / (1 − β₁ᵗ).
+extern "C" __global__ void vl_adamw_step(float* theta, const float* m, const float* v, size_t len,
+                                         int decayed, float decay, float inv_bc2_sqrt, float eps,
+                                         float rate) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float t = decayed ? __fadd_rn(__fmul_rn(theta[i], decay), 0.0f) : theta[i];
+        float denom = __fadd_rn(
+            __fmul_rn(__fadd_rn(__fmul_rn(__fsqrt_rn(v[i]), inv_bc2_sqrt), 0.0f), 1.0f), eps);
+        theta[i] = __fsub_rn(t, __fadd_rn(__fmul_rn(__fdiv_rn(m[i], denom), rate), 0.0f));
+    }
+}
+
+// Σ g² of a float32 gradient for the global-norm clip (train/optim.rs `clip_grad_norm`), in
+// float64: each block sums its grid-strided share, the partials are added in block order by
+// vl_sumsq_total onto the running total of the gradients before — a fixed association for a
+// given length, so the norm is the same on every run.
+extern "C" __global__ void vl_sumsq_partial(const float* g, size_t len, double* partial) {
+    __shared__ double shared[32];
+    double s = 0.0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (size_t)gridDim.x * blockDim.x) {
+        double x = g[i];
+        s += x * x;
+    }
+    s = block_sum(s, shared);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// total_out = total_in + (partial[0] + partial[1] + … + partial[blocks − 1]), by one thread.
+extern "C" __global__ void vl_sumsq_total(const double* partial, int blocks, const double* total_in,
+                                          double* total_out) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    double s = 0.0;
+    for (int b = 0; b < blocks; ++b) s += partial[b];
+    total_out[0] = total_in[0] + s;
 }

@@ -34,14 +34,16 @@ pub fn supported_elementwise(x: &Tensor) -> bool {
     supported(x) || (x.dtype() == DType::BF16 && x.device().is_cuda() && cuda_enabled())
 }
 
+/// Whether fused.cu's kernels run on CUDA devices (`VLALIGN_FUSED_CUDA=1`; train/adamw_fused.rs
+/// asks too).
 #[cfg(feature = "cuda")]
-fn cuda_enabled() -> bool {
+pub(crate) fn cuda_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("VLALIGN_FUSED_CUDA").is_ok_and(|v| v == "1"))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_enabled() -> bool {
+pub(crate) fn cuda_enabled() -> bool {
     false
 }
 

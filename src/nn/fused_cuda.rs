@@ -1,7 +1,8 @@
 //! The CUDA side of fused.rs (cargo feature `cuda`): fused.cu compiled once per process by
 //! NVRTC (so no nvcc is needed at build or run time for our kernels) and launched on the
 //! tensor's stream. Each function takes contiguous float32 storage — the activation, the bias
-//! and the column sum bfloat16 too (mixed precision) — and returns new storage of the same type.
+//! and the column sum bfloat16 too (mixed precision) — and returns new storage of the same type,
+//! except AdamW's two, which update theirs in place.
 //! tools/check-fused-cu.sh runs fused.cu on the CPU with this file's launch geometry.
 
 use std::sync::OnceLock;
@@ -17,10 +18,13 @@ use half::bf16;
 
 const SRC: &str = include_str!("fused.cu");
 /// Threads per block (fused.cu's BLOCK) and rows per column-sum chunk (ROWS_PER_CHUNK). These,
-/// the three `*_cfg` grids and the buffer sizes below are mirrored by hand in
+/// the `*_cfg` grids and the buffer sizes below are mirrored by hand in
 /// tools/cuda-emulate/check_fused.cpp, which runs the kernels on the CPU: change both together.
 const BLOCK: u32 = 256;
 const ROWS_PER_CHUNK: usize = 64;
+/// Most blocks of the sum of squares' first pass (`sumsq_cfg`): at most this many partials,
+/// which one thread then adds in order.
+const SUMSQ_BLOCKS: usize = 1024;
 
 static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
 
@@ -84,6 +88,15 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
 
 fn elems_cfg(len: usize) -> LaunchConfig {
     let blocks = len.div_ceil(BLOCK as usize).clamp(1, 1 << 16);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn sumsq_cfg(len: usize) -> LaunchConfig {
+    let blocks = len.div_ceil(BLOCK as usize).clamp(1, SUMSQ_BLOCKS);
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (BLOCK, 1, 1),
@@ -486,6 +499,135 @@ pub fn attn_softmax_bf16(
     Ok(wrap(out, dev))
 }
 
+/// The contiguous float32 data of `s` under `l`, to write in place.
+fn data_mut<'a>(
+    s: &'a mut CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaViewMut<'a, f32>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("{op}: the tensor updated in place must be contiguous");
+    };
+    Ok(s.as_cuda_slice_mut::<f32>()?.slice_mut(a..b))
+}
+
+/// AdamW's moment update in place (train/adamw_fused.rs's `Moment`): `m ← m·β + g·(1 − β)`,
+/// `g²` for the second moment (`square`); float32, contiguous, one length.
+pub fn adamw_moment(
+    m: (&mut CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+    (beta, one_minus_beta): (f32, f32),
+    square: bool,
+) -> Result<()> {
+    let dev = m.0.device.clone();
+    let gv = data(g.0, g.1, "adamw moment")?;
+    let mut mv = data_mut(m.0, m.1, "adamw moment")?;
+    let len = mv.len();
+    if gv.len() != len {
+        bail!("adamw moment: {} gradients for {len} values", gv.len());
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    let f = kernel!(dev, "vl_adamw_moment");
+    let (l, sq) = (len as u64, square as i32);
+    let mut bld = f.builder();
+    bld.arg(&mut mv)
+        .arg(&gv)
+        .arg(&l)
+        .arg(&beta)
+        .arg(&one_minus_beta)
+        .arg(&sq);
+    // SAFETY: grid-stride loop bounded by len, both buffers of len elements.
+    unsafe { bld.launch(elems_cfg(len)) }.w()?;
+    Ok(())
+}
+
+/// The settings of one AdamW step for [`adamw_step`] (train/adamw_fused.rs's `Step`, in f32):
+/// the decay factor `1 − lr·λ` (`None`: not decayed), `1/√(1 − β₂ᵗ)`, ε and `lr / (1 − β₁ᵗ)`.
+pub struct AdamwStep {
+    pub decay: Option<f32>,
+    pub inv_bc2_sqrt: f32,
+    pub eps: f32,
+    pub rate: f32,
+}
+
+/// AdamW's step in place: `θ ← θ·(1 − lr·λ) − m / (√v / √(1 − β₂ᵗ) + ε) · lr / (1 − β₁ᵗ)`;
+/// float32, contiguous, one length.
+pub fn adamw_step(
+    theta: (&mut CudaStorage, &Layout),
+    m: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+    s: &AdamwStep,
+) -> Result<()> {
+    let dev = theta.0.device.clone();
+    let (mv, vv) = (data(m.0, m.1, "adamw step")?, data(v.0, v.1, "adamw step")?);
+    let mut tv = data_mut(theta.0, theta.1, "adamw step")?;
+    let len = tv.len();
+    if mv.len() != len || vv.len() != len {
+        bail!(
+            "adamw step: moments of {} and {} values for {len}",
+            mv.len(),
+            vv.len()
+        );
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    let f = kernel!(dev, "vl_adamw_step");
+    let (l, decayed, decay) = (len as u64, s.decay.is_some() as i32, s.decay.unwrap_or(1.0));
+    let mut bld = f.builder();
+    bld.arg(&mut tv)
+        .arg(&mv)
+        .arg(&vv)
+        .arg(&l)
+        .arg(&decayed)
+        .arg(&decay)
+        .arg(&s.inv_bc2_sqrt)
+        .arg(&s.eps)
+        .arg(&s.rate);
+    // SAFETY: grid-stride loop bounded by len, the three buffers of len elements.
+    unsafe { bld.launch(elems_cfg(len)) }.w()?;
+    Ok(())
+}
+
+/// `total + Σ g²` (one float64) for the gradient norm (train/sumsq_fused.rs): float64 block
+/// partials over `sumsq_cfg`, then their total in block order onto `total` (one float64).
+pub fn sumsq(g: (&CudaStorage, &Layout), total: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+    let dev = &g.0.device;
+    let gv = data(g.0, g.1, "sumsq")?;
+    let tv = data_of::<f64>(total.0, total.1, "sumsq")?;
+    if tv.len() != 1 {
+        bail!(
+            "sumsq: a running total of {} values (one expected)",
+            tv.len()
+        );
+    }
+    let len = gv.len();
+    let cfg = sumsq_cfg(len);
+    let blocks = cfg.grid_dim.0;
+    // SAFETY: block b writes partial[b]; the total kernel writes out[0].
+    let (partial, out) = unsafe { (dev.alloc::<f64>(blocks as usize)?, dev.alloc::<f64>(1)?) };
+    let f = kernel!(dev, "vl_sumsq_partial");
+    let l = len as u64;
+    let mut bld = f.builder();
+    bld.arg(&gv).arg(&l).arg(&partial);
+    // SAFETY: grid-stride loop bounded by len; one partial per block of the grid.
+    unsafe { bld.launch(cfg) }.w()?;
+    let f = kernel!(dev, "vl_sumsq_total");
+    let bi = blocks as i32;
+    let mut bld = f.builder();
+    bld.arg(&partial).arg(&bi).arg(&tv).arg(&out);
+    let one = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: thread 0 of the one block reads `blocks` partials and one total, writes one.
+    unsafe { bld.launch(one) }.w()?;
+    Ok(wrap(out, dev))
+}
+
 /// The float32 mask `[B, Tq, n]` of `rows` = B·H·Tq score rows, its length checked.
 fn mask_of<'a>(
     mask: Option<(&'a CudaStorage, &Layout)>,
@@ -531,6 +673,10 @@ mod tests {
             "vl_round_bf16".into(),
             "vl_attn_softmax_fwd_bf16".into(),
             "vl_attn_softmax_bwd_bf16".into(),
+            "vl_adamw_moment".into(),
+            "vl_adamw_step".into(),
+            "vl_sumsq_partial".into(),
+            "vl_sumsq_total".into(),
         ];
         for base in [
             "vl_act_fwd",

@@ -15,7 +15,7 @@ pub mod frozen;
 pub mod fused;
 pub mod fused_attention;
 #[cfg(feature = "cuda")]
-mod fused_cuda;
+pub(crate) mod fused_cuda;
 pub mod fused_layer;
 pub mod fused_linear;
 pub mod fused_post_ln;

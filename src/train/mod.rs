@@ -3,7 +3,7 @@
 //! clipping, exact accumulation, checkpoints that resume bit-exactly. Each objective family is a
 //! [`task::Task`] under [`tasks`]: CLIP pretraining, BLIP-2 stage 1.
 
-mod adamw_cpu;
+mod adamw_fused;
 pub mod build;
 pub mod checkpoint;
 pub mod config;
@@ -13,6 +13,7 @@ pub mod optim;
 pub mod plot;
 pub mod schedule;
 pub mod shards;
+mod sumsq_fused;
 pub mod task;
 pub mod tasks;
 pub mod tokenizer;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Result, Tensor, Var};
 
-use super::adamw_cpu;
+use super::{adamw_fused, sumsq_fused};
 
 /// Gradients by variable name.
 /// Gradients by variable name, in sorted order: the clipping norm sums them in this order, so
@@ -60,6 +60,15 @@ pub fn decays(name: &str, rank: usize) -> bool {
     rank >= 2 && !TABLES.iter().any(|t| name.contains(t))
 }
 
+/// How [`AdamW::step_by`] updates: fused where [`adamw_fused::supported`] says so (training),
+/// or one way throughout ([`check_fused_optimizer`]).
+#[derive(Clone, Copy)]
+enum Path {
+    Auto,
+    Fused,
+    Composed,
+}
+
 struct Param {
     name: String,
     var: Var,
@@ -85,7 +94,7 @@ impl AdamW {
         let params = vars
             .into_iter()
             .map(|(name, var)| {
-                // Two storages: the CPU update writes each moment in place.
+                // Two storages: the fused update writes each moment in place.
                 Ok(Param {
                     decay: decays(&name, var.rank()),
                     m: var.as_tensor().zeros_like()?,
@@ -118,6 +127,10 @@ impl AdamW {
     /// One update at learning rate `lr`. A variable without a gradient is left as it is (its
     /// moments too), as torch does for `grad is None`.
     pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
+        self.step_by(grads, lr, Path::Auto)
+    }
+
+    fn step_by(&mut self, grads: &Grads, lr: f64, path: Path) -> Result<()> {
         self.step += 1;
         let c = self.cfg;
         let t = self.step as i32;
@@ -127,26 +140,23 @@ impl AdamW {
             let Some(g) = grads.get(&p.name) else {
                 continue;
             };
-            if adamw_cpu::supported(&[p.var.as_tensor(), &p.m, &p.v, g]) {
-                let step = adamw_cpu::Step {
-                    decay: (p.decay && c.weight_decay != 0.0).then_some(1.0 - lr * c.weight_decay),
-                    inv_bc2_sqrt: 1.0 / bc2_sqrt,
-                    eps: c.eps,
-                    lr_over_bc1: lr / bc1,
-                };
-                let moments = (&p.m, &p.v);
-                adamw_cpu::update(p.var.as_tensor(), moments, g, (c.beta1, c.beta2), &step)?;
-                continue;
+            let step = adamw_fused::Step {
+                decay: (p.decay && c.weight_decay != 0.0).then_some(1.0 - lr * c.weight_decay),
+                inv_bc2_sqrt: 1.0 / bc2_sqrt,
+                eps: c.eps,
+                lr_over_bc1: lr / bc1,
+            };
+            let betas = (c.beta1, c.beta2);
+            let fused = match path {
+                Path::Auto => adamw_fused::supported(&[p.var.as_tensor(), &p.m, &p.v, g]),
+                Path::Fused => true,
+                Path::Composed => false,
+            };
+            if fused {
+                adamw_fused::update(p.var.as_tensor(), (&p.m, &p.v), g, betas, &step)?;
+            } else {
+                composed_update(&p.var, (&mut p.m, &mut p.v), g, betas, &step)?;
             }
-            let mut theta = p.var.as_tensor().detach();
-            if p.decay && c.weight_decay != 0.0 {
-                theta = (theta * (1.0 - lr * c.weight_decay))?;
-            }
-            p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((p.v.sqrt()? / bc2_sqrt)? + c.eps)?;
-            let update = (p.m.div(&denom)? * (lr / bc1))?;
-            p.var.set(&(theta - update)?)?;
         }
         Ok(())
     }
@@ -155,7 +165,7 @@ impl AdamW {
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in &self.params {
-            // Copies: the CPU update writes the moments in place.
+            // Copies: the fused update writes the moments in place.
             out.insert(format!("exp_avg.{}", p.name), p.m.copy()?);
             out.insert(format!("exp_avg_sq.{}", p.name), p.v.copy()?);
         }
@@ -183,7 +193,7 @@ impl AdamW {
                     p.var.dims()
                 );
             }
-            // Copies of their own: the CPU update writes the moments in place.
+            // Copies of their own: the fused update writes the moments in place.
             p.m = m.to_dtype(p.var.dtype())?.to_device(&dev)?.copy()?;
             p.v = v.to_dtype(p.var.dtype())?.to_device(&dev)?.copy()?;
         }
@@ -192,22 +202,143 @@ impl AdamW {
     }
 }
 
+/// One AdamW update composed from candle ops (any device, type and layout): new moment tensors
+/// and a new value for `var`, in the arithmetic adamw_fused.rs's passes repeat.
+fn composed_update(
+    var: &Var,
+    (m, v): (&mut Tensor, &mut Tensor),
+    g: &Tensor,
+    (beta1, beta2): (f64, f64),
+    step: &adamw_fused::Step,
+) -> Result<()> {
+    let mut theta = var.as_tensor().detach();
+    if let Some(d) = step.decay {
+        theta = (theta * d)?;
+    }
+    *m = ((&*m * beta1)? + (g * (1.0 - beta1))?)?;
+    *v = ((&*v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+    let denom = ((v.sqrt()? * step.inv_bc2_sqrt)? + step.eps)?;
+    let update = (m.div(&denom)? * step.lr_over_bc1)?;
+    var.set(&(theta - update)?)
+}
+
+/// The optimizer's fused ops against their compositions on `device`, as rows for `vlalign bench
+/// --suite kernels`. AdamW: three steps of the fused update and of [`composed_update`] from the
+/// same variables (a decayed `[64, 768]` matrix and an undecayed `[768]` vector) and gradients —
+/// `(name, max |Δθ| / max |θ|, the same for the two moments)`. Row `adamw`: the fused passes against the composition on `device` (float32's
+/// rounding apart; on the CPU the same bits, so 0). On CUDA also `adamw = cpu`: the CUDA passes
+/// against the CPU's from the same inputs, which round alike and must agree exactly (0); and
+/// `grad norm sumsq`: the clip's fused sum of squares (sumsq_fused.rs) against the composition's.
+/// The fused ops run whether or not `VLALIGN_FUSED_CUDA=1` is set.
+pub fn check_fused_optimizer(device: &candle_core::Device) -> Result<Vec<(String, f32, f32)>> {
+    let cpu = candle_core::Device::Cpu;
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-6,
+        weight_decay: 0.2,
+    };
+    let shapes: [&[usize]; 2] = [&[64, 768], &[768]];
+    let init: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| Tensor::randn(0f32, 1.0, *s, &cpu))
+        .collect::<Result<_>>()?;
+    let grads: Vec<Vec<Tensor>> = (0..3)
+        .map(|_| {
+            shapes
+                .iter()
+                .map(|s| Tensor::randn(0f32, 1e-2, *s, &cpu))
+                .collect()
+        })
+        .collect::<Result<_>>()?;
+    // (θ, m, v) per variable after three steps, fused or composed, on `dev`.
+    let run = |dev: &candle_core::Device, path: Path| -> Result<Vec<[Tensor; 3]>> {
+        let names = ["w", "b"];
+        let vars = init
+            .iter()
+            .zip(names)
+            .map(|(t, n)| Ok((n.to_string(), Var::from_tensor(&t.to_device(dev)?)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut opt = AdamW::new(vars, cfg)?;
+        for step_grads in &grads {
+            let mut g = Grads::new();
+            for (n, t) in names.iter().zip(step_grads) {
+                g.insert(n.to_string(), t.to_device(dev)?);
+            }
+            opt.step_by(&g, 1e-2, path)?;
+        }
+        opt.params
+            .iter()
+            .map(|p| {
+                let host = |t: &Tensor| t.to_device(&cpu);
+                Ok([host(p.var.as_tensor())?, host(&p.m)?, host(&p.v)?])
+            })
+            .collect()
+    };
+    // max over variables of (θ's relative difference, the moments').
+    let diff = |a: &[[Tensor; 3]], c: &[[Tensor; 3]]| -> Result<(f32, f32)> {
+        let mut out = (0f32, 0f32);
+        for (a, c) in a.iter().zip(c) {
+            out.0 = out.0.max(crate::nn::fused::rel(&a[0], &c[0])?);
+            out.1 = out.1.max(crate::nn::fused::rel(&a[1], &c[1])?);
+            out.1 = out.1.max(crate::nn::fused::rel(&a[2], &c[2])?);
+        }
+        Ok(out)
+    };
+    let fused = run(device, Path::Fused)?;
+    let (value, moments) = diff(&fused, &run(device, Path::Composed)?)?;
+    let mut rows = vec![("adamw".to_string(), value, moments)];
+    if device.is_cuda() {
+        let (value, moments) = diff(&fused, &run(&cpu, Path::Fused)?)?;
+        rows.push(("adamw = cpu".to_string(), value, moments));
+        // The clip's sum of squares in one op per gradient, against the composition's float32
+        // sums added in float64 (the gradients of the update above).
+        let gs: Vec<Tensor> = grads[0]
+            .iter()
+            .map(|g| g.to_device(device))
+            .collect::<Result<_>>()?;
+        let mut fused = Tensor::zeros((), DType::F64, device)?;
+        let mut composed = fused.clone();
+        for g in &gs {
+            fused = sumsq_fused::onto(g, &fused)?;
+            composed = (composed + g.sqr()?.sum_all()?.to_dtype(DType::F64)?)?;
+        }
+        let value = crate::nn::fused::rel(
+            &fused.to_dtype(DType::F32)?,
+            &composed.to_dtype(DType::F32)?,
+        )?;
+        rows.push(("grad norm sumsq".to_string(), value, 0.0));
+    }
+    Ok(rows)
+}
+
 /// Scales the gradients in place so their global L2 norm is at most `max_norm`
 /// (torch.nn.utils.clip_grad_norm_); returns the norm before clipping, a one-element float64
 /// tensor on the gradients' device (`None` without gradients).
 ///
 /// Nothing is read to the host: like PyTorch, every gradient is multiplied by
 /// min(1, max_norm / (norm + 1e-6)) computed on the device, so a GPU step does not wait here
-/// (the trainer reads the norm only when it logs it). The squares are summed in float64 in the
-/// gradients' name order, one addition after another, so the norm is the same bit for bit on
-/// every run and device order-wise; a factor of exactly 1 leaves a gradient unchanged.
+/// (the trainer reads the norm only when it logs it). Each gradient's squares are summed (in
+/// float32 by candle's reduction; in float64 by sumsq_fused.rs on CUDA with the fused kernels)
+/// and those sums added in float64 in the gradients' name order, one addition after another, so
+/// the norm is the same bit for bit on every run; a factor of exactly 1 leaves a gradient
+/// unchanged.
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<Option<Tensor>> {
     let mut total: Option<Tensor> = None;
+    // On CUDA with the fused kernels each gradient's sum goes onto the running total in one op
+    // (sumsq_fused.rs): for all gradients or none, so that a step does not mix the two sums.
+    let fused = grads.values().all(sumsq_fused::supported);
     for g in grads.values() {
-        let sq = g.sqr()?.sum_all()?.to_dtype(DType::F64)?;
-        total = Some(match total {
-            Some(t) => (t + sq)?,
-            None => sq,
+        total = Some(match (total, fused) {
+            (Some(t), true) => sumsq_fused::onto(g, &t)?,
+            (None, true) => sumsq_fused::onto(g, &Tensor::zeros((), DType::F64, g.device())?)?,
+            (t, false) => {
+                let sq = g.sqr()?.sum_all()?.to_dtype(DType::F64)?;
+                match t {
+                    Some(t) => (t + sq)?,
+                    None => sq,
+                }
+            }
         });
     }
     let Some(total) = total else {
@@ -216,8 +347,17 @@ pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<Option<Tensor>
     let norm = total.sqrt()?;
     let max = Tensor::new(max_norm, norm.device())?;
     let coef = max.div(&norm.affine(1.0, 1e-6)?)?.minimum(1.0)?;
+    // The factor in each gradient type, cast once (not once per gradient: a launch each on a GPU).
+    let mut cast: Vec<Tensor> = Vec::new();
     for g in grads.values_mut() {
-        *g = g.broadcast_mul(&coef.to_dtype(g.dtype())?)?;
+        let c = match cast.iter().position(|c| c.dtype() == g.dtype()) {
+            Some(i) => &cast[i],
+            None => {
+                cast.push(coef.to_dtype(g.dtype())?);
+                cast.last().expect("just pushed")
+            }
+        };
+        *g = g.broadcast_mul(c)?;
     }
     Ok(Some(norm))
 }
@@ -241,6 +381,14 @@ mod tests {
         assert!(!decays("vision_model.embeddings.class_embedding", 1));
         assert!(!decays("logit_scale", 0));
         assert!(!decays("query_tokens", 3));
+    }
+
+    /// On the CPU the fused passes and the composition give the same bits (adamw_fused.rs's
+    /// invariant), so the check that `vlalign bench --suite kernels` runs on a GPU reports 0.
+    #[test]
+    fn fused_optimizer_check_reports_no_difference_on_the_cpu() {
+        let rows = check_fused_optimizer(&candle_core::Device::Cpu).unwrap();
+        assert_eq!(rows, vec![("adamw".to_string(), 0.0, 0.0)]);
     }
 
     #[test]

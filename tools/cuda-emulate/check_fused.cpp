@@ -23,6 +23,7 @@ constexpr unsigned kBlock = 256;         // BLOCK
 constexpr unsigned kRowsPerChunk = 64;   // ROWS_PER_CHUNK
 unsigned max_elem_blocks = 1u << 16;     // elems_cfg's clamp (lowered by one pass below)
 size_t max_chunk_slots = 65535;          // columns_cfg's MAX_GRID_Y (lowered likewise)
+unsigned max_sumsq_blocks = 1024;        // sumsq_cfg's SUMSQ_BLOCKS (lowered likewise)
 
 dim3 rows_cfg(size_t rows) { return dim3{unsigned(rows), 1, 1}; }
 dim3 elems_cfg(size_t len) {
@@ -34,6 +35,10 @@ std::pair<dim3, size_t> columns_cfg(size_t rows, size_t n) {
     size_t chunks = std::max<size_t>((rows + kRowsPerChunk - 1) / kRowsPerChunk, 1);
     return {dim3{unsigned((n + kBlock - 1) / kBlock), unsigned(std::min(chunks, max_chunk_slots)), 1},
             chunks};
+}
+dim3 sumsq_cfg(size_t len) {
+    size_t blocks = std::clamp<size_t>((len + kBlock - 1) / kBlock, 1, max_sumsq_blocks);
+    return dim3{unsigned(blocks), 1, 1};
 }
 const dim3 block{kBlock, 1, 1};
 
@@ -477,6 +482,108 @@ void check_attn_softmax_bf16(size_t batch, size_t heads, size_t q_len, size_t n,
     compare_bf16(masked ? "attn softmax bf16 m dx" : "attn softmax bf16 dx", rows, n, dx, rdx, sdx);
 }
 
+// fused_cuda.rs's adamw_moment and adamw_step (in place, over elems_cfg(len)), with the f32
+// arguments train/adamw_fused.rs derives from its f64 settings.
+void adamw_moment(Vec& m, const Vec& g, double beta, bool square) {
+    emu::launch(elems_cfg(m.size()), block, vl_adamw_moment, m.data(), g.data(), size_t(m.size()),
+                float(beta), float(1.0 - beta), int(square));
+}
+
+void adamw_step(Vec& theta, const Vec& m, const Vec& v, bool decayed, double decay, double inv,
+                double eps, double rate) {
+    emu::launch(elems_cfg(theta.size()), block, vl_adamw_step, theta.data(), m.data(), v.data(),
+                size_t(theta.size()), int(decayed), float(decay), float(inv), float(eps),
+                float(rate));
+}
+
+// Elements whose bits differ (a -0 against a +0 counts).
+void compare_bits(const char* what, const Vec& got, const Vec& want) {
+    size_t differ = 0;
+    for (size_t i = 0; i < got.size(); ++i) differ += __float_as_uint(got[i]) != __float_as_uint(want[i]);
+    failures += differ != 0;
+    std::printf("%s %-22s rows    1 n %5zu  %zu element(s) with other bits (== 0)\n",
+                differ ? "FAIL" : "ok  ", what, got.size(), differ);
+}
+
+// AdamW: three updates by the kernels, each held (1) bit for bit to the CPU kernels' arithmetic,
+// transcribed here from train/adamw_fused.rs's `Moment` and `Step`, and (2) to
+// torch.optim.AdamW's update in double from the same float32 state: the moments within 1e-6 and
+// the change of θ within 1e-5 of their largest magnitudes. Zero gradients (both signs) and a
+// second moment that stays 0 (the step's denominator is ε alone) are among the elements.
+void check_adamw(size_t len, bool decayed) {
+    const double lr = 0.1, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.1;
+    Vec theta = random_vec(len, -2, 2), m(len, 0.0f), v(len, 0.0f);
+    Vec ct = theta, cm = m, cv = v;
+    // Each step's results and references, one after another (the "rows" of the report).
+    Vec got_m, got_v, got_d;
+    Dv ref_m, ref_v, ref_d;
+    for (int t = 1; t <= 3; ++t) {
+        Vec g = random_vec(len, -1, 1);
+        if (len > 2) g[0] = 0.0f, g[1] = -0.0f;
+        // optim.rs's settings of the step.
+        double bc1 = 1.0 - std::pow(b1, t), bc2_sqrt = std::sqrt(1.0 - std::pow(b2, t));
+        double decay = 1.0 - lr * wd, inv = 1.0 / bc2_sqrt, rate = lr / bc1;
+        // The reference from this step's starting state.
+        for (size_t i = 0; i < len; ++i) {
+            double gi = g[i];
+            double rm = b1 * m[i] + (1 - b1) * gi, rv = b2 * v[i] + (1 - b2) * gi * gi;
+            double shrunk = decayed ? theta[i] * (1 - lr * wd) : double(theta[i]);
+            ref_m.push_back(rm);
+            ref_v.push_back(rv);
+            ref_d.push_back(shrunk - lr / bc1 * rm / (std::sqrt(rv) / bc2_sqrt + eps) - theta[i]);
+        }
+        Vec before = theta;
+        adamw_moment(m, g, b1, false);
+        adamw_moment(v, g, b2, true);
+        adamw_step(theta, m, v, decayed, decay, inv, eps, rate);
+        got_m.insert(got_m.end(), m.begin(), m.end());
+        got_v.insert(got_v.end(), v.begin(), v.end());
+        for (size_t i = 0; i < len; ++i) got_d.push_back(float(double(theta[i]) - before[i]));
+        // adamw_fused.rs's CPU arithmetic (f32 throughout, `+ 0.0` where it has them).
+        const float fb1 = float(b1), fc1 = float(1.0 - b1), fb2 = float(b2), fc2 = float(1.0 - b2);
+        for (size_t i = 0; i < len; ++i) {
+            cm[i] = (cm[i] * fb1 + 0.0f) + (g[i] * fc1 + 0.0f);
+            float g2 = g[i] * g[i];
+            cv[i] = (cv[i] * fb2 + 0.0f) + (g2 * fc2 + 0.0f);
+            float decayed_t = decayed ? ct[i] * float(decay) + 0.0f : ct[i];
+            float denom = (std::sqrt(cv[i]) * float(inv) + 0.0f) * 1.0f + float(eps);
+            ct[i] = decayed_t - ((cm[i] / denom) * float(rate) + 0.0f);
+        }
+    }
+    compare(decayed ? "adamw m (decayed)" : "adamw m", 3, len, got_m.data(), ref_m, 1e-6);
+    compare("adamw v", 3, len, got_v.data(), ref_v, 1e-6);
+    compare("adamw change of theta", 3, len, got_d.data(), ref_d, 1e-5);
+    compare_bits("adamw m = CPU bits", m, cm);
+    compare_bits("adamw v = CPU bits", v, cv);
+    compare_bits("adamw theta = CPU bits", theta, ct);
+}
+
+// fused_cuda.rs's sumsq: block partials over sumsq_cfg(len), then their ordered total added
+// to `total_in` by one thread (of one block).
+double sumsq(const Vec& g, double total_in) {
+    dim3 grid = sumsq_cfg(g.size());
+    std::vector<double> partial(grid.x), in{total_in}, out(1);
+    emu::launch(grid, block, vl_sumsq_partial, g.data(), size_t(g.size()), partial.data());
+    emu::launch(dim3{1, 1, 1}, block, vl_sumsq_total, (const double*)partial.data(), int(grid.x),
+                (const double*)in.data(), out.data());
+    return out[0];
+}
+
+// The gradient norm's sum of squares: total_in + Σ g² against the sum in long double (every
+// square of a float is exact in double; the kernels' float64 additions leave ~len·2^-53).
+void check_sumsq(size_t len) {
+    Vec g = random_vec(len, -3, 3);
+    const double before = 0.75;
+    long double exact = before;
+    for (float x : g) exact += (long double)x * x;
+    double got = sumsq(g, before);
+    double rel = std::abs((long double)got - exact) / exact;
+    bool ok = rel <= 1e-12 && std::isfinite(got);
+    failures += !ok;
+    std::printf("%s %-22s rows    1 n %5zu  rel diff %.2e (<= 1e-12)\n", ok ? "ok  " : "FAIL",
+                "sumsq (gradient norm)", len, double(rel));
+}
+
 }  // namespace
 
 int main() {
@@ -502,7 +609,11 @@ int main() {
         check_activation(len, 1);
         check_activation_bf16(len, 0);
         check_activation_bf16(len, 1);
+        check_adamw(len, len % 2 == 1);
+        check_sumsq(len);
     }
+    // More than sumsq_cfg's 1024 blocks of 256: each thread takes several elements.
+    if (!quick) check_sumsq(300000);
     // Attention rows: ViT-like (no mask, 50 keys), text-like (causal + padding, 77 keys), and
     // more keys than a block has threads.
     check_attn_softmax_bf16(2, 3, 5, 50, false);
@@ -518,6 +629,9 @@ int main() {
     check_bias_and_column_sum(130, 768);
     check_bias_and_column_sum_bf16(130, 768);
     check_activation_bf16(5000, 0);
+    check_adamw(5000, true);
+    max_sumsq_blocks = 2;
+    check_sumsq(5000);
     check_layer_norm(65, 40);
     if (failures) {
         std::printf("%d check(s) FAILED\n", failures);

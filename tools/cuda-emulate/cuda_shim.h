@@ -39,7 +39,7 @@ inline std::barrier<>* block_barrier = nullptr;
 /// One barrier per warp of the running block, for its shuffles.
 inline std::vector<std::barrier<>*> warp_barriers;
 /// One slot per thread of the block for warp shuffles.
-inline std::vector<float> shuffle_slots;
+inline std::vector<double> shuffle_slots;  // a float travels exactly
 }  // namespace emu
 
 #define __global__
@@ -49,7 +49,8 @@ inline std::vector<float> shuffle_slots;
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 
-inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
     if (mask != 0xffffffffu) {
         std::fprintf(stderr, "emulator: only full-mask shuffles are modelled\n");
         std::abort();
@@ -64,7 +65,7 @@ inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) {
     std::barrier<>* warp = emu::warp_barriers[me >> 5];
     emu::shuffle_slots[me] = v;
     warp->arrive_and_wait();
-    float r = emu::shuffle_slots[other];
+    T r = T(emu::shuffle_slots[other]);
     warp->arrive_and_wait();
     return r;
 }
@@ -86,6 +87,14 @@ inline unsigned __float_as_uint(float f) {
 }
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
+// IEEE single-precision operations rounded to nearest one at a time, as CUDA's `_rn` intrinsics
+// (check-fused-cu.sh compiles with -ffp-contract=off, so none becomes a fused multiply-add).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 
 // erff, expf, fmaxf: the C library's (math.h); min over ints as CUDA's.
 using std::min;
@@ -142,7 +151,7 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
     }
     gridDim = grid;
     blockDim = block;
-    shuffle_slots.assign(block.x, 0.0f);
+    shuffle_slots.assign(block.x, 0.0);
     for (unsigned by = 0; by < grid.y; ++by) {
         for (unsigned bx = 0; bx < grid.x; ++bx) {
             std::barrier<> bar(block.x);

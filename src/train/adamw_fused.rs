@@ -1,10 +1,19 @@
-//! AdamW's update of one float32 CPU variable as three in-place passes (first moment, second
-//! moment, the step), where the op-by-op composition in optim.rs makes ~13 tensors per variable
-//! and reads and writes each: ~4% of a clip-tiny train step. The arithmetic is the composition's,
-//! operation for operation in the same order and rounding (candle's `t * s` is `t · (s as f32)
-//! + 0`, `t / s` is `t · (1/s as f32) + 0`, `t + s` is `t · 1 + (s as f32)`), so both give the
-//! same bits: `the_fused_update_gives_the_composition_bits` holds them together.
+//! AdamW's update of one float32 variable as three in-place passes (first moment, second moment,
+//! the step), where the op-by-op composition in optim.rs makes ~13 tensors per variable and
+//! reads and writes each: ~4% of a clip-tiny train step on the CPU; on CUDA ~15 kernel launches
+//! and ~13 allocations per variable against three launches and none (a ViT-B/32 CLIP has ~400
+//! variables, and its float32 AdamW took 49 ms of an 893 ms step on an H200 composed). The
+//! arithmetic is the composition's, operation for operation in the same order and rounding
+//! (candle's `t * s` is `t · (s as f32) + 0`, `t / s` is `t · (1/s as f32) + 0`, `t + s` is
+//! `t · 1 + (s as f32)`), so on the CPU both give the same bits:
+//! `the_fused_update_gives_the_composition_bits` holds them together. The CUDA passes
+//! (`vl_adamw_moment`, `vl_adamw_step` in nn/fused.cu) round each operation on its own as well,
+//! so they give the CPU kernels' bits (tools/check-fused-cu.sh; on a GPU, the `adamw = cpu` row
+//! of `vlalign bench --suite kernels`); they run with `VLALIGN_FUSED_CUDA=1`, as the other
+//! fused.cu kernels, until a GPU has verified them.
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 
@@ -63,6 +72,18 @@ impl InplaceOp2 for Moment {
             });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut CudaStorage,
+        dst_l: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        let betas = (self.beta as f32, (1.0 - self.beta) as f32);
+        crate::nn::fused_cuda::adamw_moment((dst, dst_l), (g, gl), betas, self.square)
+    }
 }
 
 /// `θ ← θ·(1 − lr·λ) − (m / (√v · (1/√(1 − β₂ᵗ)) + ε)) · (lr / (1 − β₁ᵗ))`, the decay factor
@@ -112,12 +133,37 @@ impl InplaceOp3 for Step {
             });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut CudaStorage,
+        dst_l: &Layout,
+        m: &CudaStorage,
+        ml: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<()> {
+        let step = crate::nn::fused_cuda::AdamwStep {
+            decay: self.decay.map(|d| d as f32),
+            inv_bc2_sqrt: self.inv_bc2_sqrt as f32,
+            eps: self.eps as f32,
+            rate: self.lr_over_bc1 as f32,
+        };
+        crate::nn::fused_cuda::adamw_step((dst, dst_l), (m, ml), (v, vl), &step)
+    }
 }
 
-/// Whether the fused update runs: every tensor float32, contiguous and on the CPU.
+/// Whether the fused update runs: every tensor float32 and contiguous, all on the CPU, or all on
+/// CUDA with fused.cu's kernels switched on (`VLALIGN_FUSED_CUDA=1`).
 pub(super) fn supported(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.dtype() == candle_core::DType::F32 && t.device().is_cpu() && t.is_contiguous())
+    let f32_contiguous = ts
+        .iter()
+        .all(|t| t.dtype() == candle_core::DType::F32 && t.is_contiguous());
+    let all_on = |on: fn(&candle_core::Device) -> bool| ts.iter().all(|t| on(t.device()));
+    f32_contiguous
+        && (all_on(candle_core::Device::is_cpu)
+            || (all_on(candle_core::Device::is_cuda) && crate::nn::fused::cuda_enabled()))
 }
 
 /// One AdamW update of `theta` in place, with its moments `m` and `v` (each a tensor of its own
