@@ -3,7 +3,7 @@
 # transformers; no network). It receives the repository with target/cuda/release/vlalign (from
 # tools/build-cuda.sh) and the committed fixtures, and:
 #   (a0) the fused CUDA kernels (LayerNorm, softmax, GELUs, bias; fused.cu; the GELUs, the
-#       bias and the attention softmax in bfloat16 too) against candle's compositions, values
+#       bias, the attention softmax, LayerNorm into bf16 and the residual add in bfloat16 too) against candle's compositions, values
 #       and gradients, and AdamW's in-place passes against the composed update and, exactly,
 #       against the CPU's (the same kernels run on the CPU in tools/check-fused-cu.sh);
 #   (a) CUDA vs CPU parity: `embed` on the CLIP fixture and `itm` on the Q-Former fixture on

@@ -73,31 +73,46 @@ __device__ void row_stats(const float* xr, int n, float eps, float* shared, floa
     *rstd = rsqrtf(block_sum(q, shared) / n + eps);
 }
 
-// One block per row: y = (x - mean) * rstd * w + b.
-extern "C" __global__ void vl_layer_norm_fwd(const float* x, const float* w, const float* b,
-                                             float* y, int n, float eps) {
+// One block per row: y = (x - mean) * rstd * w + b, stored as float32 or (mixed precision: the
+// LayerNorm whose output feeds bfloat16 products) rounded once to bfloat16.
+template <typename Out>
+__device__ void layer_norm_fwd(const float* x, const float* w, const float* b, Out* y, int n,
+                               float eps) {
     __shared__ float shared[32];
     const float* xr = x + (size_t)blockIdx.x * n;
-    float* yr = y + (size_t)blockIdx.x * n;
+    Out* yr = y + (size_t)blockIdx.x * n;
     float mean, rstd;
     row_stats(xr, n, eps, shared, &mean, &rstd);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        store(yr, i, (xr[i] - mean) * rstd * w[i] + b[i]);
+}
+
+extern "C" __global__ void vl_layer_norm_fwd(const float* x, const float* w, const float* b,
+                                             float* y, int n, float eps) {
+    layer_norm_fwd(x, w, b, y, n, eps);
+}
+
+extern "C" __global__ void vl_layer_norm_fwd_bf16(const float* x, const float* w, const float* b,
+                                                  bf16_bits* y, int n, float eps) {
+    layer_norm_fwd(x, w, b, y, n, eps);
 }
 
 // One block per row: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w; the
-// row's mean and rstd are kept for the weight gradients.
-extern "C" __global__ void vl_layer_norm_bwd_dx(const float* x, const float* w, const float* dy,
-                                                float* dx, float* stats, int n, float eps) {
+// row's mean and rstd are kept for the weight gradients. dy is float32, or bfloat16 (the
+// gradient of vl_layer_norm_fwd_bf16's output); dx and the sums below are float32 either way.
+template <typename Dy>
+__device__ void layer_norm_bwd_dx(const float* x, const float* w, const Dy* dy, float* dx,
+                                  float* stats, int n, float eps) {
     __shared__ float shared[32];
     size_t row = blockIdx.x;
     const float* xr = x + row * n;
-    const float* gr = dy + row * n;
+    const Dy* gr = dy + row * n;
     float* dr = dx + row * n;
     float mean, rstd;
     row_stats(xr, n, eps, shared, &mean, &rstd);
     float mg = 0.0f, mgx = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float g = gr[i] * w[i];
+        float g = load(gr, i) * w[i];
         mg += g;
         mgx += g * (xr[i] - mean) * rstd;
     }
@@ -105,7 +120,7 @@ extern "C" __global__ void vl_layer_norm_bwd_dx(const float* x, const float* w, 
     mgx = block_sum(mgx, shared) / n;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float xhat = (xr[i] - mean) * rstd;
-        dr[i] = rstd * (gr[i] * w[i] - mg - xhat * mgx);
+        dr[i] = rstd * (load(gr, i) * w[i] - mg - xhat * mgx);
     }
     if (threadIdx.x == 0) {
         stats[2 * row] = mean;
@@ -113,11 +128,22 @@ extern "C" __global__ void vl_layer_norm_bwd_dx(const float* x, const float* w, 
     }
 }
 
+extern "C" __global__ void vl_layer_norm_bwd_dx(const float* x, const float* w, const float* dy,
+                                                float* dx, float* stats, int n, float eps) {
+    layer_norm_bwd_dx(x, w, dy, dx, stats, n, eps);
+}
+
+extern "C" __global__ void vl_layer_norm_bwd_dx_bf16(const float* x, const float* w,
+                                                     const bf16_bits* dy, float* dx, float* stats,
+                                                     int n, float eps) {
+    layer_norm_bwd_dx(x, w, dy, dx, stats, n, eps);
+}
+
 // Grid (column blocks, row-chunk slots): partial[chunk][j] = sum over the chunk's rows of
 // dy * xhat (dw) and, at offset n, of dy (db); slot y takes chunks y, y + gridDim.y, ...
-extern "C" __global__ void vl_layer_norm_bwd_partial(const float* x, const float* dy,
-                                                     const float* stats, float* partial,
-                                                     int rows, int n) {
+template <typename Dy>
+__device__ void layer_norm_bwd_partial(const float* x, const Dy* dy, const float* stats,
+                                       float* partial, int rows, int n) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n) return;
     int chunks = (rows + ROWS_PER_CHUNK - 1) / ROWS_PER_CHUNK;
@@ -126,13 +152,25 @@ extern "C" __global__ void vl_layer_norm_bwd_partial(const float* x, const float
         int r1 = min(r0 + ROWS_PER_CHUNK, rows);
         float dw = 0.0f, db = 0.0f;
         for (int r = r0; r < r1; ++r) {
-            float g = dy[(size_t)r * n + j];
+            float g = load(dy, (size_t)r * n + j);
             dw += g * (x[(size_t)r * n + j] - stats[2 * r]) * stats[2 * r + 1];
             db += g;
         }
         partial[(size_t)c * 2 * n + j] = dw;
         partial[(size_t)c * 2 * n + n + j] = db;
     }
+}
+
+extern "C" __global__ void vl_layer_norm_bwd_partial(const float* x, const float* dy,
+                                                     const float* stats, float* partial,
+                                                     int rows, int n) {
+    layer_norm_bwd_partial(x, dy, stats, partial, rows, n);
+}
+
+extern "C" __global__ void vl_layer_norm_bwd_partial_bf16(const float* x, const bf16_bits* dy,
+                                                          const float* stats, float* partial,
+                                                          int rows, int n) {
+    layer_norm_bwd_partial(x, dy, stats, partial, rows, n);
 }
 
 // out[j] = sum over chunks c (in order) of partial[c][j], for j < width (grid-stride: the
@@ -388,4 +426,14 @@ extern "C" __global__ void vl_sumsq_total(const double* partial, int blocks, con
     double s = 0.0;
     for (int b = 0; b < blocks; ++b) s += partial[b];
     total_out[0] = total_in[0] + s;
+}
+
+// Mixed precision's residual add: y = x + h, x the float32 residual stream, h a block's bfloat16
+// output, in float32 — the composition's cast of h and add in one pass, without the float32 copy
+// of h. (The backward is dy for x and dy rounded to bfloat16 for h: candle's cast.)
+extern "C" __global__ void vl_add_widened_bf16(const float* x, const bf16_bits* h, float* y,
+                                               size_t len) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] = x[i] + bf16_to_float(h[i]);
 }

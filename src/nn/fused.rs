@@ -84,6 +84,9 @@ fn last_dim(l: &Layout) -> usize {
 
 struct LayerNormOp {
     eps: f32,
+    /// The output's type: float32, or bfloat16 (CUDA only: mixed precision's LayerNorm before
+    /// bfloat16 products, normalised in float32 and rounded once).
+    out: DType,
 }
 
 /// Mean and 1/std of a row (biased variance, as torch.nn.LayerNorm), summed in lanes.
@@ -203,6 +206,9 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.out != DType::F32 {
+            bail!("layer_norm: a {:?} output is CUDA only", self.out);
+        }
         let (x, w, b) = (
             f32s(s1, l1, "layer_norm")?,
             f32s(s2, l2, "layer_norm")?,
@@ -236,7 +242,7 @@ impl CustomOp3 for LayerNormOp {
         if l2.shape().elem_count() != n || l3.shape().elem_count() != n {
             bail!("layer_norm: weight/bias for rows of {n}");
         }
-        let y = super::fused_cuda::layer_norm((s1, l1), (s2, l2), (s3, l3), n, self.eps)?;
+        let y = super::fused_cuda::layer_norm((s1, l1), (s2, l2), (s3, l3), n, self.eps, self.out)?;
         Ok((y, l1.shape().clone()))
     }
 
@@ -311,8 +317,28 @@ impl CustomOp3 for LayerNormBwd {
 
 /// LayerNorm over the last dimension, differentiable in all three inputs.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(w, b, LayerNormOp { eps: eps as f32 })
+    layer_norm_as(x, w, b, eps, DType::F32)
+}
+
+/// Whether [`layer_norm_bf16`] runs for `x`: float32 on CUDA with the fused kernels on.
+pub fn layer_norm_bf16_supported(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && x.device().is_cuda() && cuda_enabled()
+}
+
+/// LayerNorm of float32 `x` (weights float32) with a bfloat16 output, in one kernel each way:
+/// what the LayerNorm + cast before mixed precision's bfloat16 products computes, without the
+/// float32 output and the cast (CUDA; see [`layer_norm_bf16_supported`]). The gradients reach
+/// `x`, `w` and `b` in float32.
+pub fn layer_norm_bf16(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    layer_norm_as(x, w, b, eps, DType::BF16)
+}
+
+fn layer_norm_as(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, out: DType) -> Result<Tensor> {
+    let op = LayerNormOp {
+        eps: eps as f32,
+        out,
+    };
+    x.contiguous()?.apply_op3(w, b, op)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -766,8 +792,9 @@ impl AttnSoftmax {
 }
 
 /// What the ops are on the CPU, where bfloat16 has no kernel.
-fn cuda_only() -> Result<(CpuStorage, Shape)> {
-    bail!("the bfloat16 attention softmax kernel runs on CUDA only")
+/// The CPU side of an op whose kernel exists for CUDA only (`what` names it).
+fn cuda_only(what: &str) -> Result<(CpuStorage, Shape)> {
+    bail!("{what} runs on CUDA only")
 }
 
 impl CustomOp2 for AttnSoftmax {
@@ -782,7 +809,7 @@ impl CustomOp2 for AttnSoftmax {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cuda_only()
+        cuda_only("the bfloat16 attention softmax kernel")
     }
 
     #[cfg(feature = "cuda")]
@@ -825,7 +852,7 @@ impl CustomOp3 for AttnSoftmaxBwd {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cuda_only()
+        cuda_only("the bfloat16 attention softmax kernel")
     }
 
     #[cfg(feature = "cuda")]
@@ -880,6 +907,73 @@ fn attn_softmax_op(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result
     // placeholder allocated per attention call).
     let mask = mask.unwrap_or_else(|| scores.clone());
     scores.apply_op2(&mask, op).map(Some)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mixed precision's residual add
+
+/// `x + h` with `h` widened to `x`'s type: the residual add after a block that computed in
+/// another float type (mixed precision). Float32 `x` and bfloat16 `h` on CUDA with the fused
+/// kernels: one kernel ([`AddWidened`]), no float32 copy of `h` made (or kept for backward);
+/// otherwise `x + h.to_dtype(x.dtype())` (in float32 throughout, `x + h`).
+pub fn residual_add(x: &Tensor, h: &Tensor) -> Result<Tensor> {
+    let fused = x.dtype() == DType::F32
+        && h.dtype() == DType::BF16
+        && x.dims() == h.dims()
+        && x.device().is_cuda()
+        && cuda_enabled();
+    match fused {
+        true => residual_add_op(x, h),
+        false => x + h.to_dtype(x.dtype())?,
+    }
+}
+
+/// [`residual_add`]'s kernel, whether or not the fused kernels are switched on (what
+/// [`check_against_compositions`] runs).
+fn residual_add_op(x: &Tensor, h: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&h.contiguous()?, AddWidened)
+}
+
+/// `y = x + widen(h)`, float32 `x` and `y`, bfloat16 `h` (fused.cu `vl_add_widened_bf16`);
+/// backward dx = dy, dh = dy rounded to bfloat16.
+struct AddWidened;
+
+impl CustomOp2 for AddWidened {
+    fn name(&self) -> &'static str {
+        "vlalign-residual-add-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cuda_only("the bfloat16 residual add kernel")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        h: &candle_core::CudaStorage,
+        hl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = super::fused_cuda::add_widened((x, xl), (h, hl))?;
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        h: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(dy.clone()), Some(dy.to_dtype(h.dtype())?)))
+    }
 }
 
 /// max |a − c| / max |c| (the denominator floored at 1e-6): how far a fused op's result `a` is
@@ -945,14 +1039,20 @@ pub fn check_against_compositions(
             Box::new(|x| x.broadcast_add(&b)),
         ),
     ];
-    // Mixed precision on CUDA: the bfloat16 kernels from bf16-rounded inputs, against the float32
-    // compositions from the same inputs widened back (relative differences of bfloat16's order,
-    // 2^-8, where the float32 rows show float32's).
+    // Mixed precision on CUDA: the bfloat16 kernels from bf16-rounded inputs (LayerNorm: from
+    // float32 ones, into a bfloat16 output), against the float32 compositions from the same
+    // inputs widened back (relative differences of bfloat16's order, 2^-8, where the float32 rows
+    // show float32's).
     let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
     // Attention scores [B, 1, T, n] with an additive mask of the same shape.
     let mask = Tensor::randn(0f32, 1.0, (shape.0, 1, shape.1, n), device)?;
     let widened = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
     let narrow_cases: Vec<Case> = vec![
+        (
+            "layer_norm bf16",
+            Box::new(|x| layer_norm_bf16(x, &w, &b, 1e-5)?.to_dtype(DType::F32)),
+            Box::new(composed_ln),
+        ),
         (
             "quick_gelu bf16",
             Box::new(|x| activation(&bf16(x)?, Act::QuickGelu)?.to_dtype(DType::F32)),
@@ -970,6 +1070,11 @@ pub fn check_against_compositions(
             "add_bias bf16",
             Box::new(|x| add_bias(&bf16(x)?, &bf16(&b)?)?.to_dtype(DType::F32)),
             Box::new(|x| widened(x)?.broadcast_add(&widened(&b)?)),
+        ),
+        (
+            "residual_add bf16",
+            Box::new(|x| residual_add_op(x, &bf16(&probe)?)),
+            Box::new(|x| x + widened(&probe)?),
         ),
         (
             "attn_softmax bf16",

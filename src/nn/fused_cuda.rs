@@ -159,8 +159,24 @@ fn sum_chunks(
     Ok(())
 }
 
-/// LayerNorm forward over rows of `n`.
+/// LayerNorm forward over float32 rows of `n`, its output float32 or (`out` bfloat16, mixed
+/// precision) rounded once to bfloat16.
 pub fn layer_norm(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    n: usize,
+    eps: f32,
+    out: DType,
+) -> Result<CudaStorage> {
+    match out {
+        DType::F32 => layer_norm_t::<f32>(x, w, b, n, eps),
+        DType::BF16 => layer_norm_t::<bf16>(x, w, b, n, eps),
+        dt => bail!("layer_norm: no CUDA kernel writes {dt:?} (float32 and bfloat16 do)"),
+    }
+}
+
+fn layer_norm_t<T: Elem>(
     x: (&CudaStorage, &Layout),
     w: (&CudaStorage, &Layout),
     b: (&CudaStorage, &Layout),
@@ -177,11 +193,11 @@ pub fn layer_norm(
     check_len(len, "layer_norm")?;
     let rows = len / n.max(1);
     if rows == 0 {
-        return zeros(dev, len);
+        return zeros_of::<T>(dev, len);
     }
     // SAFETY: every element is written by the kernel before it is read.
-    let y = unsafe { dev.alloc::<f32>(len)? };
-    let f = kernel!(dev, "vl_layer_norm_fwd");
+    let y = unsafe { dev.alloc::<T>(len)? };
+    let f = kernel!(dev, &name_for::<T>("vl_layer_norm_fwd"));
     let ni = n as i32;
     let mut bld = f.builder();
     bld.arg(&xv).arg(&wv).arg(&bv).arg(&y).arg(&ni).arg(&eps);
@@ -190,8 +206,23 @@ pub fn layer_norm(
     Ok(wrap(y, dev))
 }
 
-/// LayerNorm backward, packed `[dx (rows·n), dw (n), db (n)]` as fused.rs's CPU kernel.
+/// LayerNorm backward, packed `[dx (rows·n), dw (n), db (n)]` float32 as fused.rs's CPU kernel;
+/// `dy` float32 or bfloat16 (the gradient of a bfloat16 output).
 pub fn layer_norm_bwd(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    dy: (&CudaStorage, &Layout),
+    n: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    match dy.0.dtype() {
+        DType::F32 => layer_norm_bwd_t::<f32>(x, w, dy, n, eps),
+        DType::BF16 => layer_norm_bwd_t::<bf16>(x, w, dy, n, eps),
+        dt => bail!("layer_norm_bwd: {dt:?} has no CUDA kernel (float32 and bfloat16 do)"),
+    }
+}
+
+fn layer_norm_bwd_t<T: Elem>(
     x: (&CudaStorage, &Layout),
     w: (&CudaStorage, &Layout),
     dy: (&CudaStorage, &Layout),
@@ -202,8 +233,15 @@ pub fn layer_norm_bwd(
     let (xv, wv, gv) = (
         data(x.0, x.1, "layer_norm_bwd")?,
         data(w.0, w.1, "layer_norm_bwd")?,
-        data(dy.0, dy.1, "layer_norm_bwd")?,
+        data_of::<T>(dy.0, dy.1, "layer_norm_bwd")?,
     );
+    if gv.len() != xv.len() {
+        bail!(
+            "layer_norm_bwd: {} gradients for {} inputs",
+            gv.len(),
+            xv.len()
+        );
+    }
     let len = xv.len();
     check_len(len + 2 * n, "layer_norm_bwd")?;
     let rows = len / n.max(1);
@@ -216,7 +254,7 @@ pub fn layer_norm_bwd(
     let ni = n as i32;
     {
         let mut dx = out.slice_mut(0..len);
-        let f = kernel!(dev, "vl_layer_norm_bwd_dx");
+        let f = kernel!(dev, &name_for::<T>("vl_layer_norm_bwd_dx"));
         let mut bld = f.builder();
         bld.arg(&xv)
             .arg(&wv)
@@ -231,7 +269,7 @@ pub fn layer_norm_bwd(
     let (cfg, chunks) = columns_cfg(rows, n);
     // SAFETY: the partial kernel writes all chunks·2n entries.
     let partial = unsafe { dev.alloc::<f32>(chunks * 2 * n)? };
-    let f = kernel!(dev, "vl_layer_norm_bwd_partial");
+    let f = kernel!(dev, &name_for::<T>("vl_layer_norm_bwd_partial"));
     let ri = rows as i32;
     let mut bld = f.builder();
     bld.arg(&xv)
@@ -628,6 +666,32 @@ pub fn sumsq(g: (&CudaStorage, &Layout), total: (&CudaStorage, &Layout)) -> Resu
     Ok(wrap(out, dev))
 }
 
+/// `x + h` in float32 for float32 `x` and bfloat16 `h` of one length (mixed precision's
+/// residual add).
+pub fn add_widened(x: (&CudaStorage, &Layout), h: (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+    let dev = &x.0.device;
+    let (xv, hv) = (
+        data(x.0, x.1, "residual add")?,
+        data_of::<bf16>(h.0, h.1, "residual add")?,
+    );
+    let len = xv.len();
+    if hv.len() != len {
+        bail!("residual add: {} values onto {len}", hv.len());
+    }
+    if len == 0 {
+        return zeros(dev, 0);
+    }
+    // SAFETY: every element is written by the grid-stride kernel.
+    let y = unsafe { dev.alloc::<f32>(len)? };
+    let f = kernel!(dev, "vl_add_widened_bf16");
+    let l = len as u64;
+    let mut bld = f.builder();
+    bld.arg(&xv).arg(&hv).arg(&y).arg(&l);
+    // SAFETY: grid-stride loop bounded by len, the three buffers of len elements.
+    unsafe { bld.launch(elems_cfg(len)) }.w()?;
+    Ok(wrap(y, dev))
+}
+
 /// The float32 mask `[B, Tq, n]` of `rows` = B·H·Tq score rows, its length checked.
 fn mask_of<'a>(
     mask: Option<(&'a CudaStorage, &Layout)>,
@@ -664,10 +728,7 @@ mod tests {
     fn nvrtc_compiles_every_kernel_the_launches_name() {
         let ptx = ptx().unwrap();
         let mut names = vec![
-            "vl_layer_norm_fwd".to_string(),
-            "vl_layer_norm_bwd_dx".into(),
-            "vl_layer_norm_bwd_partial".into(),
-            "vl_sum_chunks".into(),
+            "vl_sum_chunks".to_string(),
             "vl_softmax_fwd".into(),
             "vl_softmax_bwd".into(),
             "vl_round_bf16".into(),
@@ -677,8 +738,12 @@ mod tests {
             "vl_adamw_step".into(),
             "vl_sumsq_partial".into(),
             "vl_sumsq_total".into(),
+            "vl_add_widened_bf16".into(),
         ];
         for base in [
+            "vl_layer_norm_fwd",
+            "vl_layer_norm_bwd_dx",
+            "vl_layer_norm_bwd_partial",
             "vl_act_fwd",
             "vl_act_bwd",
             "vl_add_bias",

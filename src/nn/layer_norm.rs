@@ -37,6 +37,22 @@ impl LayerNorm {
     pub fn eps(&self) -> f64 {
         self.eps
     }
+
+    /// The LayerNorm of `x` cast to `out` when given (mixed precision: normalised in `x`'s
+    /// type, the result in the products' type). Float32 into bfloat16 on CUDA with the fused
+    /// kernels is one kernel each way (`fused::layer_norm_bf16`) instead of a LayerNorm and a
+    /// cast.
+    pub fn forward_as(&self, x: &Tensor, out: Option<DType>) -> Result<Tensor> {
+        use super::fused::{layer_norm_bf16, layer_norm_bf16_supported};
+        match out {
+            Some(DType::BF16)
+                if self.weight.dtype() == DType::F32 && layer_norm_bf16_supported(x) =>
+            {
+                layer_norm_bf16(x, &self.weight, &self.bias, self.eps)
+            }
+            _ => super::ops::cast_to(&self.forward(x)?, out),
+        }
+    }
 }
 
 impl Module for LayerNorm {

@@ -56,19 +56,37 @@ void sum_chunks(const Vec& partial, float* out, size_t chunks, size_t width) {
     emu::launch(elems_cfg(width), block, vl_sum_chunks, partial.data(), out, int(chunks), int(width));
 }
 
-// [dx (rows·n), dw (n), db (n)]
-Vec layer_norm_bwd(const Vec& x, const Vec& w, const Vec& dy, size_t n, float eps) {
+// [dx (rows·n), dw (n), db (n)] from a float32 dy (vl_layer_norm_bwd_dx/_partial) or a
+// bfloat16 one (their _bf16 twins).
+template <class Dy>
+Vec layer_norm_bwd_t(void (*dx_kernel)(const float*, const float*, const Dy*, float*, float*, int,
+                                       float),
+                     void (*partial_kernel)(const float*, const Dy*, const float*, float*, int,
+                                            int),
+                     const Vec& x, const Vec& w, const std::vector<Dy>& dy, size_t n, float eps) {
     size_t len = x.size(), rows = len / n;
     Vec out(len + 2 * n);
     Vec stats(2 * std::max<size_t>(rows, 1));
-    emu::launch(rows_cfg(rows), block, vl_layer_norm_bwd_dx, x.data(), w.data(), dy.data(),
-                out.data(), stats.data(), int(n), eps);
+    emu::launch(rows_cfg(rows), block, dx_kernel, x.data(), w.data(), dy.data(), out.data(),
+                stats.data(), int(n), eps);
     auto [cfg, chunks] = columns_cfg(rows, n);
     Vec partial(chunks * 2 * n);
-    emu::launch(cfg, block, vl_layer_norm_bwd_partial, x.data(), dy.data(), stats.data(),
+    emu::launch(cfg, block, partial_kernel, x.data(), dy.data(), (const float*)stats.data(),
                 partial.data(), int(rows), int(n));
     sum_chunks(partial, out.data() + len, chunks, 2 * n);
     return out;
+}
+
+Vec layer_norm_bwd(const Vec& x, const Vec& w, const Vec& dy, size_t n, float eps) {
+    return layer_norm_bwd_t(vl_layer_norm_bwd_dx, vl_layer_norm_bwd_partial, x, w, dy, n, eps);
+}
+
+std::vector<bf16_bits> layer_norm_bf16(const Vec& x, const Vec& w, const Vec& b, size_t n,
+                                       float eps) {
+    std::vector<bf16_bits> y(x.size());
+    emu::launch(rows_cfg(x.size() / n), block, vl_layer_norm_fwd_bf16, x.data(), w.data(),
+                b.data(), y.data(), int(n), eps);
+    return y;
 }
 
 Vec softmax(const Vec& x, size_t n) {
@@ -284,13 +302,21 @@ Vec random_vec(size_t len, float lo, float hi) {
     return v;
 }
 
-void check_layer_norm(size_t rows, size_t n) {
+// LayerNorm forward and backward; `bf16`: the mixed-precision pair — a bfloat16 output (within
+// half a bfloat16 step of the exact value, and float32's error before the rounding) and a
+// bfloat16 dy (the references take its values; dx, dw and db are float32 as ever).
+void check_layer_norm(size_t rows, size_t n, bool bf16 = false) {
     const float eps = 1e-5f;
     Vec x = random_vec(rows * n, -3, 3), w = random_vec(n, 0.5, 1.5), b = random_vec(n, -1, 1);
     Vec dy = random_vec(rows * n, -1, 1);
+    std::vector<bf16_bits> dy16(dy.size());
+    if (bf16)
+        for (size_t i = 0; i < dy.size(); ++i) dy[i] = float(widen(dy16[i] = nearest_bf16(dy[i])));
     if (rows > 1)
         for (size_t i = 0; i < n; ++i) x[n + i] = 0.25f;  // a constant row: variance 0
-    Vec y = layer_norm(x, w, b, n, eps), out = layer_norm_bwd(x, w, dy, n, eps);
+    Vec out = bf16 ? layer_norm_bwd_t(vl_layer_norm_bwd_dx_bf16, vl_layer_norm_bwd_partial_bf16, x,
+                                      w, dy16, n, eps)
+                   : layer_norm_bwd(x, w, dy, n, eps);
     Dv ry, rdx, rdw(n, 0.0), rdb(n, 0.0);
     for (size_t r = 0; r < rows; ++r) {
         Dv xr(x.begin() + r * n, x.begin() + (r + 1) * n);
@@ -307,10 +333,19 @@ void check_layer_norm(size_t rows, size_t n) {
             rdb[i] += dy[r * n + i];
         }
     }
-    compare("layer_norm forward", rows, n, y.data(), ry, 1e-5);
-    compare("layer_norm dx", rows, n, out.data(), rdx, 1e-4);
-    compare("layer_norm dw", rows, n, out.data() + rows * n, rdw, 1e-4);
-    compare("layer_norm db", rows, n, out.data() + rows * n + n, rdb, 1e-4);
+    if (bf16) {
+        // float32's error before the one rounding: ~1e-6 of the output's scale (|y| ≲ 6 here).
+        Dv slack(ry.size());
+        for (size_t i = 0; i < ry.size(); ++i) slack[i] = 1e-5 * (1 + std::abs(ry[i]));
+        compare_bf16("layer_norm bf16 fwd", rows, n, layer_norm_bf16(x, w, b, n, eps), ry, slack);
+    } else {
+        compare("layer_norm forward", rows, n, layer_norm(x, w, b, n, eps).data(), ry, 1e-5);
+    }
+    compare(bf16 ? "layer_norm bf16 dx" : "layer_norm dx", rows, n, out.data(), rdx, 1e-4);
+    compare(bf16 ? "layer_norm bf16 dw" : "layer_norm dw", rows, n, out.data() + rows * n, rdw,
+            1e-4);
+    compare(bf16 ? "layer_norm bf16 db" : "layer_norm db", rows, n, out.data() + rows * n + n, rdb,
+            1e-4);
 }
 
 void check_softmax(size_t rows, size_t n) {
@@ -584,6 +619,19 @@ void check_sumsq(size_t len) {
                 "sumsq (gradient norm)", len, double(rel));
 }
 
+// Mixed precision's residual add (fused_cuda.rs add_widened): the float32 sum of x and the
+// widened bfloat16 h, exactly as float32 adds them.
+void check_residual_add_bf16(size_t len) {
+    Vec x = random_vec(len, -4, 4);
+    Hv h = random_bf16(len, -4, 4);
+    Vec y(len);
+    emu::launch(elems_cfg(len), block, vl_add_widened_bf16, x.data(), (const bf16_bits*)h.data(),
+                y.data(), size_t(len));
+    Dv ref(len);
+    for (size_t i = 0; i < len; ++i) ref[i] = double(x[i] + float(widen(h[i])));
+    compare("residual add bf16", 1, len, y.data(), ref, 0.0);
+}
+
 }  // namespace
 
 int main() {
@@ -599,6 +647,7 @@ int main() {
     for (auto [rows, n] : shapes) {
         if (quick && !(n == 1 || n == 33 || n == 257)) continue;
         check_layer_norm(rows, n);
+        check_layer_norm(rows, n, true);
         check_softmax(rows, n);
         check_bias_and_column_sum(rows, n);
         check_bias_and_column_sum_bf16(rows, n);
@@ -611,6 +660,7 @@ int main() {
         check_activation_bf16(len, 1);
         check_adamw(len, len % 2 == 1);
         check_sumsq(len);
+        check_residual_add_bf16(len);
     }
     // More than sumsq_cfg's 1024 blocks of 256: each thread takes several elements.
     if (!quick) check_sumsq(300000);
@@ -632,7 +682,9 @@ int main() {
     check_adamw(5000, true);
     max_sumsq_blocks = 2;
     check_sumsq(5000);
+    check_residual_add_bf16(5000);
     check_layer_norm(65, 40);
+    check_layer_norm(65, 40, true);
     if (failures) {
         std::printf("%d check(s) FAILED\n", failures);
         return 1;

@@ -5,7 +5,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::{Module, VarBuilder};
 
 use crate::nn::fused_layer::{self, LayerParams};
-use crate::nn::ops::{cast_to, mixed_dtype};
+use crate::nn::ops::mixed_dtype;
 use crate::nn::{attention, fused_attention, linear, Activation, LayerNorm, Linear};
 use crate::nn::{checkpoint, fused};
 
@@ -150,14 +150,13 @@ impl EncoderLayer {
                 return Ok(y);
             }
         }
-        let h = cast_to(&self.layer_norm1.forward(x)?, mixed)?;
-        let h = self.self_attn.forward(&h, mask)?.to_dtype(x.dtype())?;
-        let x = (x + h)?;
-        let h = cast_to(&self.layer_norm2.forward(&x)?, mixed)?;
+        let h = self.layer_norm1.forward_as(x, mixed)?;
+        let x = fused::residual_add(x, &self.self_attn.forward(&h, mask)?)?;
+        let h = self.layer_norm2.forward_as(&x, mixed)?;
         let h = self
             .fc2
             .forward(&self.act.forward(&self.fc1.forward(&h)?)?)?;
-        &x + h.to_dtype(x.dtype())?
+        fused::residual_add(&x, &h)
     }
 }
 

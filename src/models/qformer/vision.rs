@@ -7,7 +7,8 @@ use candle_nn::{Module, VarBuilder};
 
 use super::config::Blip2VisionConfig;
 use crate::models::clip::vision::normal;
-use crate::nn::ops::{cast_to, mixed_dtype};
+use crate::nn::fused::residual_add;
+use crate::nn::ops::mixed_dtype;
 use crate::nn::{attention, linear, linear_no_bias, Activation, LayerNorm, Linear};
 
 #[derive(Clone, Debug)]
@@ -50,9 +51,7 @@ impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = x.dim(2)?;
         let mixed = mixed_dtype(self.compute, x);
-        let qkv = self
-            .qkv
-            .forward(&cast_to(&self.layer_norm1.forward(x)?, mixed)?)?;
+        let qkv = self.qkv.forward(&self.layer_norm1.forward_as(x, mixed)?)?;
         // Rows [0, h) of the fused weight are the queries, [h, 2h) the keys, [2h, 3h) the values.
         let (q, k, v) = (
             qkv.narrow(2, 0, h)?,
@@ -60,14 +59,9 @@ impl Block {
             qkv.narrow(2, 2 * h, h)?,
         );
         let a = attention::multi_head(&q, &k, &v, self.heads, None)?;
-        let x = (x + self.projection.forward(&a)?.to_dtype(x.dtype())?)?;
-        let m = self
-            .fc1
-            .forward(&cast_to(&self.layer_norm2.forward(&x)?, mixed)?)?;
-        &x + self
-            .fc2
-            .forward(&self.act.forward(&m)?)?
-            .to_dtype(x.dtype())?
+        let x = residual_add(x, &self.projection.forward(&a)?)?;
+        let m = self.fc1.forward(&self.layer_norm2.forward_as(&x, mixed)?)?;
+        residual_add(&x, &self.fc2.forward(&self.act.forward(&m)?)?)
     }
 }
 
