@@ -791,9 +791,8 @@ impl AttnSoftmax {
     }
 }
 
-/// What the ops are on the CPU, where bfloat16 has no kernel.
 /// The CPU side of an op whose kernel exists for CUDA only (`what` names it).
-fn cuda_only(what: &str) -> Result<(CpuStorage, Shape)> {
+pub(crate) fn cuda_only(what: &str) -> Result<(CpuStorage, Shape)> {
     bail!("{what} runs on CUDA only")
 }
 

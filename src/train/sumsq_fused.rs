@@ -8,7 +8,7 @@
 //! `VLALIGN_FUSED_CUDA=1` until a GPU has verified it. tools/check-fused-cu.sh checks the
 //! kernels against a long-double sum.
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// Whether [`onto`] runs for gradient `g`: float32 on CUDA with fused.cu's kernels switched on.
 pub(super) fn supported(g: &Tensor) -> bool {
@@ -34,7 +34,7 @@ impl CustomOp2 for SumSq {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        bail!("vlalign-sumsq runs on CUDA only (the CPU sums squares by composition)")
+        crate::nn::fused::cuda_only("the float64 sum of squares kernel")
     }
 
     #[cfg(feature = "cuda")]
