@@ -8,6 +8,8 @@
 
 pub mod activation;
 pub mod attention;
+#[cfg(test)]
+mod backprop_patch;
 pub mod checkpoint;
 pub mod device;
 mod few_rows;
