@@ -3,10 +3,11 @@
 //! (made contiguous from offset 0) instead of being added into a fresh tensor of zeros, and a
 //! subtracted first gradient is stored negated. Every expected value below is derived by hand.
 
+use crate::nn::host;
 use candle_core::{Device, Result, Tensor, Var};
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
+    host::flat::<f32>(t)
 }
 
 /// d/dx Σ(x² − x) = 2x − 1: x's first gradient arrives through the subtraction (stored negated,
