@@ -8,6 +8,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use base64::Engine;
@@ -45,6 +46,22 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The tests that measure a server's memory run alone, the others side by side. Under load from
+/// the other tests' servers the allocator's caches settle later: a CI run saw 10.3 MB of growth
+/// over 1,500 requests, shrinking window by window (4.2, 4.1, 2.0 MB: no leak), where the same
+/// test run alone stays flat to the kilobyte.
+static MEMORY_MEASURED: RwLock<()> = RwLock::new(());
+
+/// Held by a test that does not measure memory (a failed test's poison is not this test's).
+fn beside_others() -> RwLockReadGuard<'static, ()> {
+    MEMORY_MEASURED.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by a test that measures memory: no other test of this file runs meanwhile.
+fn alone() -> RwLockWriteGuard<'static, ()> {
+    MEMORY_MEASURED.write().unwrap_or_else(|e| e.into_inner())
+}
+
 const TEXTS: [&str; 3] = [
     "a photo of an astronaut",
     "a cat",
@@ -63,6 +80,7 @@ fn images() -> Vec<std::path::PathBuf> {
 /// and `/metrics` describe the model and count the requests.
 #[test]
 fn clip_endpoints_match_the_cli() {
+    let _serial = beside_others();
     let model = fixture("open-clip-a");
     let srv = Server::start(&model, &[]);
     let imgs = images();
@@ -202,6 +220,7 @@ fn clip_endpoints_match_the_cli() {
 /// is not served for it.
 #[test]
 fn qformer_endpoints_match_the_cli() {
+    let _serial = beside_others();
     let model = fixture("qformer-a");
     let srv = Server::start(&model, &[]);
     let img = fixture("qformer-a-images/img0.png");
@@ -252,6 +271,7 @@ fn qformer_endpoints_match_the_cli() {
 /// decompression bomb leaves memory untouched.
 #[test]
 fn bad_input_is_a_4xx_and_the_server_stays_healthy() {
+    let _serial = alone();
     let srv = Server::start(
         &fixture("open-clip-a"),
         &[
@@ -375,6 +395,7 @@ fn bad_input_is_a_4xx_and_the_server_stays_healthy() {
 /// others or not, within 1e-5), and the server formed batches across requests.
 #[test]
 fn concurrent_clients_get_their_own_answers() {
+    let _serial = beside_others();
     let srv = std::sync::Arc::new(Server::start(&fixture("open-clip-a"), &[]));
     let texts: Vec<String> = (0..32)
         .map(|i| format!("photo number {i} of a cat"))
@@ -429,6 +450,7 @@ fn concurrent_clients_get_their_own_answers() {
 /// request in flight finish before the process exits cleanly.
 #[test]
 fn memory_is_flat_and_sigterm_is_graceful() {
+    let _serial = alone();
     let mut srv = Server::start(&fixture("open-clip-a"), &[]);
     let img = b64(&fixture("images/astronaut.jpg"));
     let body = json!({"texts": TEXTS, "images": [img]});
@@ -482,6 +504,7 @@ fn memory_is_flat_and_sigterm_is_graceful() {
 /// and off, 1/8/32 clients) and every request it sends is answered.
 #[test]
 fn the_serve_benchmark_runs() {
+    let _serial = beside_others();
     let model = fixture("open-clip-a");
     let image = fixture("images/tiny.png");
     let out = common::json(&vlalign(&[
@@ -511,6 +534,7 @@ fn the_serve_benchmark_runs() {
 /// and score `vlalign caption --json` prints, greedy and by beam search.
 #[test]
 fn caption_matches_the_cli() {
+    let _serial = beside_others();
     let dir = common::scratch("serve-caption");
     let model = common::train_tiny_qformer(&dir);
     let img = fixture("images/tiny.png");
