@@ -28,9 +28,9 @@ fn subtracted_first_gradient_is_negated_then_summed() -> Result<()> {
     Ok(())
 }
 
-/// Σ(cat([y, x], 0) ⊙ c): y's gradient is the first two rows of c (a contiguous piece at offset
-/// 0, stored as it is), x's the last two (at an offset, copied out); x used twice more as
-/// cat([x, 3x], 0) sums c's rows 0–1 and three times rows 2–3.
+/// Σ(cat([y, x], 0) ⊙ c): y's gradient is the first two rows of c, x's the last two (each piece
+/// copied out of the concatenation's gradient); x used twice more as cat([x, 3x], 0) sums c's
+/// rows 0–1 and three times rows 2–3.
 #[test]
 fn pieces_of_a_concatenation_get_their_rows() -> Result<()> {
     let dev = Device::Cpu;

@@ -441,7 +441,13 @@ impl Tensor {
                         for arg in args {
                             let len = arg.dims()[*dim];
                             let arg_grad = grad.narrow(*dim, start_idx, len)?;
-                            grads.accumulate(arg, &arg_grad)?;
+                            // A piece of a larger gradient is copied out when it is the first
+                            // (vlalign patch): stored as a view it would keep the whole buffer.
+                            if args.len() == 1 {
+                                grads.accumulate(arg, &arg_grad)?;
+                            } else {
+                                grads.accumulate_piece(arg, &arg_grad)?;
+                            }
                             start_idx += len;
                         }
                     }
@@ -665,6 +671,15 @@ impl Tensor {
 /// The first gradient of `tensor`, checked as the add it replaces checked it (same dtype and
 /// shape as `tensor`) and made contiguous from offset 0 (vlalign patch).
 fn first_gradient(tensor: &Tensor, grad: &Tensor, op: &'static str) -> Result<Tensor> {
+    check_first_gradient(tensor, grad, op)?;
+    match grad.layout().contiguous_offsets() {
+        Some((0, _)) => Ok(grad.clone()),
+        _ => grad.force_contiguous(),
+    }
+}
+
+/// The checks of `first_gradient` (vlalign patch).
+fn check_first_gradient(tensor: &Tensor, grad: &Tensor, op: &'static str) -> Result<()> {
     if grad.dtype() != tensor.dtype() {
         Err(Error::DTypeMismatchBinaryOp {
             lhs: tensor.dtype(),
@@ -681,10 +696,7 @@ fn first_gradient(tensor: &Tensor, grad: &Tensor, op: &'static str) -> Result<Te
         }
         .bt())?
     }
-    match grad.layout().contiguous_offsets() {
-        Some((0, _)) => Ok(grad.clone()),
-        _ => grad.force_contiguous(),
-    }
+    Ok(())
 }
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
@@ -748,6 +760,23 @@ impl GradStore {
             }
             Entry::Vacant(entry) => {
                 entry.insert(first_gradient(tensor, grad, "accumulate")?);
+            }
+        }
+        Ok(())
+    }
+
+    /// `accumulate` for a view into a larger gradient (a piece of a concatenation's): the first
+    /// is copied into a buffer of its own, so the larger one is freed with its node (vlalign
+    /// patch).
+    fn accumulate_piece(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        match self.0.entry(tensor.id()) {
+            Entry::Occupied(mut entry) => {
+                let sum = entry.get().add(grad)?;
+                *entry.get_mut() = sum;
+            }
+            Entry::Vacant(entry) => {
+                check_first_gradient(tensor, grad, "accumulate_piece")?;
+                entry.insert(grad.force_contiguous()?);
             }
         }
         Ok(())
