@@ -443,11 +443,11 @@ fn concurrent_clients_get_their_own_answers() {
     assert!(m.contains("vlalign_requests_total{endpoint=\"/embed\",status=\"200\"} 642"));
 }
 
-/// Memory is flat across 1,500 requests after 100 to warm up: the last 500 add less than 3 MB
-/// (a leak of 6 kB a request would show; it grew ~10 MB a thousand while each request cloned
-/// the megabytes of the tokenizer's tables) and all of them less than 10 MB (a one-off growth of
-/// the allocator's caches, seen on a loaded machine, is not a leak); and SIGTERM lets the
-/// request in flight finish before the process exits cleanly.
+/// Memory is flat across 1,500 requests after 100 to warm up: at least one window of 500 adds
+/// less than 1 MB (a leak of 2 kB a request would show in all three; it grew ~10 MB a thousand
+/// while each request cloned the megabytes of the tokenizer's tables) and all of them less than
+/// 10 MB (one-off growth of the allocator's pages is not a leak); and SIGTERM lets the request
+/// in flight finish before the process exits cleanly.
 #[test]
 fn memory_is_flat_and_sigterm_is_graceful() {
     let _serial = alone();
@@ -465,9 +465,13 @@ fn memory_is_flat_and_sigterm_is_graceful() {
         rss.push(srv.rss_kb());
     }
     println!("RSS after 100, 600, 1,100, 1,600 requests: {rss:?} kB");
+    // The binary keeps freed memory committed (main.rs), so RSS is a high-water mark: it steps
+    // up by 2–4 MB when a request's buffers first land in fresh pages, in any window, at random
+    // (seen: [82484, 82484, 82484, 86640] kB). A leak grows it in every window instead.
+    let least = rss.windows(2).map(|w| w[1].saturating_sub(w[0])).min();
     assert!(
-        rss[3] < rss[2] + 3_000,
-        "the last 500 requests grew it: {rss:?} kB"
+        least < Some(1_000),
+        "every 500 requests grew it (a leak of 2 kB a request would): {rss:?} kB"
     );
     assert!(rss[3] < rss[0] + 10_000, "grew: {rss:?} kB");
 
