@@ -46,10 +46,10 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// The tests that measure a server's memory run alone, the others side by side. Under load from
-/// the other tests' servers the allocator's caches settle later: a CI run saw 10.3 MB of growth
-/// over 1,500 requests, shrinking window by window (4.2, 4.1, 2.0 MB: no leak), where the same
-/// test run alone stays flat to the kilobyte.
+/// The tests that measure a server's memory run alone, the others side by side. With the other
+/// tests' servers contending for the cores the allocator's pages kept growing: a CI run saw 4.2,
+/// 4.1 and 2.0 MB in three windows of 500 requests, where the test run alone stays flat or
+/// steps once.
 static MEMORY_MEASURED: RwLock<()> = RwLock::new(());
 
 /// Held by a test that does not measure memory (a failed test's poison is not this test's).

@@ -1,7 +1,8 @@
 //! Checks of the one change vlalign makes to candle-core's backward pass
 //! (vendor/candle-core/VLALIGN.md): the first gradient reaching a node is stored as it comes
-//! (made contiguous from offset 0) instead of being added into a fresh tensor of zeros, and a
-//! subtracted first gradient is stored negated. Every expected value below is derived by hand.
+//! (made contiguous from offset 0) instead of being added into a fresh tensor of zeros, a
+//! subtracted first gradient is stored negated, and a concatenation's pieces are copied out.
+//! Every expected value below is derived by hand.
 
 use crate::nn::host;
 use candle_core::{Device, Result, Tensor, Var};
