@@ -671,15 +671,6 @@ impl Tensor {
 /// The first gradient of `tensor`, checked as the add it replaces checked it (same dtype and
 /// shape as `tensor`) and made contiguous from offset 0 (vlalign patch).
 fn first_gradient(tensor: &Tensor, grad: &Tensor, op: &'static str) -> Result<Tensor> {
-    check_first_gradient(tensor, grad, op)?;
-    match grad.layout().contiguous_offsets() {
-        Some((0, _)) => Ok(grad.clone()),
-        _ => grad.force_contiguous(),
-    }
-}
-
-/// The checks of `first_gradient` (vlalign patch).
-fn check_first_gradient(tensor: &Tensor, grad: &Tensor, op: &'static str) -> Result<()> {
     if grad.dtype() != tensor.dtype() {
         Err(Error::DTypeMismatchBinaryOp {
             lhs: tensor.dtype(),
@@ -696,7 +687,10 @@ fn check_first_gradient(tensor: &Tensor, grad: &Tensor, op: &'static str) -> Res
         }
         .bt())?
     }
-    Ok(())
+    match grad.layout().contiguous_offsets() {
+        Some((0, _)) => Ok(grad.clone()),
+        _ => grad.force_contiguous(),
+    }
 }
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
@@ -769,17 +763,11 @@ impl GradStore {
     /// is copied into a buffer of its own, so the larger one is freed with its node (vlalign
     /// patch).
     fn accumulate_piece(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
-        match self.0.entry(tensor.id()) {
-            Entry::Occupied(mut entry) => {
-                let sum = entry.get().add(grad)?;
-                *entry.get_mut() = sum;
-            }
-            Entry::Vacant(entry) => {
-                check_first_gradient(tensor, grad, "accumulate_piece")?;
-                entry.insert(grad.force_contiguous()?);
-            }
+        if self.0.contains_key(&tensor.id()) {
+            self.accumulate(tensor, grad)
+        } else {
+            self.accumulate(tensor, &grad.force_contiguous()?)
         }
-        Ok(())
     }
 
     /// Subtracts `grad` from the gradient of `tensor` (vlalign patch): `accumulate` of `-grad`,
