@@ -10,6 +10,7 @@ pub mod activation;
 pub mod attention;
 #[cfg(test)]
 mod backprop_patch;
+pub mod batch_norm;
 pub mod checkpoint;
 pub mod device;
 mod few_rows;

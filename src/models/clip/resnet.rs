@@ -111,7 +111,8 @@ impl Conv {
     }
 }
 
-/// BatchNorm2d in inference form: `(x − running_mean) / √(running_var + ε) · weight + bias`.
+/// BatchNorm2d: in inference form `(x − running_mean) / √(running_var + ε) · weight + bias`; in
+/// training form with the batch's statistics ([`crate::nn::batch_norm::train`]).
 #[derive(Clone, Debug)]
 struct BatchNorm {
     weight: Tensor,
@@ -130,53 +131,35 @@ impl BatchNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
-        let c = self.weight.dim(0)?;
+    /// The norm of `x`, then ReLU when `relu`.
+    fn forward(&self, x: &Tensor, mode: BnMode, relu: bool) -> Result<Tensor> {
         let update = match mode {
             BnMode::Eval => {
+                let c = self.weight.dim(0)?;
                 let scale = (&self.weight / (&self.running_var + BN_EPS)?.sqrt()?)?;
                 let shift = (&self.bias - (&self.running_mean * &scale)?)?;
-                return x
+                let y = x
                     .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
-                    .broadcast_add(&shift.reshape((1, c, 1, 1))?);
+                    .broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
+                return if relu { y.relu() } else { Ok(y) };
             }
             BnMode::Train { update } => update,
         };
         let (n, _, h, w) = x.dims4()?;
         let count = n * h * w;
-        if count < 2 {
-            candle_core::bail!(
-                "BatchNorm in training needs more than one value per channel (batch {n}, \
-                 feature map {h}x{w}): use a larger batch or image"
-            );
-        }
-        // Sums over (N, H, W): the contiguous H·W first, then N.
-        let per_channel = |t: &Tensor| -> Result<Tensor> {
-            t.reshape((n, c, h * w))?
-                .sum_keepdim(2)?
-                .sum_keepdim(0)?
-                .reshape((1, c, 1, 1))
-        };
-        let mean = (per_channel(x)? / count as f64)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = (per_channel(&centered.sqr()?)? / count as f64)?;
-        let y = centered.broadcast_div(&(var.clone() + BN_EPS)?.sqrt()?)?;
-        let y = y
-            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+        let out = crate::nn::batch_norm::train(x, &self.weight, &self.bias, BN_EPS, relu)?;
         if update {
             // Only a trainable model's statistics are variables (shared with its VarMap).
             if self.running_mean.is_variable() && self.running_var.is_variable() {
-                let mean = mean.detach().flatten_all()?;
-                let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
+                let unbiased = (out.var * (count as f64 / (count - 1) as f64))?;
                 let m = BN_MOMENTUM;
-                let new_mean = ((&self.running_mean * (1.0 - m))? + (mean * m)?)?;
+                let new_mean = ((&self.running_mean * (1.0 - m))? + (out.mean * m)?)?;
                 let new_var = ((&self.running_var * (1.0 - m))? + (unbiased * m)?)?;
                 candle_core::Var::from_tensor(&self.running_mean)?.set(&new_mean)?;
                 candle_core::Var::from_tensor(&self.running_var)?.set(&new_var)?;
             }
         }
-        Ok(y)
+        Ok(out.y)
     }
 }
 
@@ -230,13 +213,15 @@ impl Bottleneck {
     }
 
     fn forward(&self, x: &Tensor, mode: BnMode) -> Result<Tensor> {
-        let h = self.bn1.forward(&self.conv1.forward(x)?, mode)?.relu()?;
-        let h = self.bn2.forward(&self.conv2.forward(&h)?, mode)?.relu()?;
+        let h = self.bn1.forward(&self.conv1.forward(x)?, mode, true)?;
+        let h = self.bn2.forward(&self.conv2.forward(&h)?, mode, true)?;
         let h = avg_pool(&h, self.stride)?;
-        let h = self.bn3.forward(&self.conv3.forward(&h)?, mode)?;
+        let h = self.bn3.forward(&self.conv3.forward(&h)?, mode, false)?;
         let identity = match &self.downsample {
             None => x.clone(),
-            Some((conv, bn)) => bn.forward(&conv.forward(&avg_pool(x, self.stride)?)?, mode)?,
+            Some((conv, bn)) => {
+                bn.forward(&conv.forward(&avg_pool(x, self.stride)?)?, mode, false)?
+            }
         };
         (h + identity)?.relu()
     }
@@ -388,7 +373,7 @@ impl ModifiedResNet {
     fn run(&self, pixels: &Tensor, mode: BnMode) -> Result<Tensor> {
         let mut x = pixels.to_dtype(DType::F32)?;
         for (conv, bn) in &self.stem {
-            x = bn.forward(&conv.forward(&x)?, mode)?.relu()?;
+            x = bn.forward(&conv.forward(&x)?, mode, true)?;
         }
         x = x.avg_pool2d(2)?;
         for stage in &self.stages {

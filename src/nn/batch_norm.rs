@@ -1,0 +1,484 @@
+//! BatchNorm2d in its training form — each channel normalised with the batch's mean and biased
+//! variance over (N, H, W), then scaled and shifted (Ioffe & Szegedy 2015, Alg. 1; PyTorch's
+//! `BatchNorm2d` in `train()` mode) — optionally followed by the ReLU that comes after most of
+//! the ResNet's norms (open_clip modified_resnet.py `Bottleneck`, the stem).
+//!
+//! Composed from candle primitives, one BatchNorm is ~10 tensors each way and its per-channel
+//! sums run on candle's strided single-thread reduction: that was ~40% of a ResNet CLIP training
+//! step on the CPU. [`train`] runs one fused pass each way there (float32, contiguous NCHW),
+//! channel sums accumulated in double as PyTorch's CPU kernel does (aten Normalization.cpp
+//! `batch_norm_cpu_collect_stats`), each channel's in a fixed order so the result does not depend
+//! on the threads; elsewhere (other dtypes, CUDA) the composition runs.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::fused::{f32s, with_f32s};
+use super::vecmath;
+
+/// A batch's per-channel statistics: the mean, the biased variance and 1/√(var + ε).
+#[derive(Debug)]
+struct Stats {
+    mean: Vec<f32>,
+    var: Vec<f32>,
+    invstd: Vec<f32>,
+}
+
+/// The normalised output `[N, C, H, W]` and the batch's mean and biased variance `[C]` (not
+/// differentiable: for the running statistics).
+pub struct Normalised {
+    pub y: Tensor,
+    pub mean: Tensor,
+    pub var: Tensor,
+}
+
+/// Training-form BatchNorm of `x` `[N, C, H, W]` with `weight` and `bias` `[C]`, then ReLU when
+/// `relu`; differentiable in all three. Fused on the CPU in float32, composed elsewhere.
+pub fn train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Normalised> {
+    let (n, c, h, w) = x.dims4()?;
+    if weight.dims() != [c] || bias.dims() != [c] {
+        bail!(
+            "batch_norm: weight {:?} / bias {:?} for {c} channels",
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    if n * h * w < 2 {
+        bail!(
+            "BatchNorm in training needs more than one value per channel (batch {n}, feature \
+             map {h}x{w}): use a larger batch or image"
+        );
+    }
+    if x.dtype() == DType::F32 && x.device().is_cpu() && weight.dtype() == DType::F32 {
+        fused(x, weight, bias, eps, relu)
+    } else {
+        composed(x, weight, bias, eps, relu)
+    }
+}
+
+/// The fused op, and the statistics it computed read back into tensors.
+fn fused(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, relu: bool) -> Result<Normalised> {
+    let stats = Arc::new(OnceLock::new());
+    let op = BatchNormOp {
+        eps,
+        relu,
+        stats: stats.clone(),
+    };
+    let y = x.contiguous()?.apply_op3(weight, bias, op)?;
+    let Some(s) = stats.get() else {
+        bail!("batch_norm: the forward pass left no statistics");
+    };
+    let c = s.mean.len();
+    Ok(Normalised {
+        y,
+        mean: Tensor::from_vec(s.mean.clone(), c, x.device())?,
+        var: Tensor::from_vec(s.var.clone(), c, x.device())?,
+    })
+}
+
+/// The same from candle primitives (other devices and dtypes; the tests' reference).
+pub fn composed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Normalised> {
+    let (n, c, h, w) = x.dims4()?;
+    let count = (n * h * w) as f64;
+    // Sums over (N, H, W): the contiguous H·W first, then N.
+    let per_channel = |t: &Tensor| -> Result<Tensor> {
+        t.reshape((n, c, h * w))?
+            .sum_keepdim(2)?
+            .sum_keepdim(0)?
+            .reshape((1, c, 1, 1))
+    };
+    let mean = (per_channel(x)? / count)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = (per_channel(&centered.sqr()?)? / count)?;
+    let y = centered.broadcast_div(&(var.clone() + eps)?.sqrt()?)?;
+    let y = y
+        .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+    let y = if relu { y.relu()? } else { y };
+    Ok(Normalised {
+        y,
+        mean: mean.detach().flatten_all()?,
+        var: var.detach().flatten_all()?,
+    })
+}
+
+/// The op: x, weight, bias → y; computes the batch's statistics in its forward pass and keeps
+/// them (for the caller's running statistics and for its own backward pass).
+struct BatchNormOp {
+    eps: f64,
+    relu: bool,
+    stats: Arc<OnceLock<Stats>>,
+}
+
+/// `[N, C, H·W]` of a 4-d layout.
+fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
+    let (n, c, h, w) = l.shape().dims4()?;
+    Ok((n, c, h * w))
+}
+
+vecmath::multiversion! {
+    /// Channel `ch`'s mean, biased variance and 1/√(var + ε) over `x` `[n, c, hw]`: two passes,
+    /// each plane summed in float32 lanes and the planes added in double, in order.
+    fn plane_stats(x: &[f32], n: usize, c: usize, hw: usize, ch: usize, eps: f64, out: &mut (f32, f32, f32)) {
+        let plane = |i: usize| &x[(i * c + ch) * hw..][..hw];
+        let count = (n * hw) as f64;
+        let sum: f64 = (0..n).map(|i| vecmath::sum_of(hw, |j| plane(i)[j]) as f64).sum();
+        let mean = (sum / count) as f32;
+        let sq: f64 = (0..n)
+            .map(|i| {
+                let p = plane(i);
+                vecmath::sum_of(hw, |j| (p[j] - mean) * (p[j] - mean)) as f64
+            })
+            .sum();
+        let var = sq / count;
+        *out = (mean, var as f32, (1.0 / (var + eps).sqrt()) as f32);
+    }
+}
+
+/// The per-channel statistics of `x` `[n, c, hw]`, channels split over rayon's pool.
+fn channel_stats(x: &[f32], (n, c, hw): (usize, usize, usize), eps: f64) -> Stats {
+    let per: Vec<(f32, f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mut out = (0.0, 0.0, 0.0);
+            plane_stats(x, n, c, hw, ch, eps, &mut out);
+            out
+        })
+        .collect();
+    Stats {
+        mean: per.iter().map(|p| p.0).collect(),
+        var: per.iter().map(|p| p.1).collect(),
+        invstd: per.iter().map(|p| p.2).collect(),
+    }
+}
+
+vecmath::multiversion! {
+    /// `y = x·α + β` per channel (α = w/σ, β = b − mean·α, as PyTorch's CPU kernel), then
+    /// ReLU when `relu` (a NaN stays NaN), over the images of a chunk.
+    fn normalise(x: &[f32], y: &mut [f32], hw: usize, ab: (&[f32], &[f32]), relu: bool) {
+        let (alpha, beta) = ab;
+        let c = alpha.len();
+        for (yi, xi) in y.chunks_mut(c * hw).zip(x.chunks(c * hw)) {
+            for ch in 0..c {
+                let (a, b) = (alpha[ch], beta[ch]);
+                let (yp, xp) = (&mut yi[ch * hw..][..hw], &xi[ch * hw..][..hw]);
+                for j in 0..hw {
+                    let v = xp[j] * a + b;
+                    yp[j] = if relu && v < 0.0 { 0.0 } else { v };
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp3 for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "vlalign-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(s1, l1, "batch_norm")?;
+        let (w, b) = (f32s(s2, l2, "batch_norm")?, f32s(s3, l3, "batch_norm")?);
+        let (n, c, hw) = dims(l1)?;
+        if w.len() != c || b.len() != c {
+            bail!(
+                "batch_norm: weight {} / bias {} for {c} channels",
+                w.len(),
+                b.len()
+            );
+        }
+        let stats = channel_stats(x, (n, c, hw), self.eps);
+        let alpha: Vec<f32> = (0..c).map(|i| stats.invstd[i] * w[i]).collect();
+        let beta: Vec<f32> = (0..c).map(|i| b[i] - stats.mean[i] * alpha[i]).collect();
+        let mut y = vec![0f32; x.len()];
+        let chunk = c * hw * images_per_task(c * hw);
+        y.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk))
+            .for_each(|(yc, xc)| normalise(xc, yc, hw, (&alpha, &beta), self.relu));
+        if self.stats.set(stats).is_err() {
+            bail!("batch_norm: the op ran twice");
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(stats) = self.stats.get() else {
+            bail!("batch_norm backward: no statistics from the forward pass");
+        };
+        let dy = dy.contiguous()?;
+        if dy.dims() != x.dims() {
+            bail!(
+                "batch_norm backward: gradient {:?} for {:?}",
+                dy.dims(),
+                x.dims()
+            );
+        }
+        let (n, c, h, wd) = x.dims4()?;
+        let (dx, dw, db) = with_f32s(
+            [x, w, y, &dy],
+            "batch_norm backward operand",
+            |[x, w, y, g]| Ok(backward((x, w, y, g), (n, c, h * wd), stats, self.relu)),
+        )?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, c, dev)?),
+            Some(Tensor::from_vec(db, c, dev)?),
+        ))
+    }
+}
+
+/// Images per parallel task in the element-wise passes: about 64 Ki values a task.
+fn images_per_task(image: usize) -> usize {
+    (65_536 / image.max(1)).max(1)
+}
+
+/// dy through the ReLU: 0 where its output was not positive.
+#[inline(always)]
+fn through_relu(g: f32, y: f32, relu: bool) -> f32 {
+    if relu && y <= 0.0 {
+        0.0
+    } else {
+        g
+    }
+}
+
+vecmath::multiversion! {
+    /// Channel `ch`'s Σ g and Σ g·(x − mean) over (N, H, W), g the gradient through the ReLU:
+    /// each plane in float32 lanes, the planes added in double, in order.
+    fn plane_grad_sums(
+        xyg: (&[f32], &[f32], &[f32]),
+        dims: (usize, usize, usize),
+        ch: usize,
+        mean: f32,
+        relu: bool,
+        out: &mut (f64, f64),
+    ) {
+        let (x, y, g) = xyg;
+        let (n, c, hw) = dims;
+        let (mut s, mut sx) = (0f64, 0f64);
+        for i in 0..n {
+            let o = (i * c + ch) * hw;
+            let (xp, yp, gp) = (&x[o..][..hw], &y[o..][..hw], &g[o..][..hw]);
+            s += vecmath::sum_of(hw, |j| through_relu(gp[j], yp[j], relu)) as f64;
+            sx += vecmath::sum_of(hw, |j| through_relu(gp[j], yp[j], relu) * (xp[j] - mean)) as f64;
+        }
+        *out = (s, sx);
+    }
+}
+
+vecmath::multiversion! {
+    /// dx = (g − mean(g) − (x − mean)·k)·σ⁻¹·w with k = Σ g·(x − mean)·σ⁻²/M (PyTorch's
+    /// `batch_norm_cpu_backward`), over the images of a chunk; `coef` per channel is
+    /// (mean(g), k, σ⁻¹·w, mean).
+    fn dx_images(
+        xyg: (&[f32], &[f32], &[f32]),
+        dx: &mut [f32],
+        hw: usize,
+        coef: &[(f32, f32, f32, f32)],
+        relu: bool,
+    ) {
+        let (x, y, g) = xyg;
+        let c = coef.len();
+        for (i, d) in dx.chunks_mut(c * hw).enumerate() {
+            for (ch, &(gm, k, scale, m)) in coef.iter().enumerate() {
+                let o = ch * hw;
+                let base = i * c * hw + o;
+                let (xp, yp, gp) = (&x[base..][..hw], &y[base..][..hw], &g[base..][..hw]);
+                let dp = &mut d[o..][..hw];
+                for j in 0..hw {
+                    let gj = through_relu(gp[j], yp[j], relu);
+                    dp[j] = (gj - gm - (xp[j] - m) * k) * scale;
+                }
+            }
+        }
+    }
+}
+
+/// The backward pass over contiguous `[N, C, hw]` slices: (dx, dweight, dbias).
+fn backward(
+    (x, w, y, g): (&[f32], &[f32], &[f32], &[f32]),
+    (n, c, hw): (usize, usize, usize),
+    stats: &Stats,
+    relu: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mut out = (0.0, 0.0);
+            plane_grad_sums((x, y, g), (n, c, hw), ch, stats.mean[ch], relu, &mut out);
+            out
+        })
+        .collect();
+    let count = (n * hw) as f64;
+    let coef: Vec<(f32, f32, f32, f32)> = (0..c)
+        .map(|ch| {
+            let (s, sx) = sums[ch];
+            let inv = stats.invstd[ch] as f64;
+            (
+                (s / count) as f32,
+                (sx * inv * inv / count) as f32,
+                stats.invstd[ch] * w[ch],
+                stats.mean[ch],
+            )
+        })
+        .collect();
+    let dw = (0..c)
+        .map(|ch| (sums[ch].1 * stats.invstd[ch] as f64) as f32)
+        .collect();
+    let db = sums.iter().map(|s| s.0 as f32).collect();
+    let mut dx = vec![0f32; x.len()];
+    let per = images_per_task(c * hw);
+    dx.par_chunks_mut(c * hw * per)
+        .enumerate()
+        .for_each(|(t, d)| {
+            let o = t * c * hw * per;
+            let len = d.len();
+            let part = (&x[o..o + len], &y[o..o + len], &g[o..o + len]);
+            dx_images(part, d, hw, &coef, relu);
+        });
+    (dx, dw, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::host::flat;
+    use candle_core::{Device, Var};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b) = (flat::<f32>(a).unwrap(), flat::<f32>(b).unwrap());
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        a.iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    /// Values, statistics and all three gradients of the fused op against candle's
+    /// differentiation of the composition, with and without the ReLU, on shapes with one
+    /// image, one pixel a channel and many.
+    #[test]
+    fn fused_matches_the_composition() {
+        let dev = Device::Cpu;
+        for (shape, relu) in [
+            ((4, 3, 5, 7), false),
+            ((4, 3, 5, 7), true),
+            ((1, 8, 3, 3), true),
+            ((16, 5, 1, 1), true),
+            ((3, 40, 2, 2), false),
+        ] {
+            let x =
+                Var::from_tensor(&(Tensor::randn(0f32, 2.0, shape, &dev).unwrap() + 0.7).unwrap())
+                    .unwrap();
+            let w = Var::from_tensor(&Tensor::randn(1f32, 0.4, shape.1, &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f32, 0.4, shape.1, &dev).unwrap()).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+            let run = |f: fn(&Tensor, &Tensor, &Tensor, f64, bool) -> Result<Normalised>| {
+                let o = f(&x, &w, &b, 1e-5, relu).unwrap();
+                let grads = (&o.y * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let g = |t: &Tensor| grads.get(t).unwrap().clone();
+                (o.y.clone(), o.mean, o.var, g(&x), g(&w), g(&b))
+            };
+            let fu = run(fused);
+            let co = run(composed);
+            let diffs = [
+                max_rel(&fu.0, &co.0),
+                max_rel(&fu.1, &co.1),
+                max_rel(&fu.2, &co.2),
+                max_rel(&fu.3, &co.3),
+                max_rel(&fu.4, &co.4),
+                max_rel(&fu.5, &co.5),
+            ];
+            for (what, d) in ["y", "mean", "var", "dx", "dw", "db"].iter().zip(diffs) {
+                assert!(
+                    d < 2e-5,
+                    "{shape:?} relu {relu}: {what} relative diff {d:e}"
+                );
+            }
+        }
+    }
+
+    /// Hand-derived: one channel holding [1, 3] (mean 2, variance 1), weight 2, bias 1, ε 0:
+    /// y = [−1, 3]; with the ReLU y = [0, 3]. With upstream gradient [1, 0] and no ReLU,
+    /// dbias = 1, dweight = Σ g·x̂ = −1, dx = w/σ·(g − mean g − x̂·mean(g·x̂)) = 2·([1, 0] − 0.5
+    /// − [−1, 1]·(−0.5)) = [0, 0]; through the ReLU (first output clipped) g = [0, 0]: all 0.
+    #[test]
+    fn two_values_by_hand() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(
+            &Tensor::new(&[1f32, 3.0], &dev)
+                .unwrap()
+                .reshape((2, 1, 1, 1))
+                .unwrap(),
+        )
+        .unwrap();
+        let w = Var::from_tensor(&Tensor::new(&[2f32], &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[1f32], &dev).unwrap()).unwrap();
+        let up = Tensor::new(&[1f32, 0.0], &dev)
+            .unwrap()
+            .reshape((2, 1, 1, 1))
+            .unwrap();
+        for relu in [false, true] {
+            let o = train(&x, &w, &b, 0.0, relu).unwrap();
+            let want: &[f32] = if relu { &[0.0, 3.0] } else { &[-1.0, 3.0] };
+            assert_eq!(flat::<f32>(&o.y).unwrap(), want);
+            assert_eq!(flat::<f32>(&o.mean).unwrap(), [2.0]);
+            assert_eq!(flat::<f32>(&o.var).unwrap(), [1.0]);
+            let grads = (&o.y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = |t: &Tensor| flat::<f32>(grads.get(t).unwrap()).unwrap();
+            assert_eq!(g(&x), [0.0, 0.0]);
+            assert_eq!(g(&w), if relu { [0.0] } else { [-1.0] });
+            assert_eq!(g(&b), if relu { [0.0] } else { [1.0] });
+        }
+    }
+
+    /// A NaN input gives NaN outputs, through the ReLU too (never a silent 0).
+    #[test]
+    fn a_nan_stays_nan() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[1f32, f32::NAN, 2.0, 0.5], &dev)
+            .unwrap()
+            .reshape((4, 1, 1, 1))
+            .unwrap();
+        let one = Tensor::new(&[1f32], &dev).unwrap();
+        let zero = Tensor::new(&[0f32], &dev).unwrap();
+        let o = train(&x, &one, &zero, 1e-5, true).unwrap();
+        assert!(flat::<f32>(&o.y).unwrap().iter().all(|v| v.is_nan()));
+    }
+}
