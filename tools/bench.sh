@@ -17,7 +17,7 @@ cargo build --release -q
 ours() { RAYON_NUM_THREADS=$threads target/release/vlalign bench --json --iters "$iters" --warmup "$warmup" --only "$1" | tail -n 1; }
 theirs() { .venv/bin/python tools/reference/bench_torch.py --threads "$threads" --iters "$iters" --warmup "$warmup" --only "$1" | tail -n 1; }
 pairs="[$(ours peak),$(theirs peak)"
-for row in clip_tiny_train siglip_train qformer_train vit_b32_embed; do
+for row in clip_tiny_train siglip_train clip_rn_train qformer_train vit_b32_embed; do
   pairs="$pairs,$(ours $row),$(theirs $row)"
 done
 for row in loader_shapes loader_jpeg; do

@@ -130,39 +130,80 @@ fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
     Ok((n, c, h * w))
 }
 
-vecmath::multiversion! {
-    /// Channel `ch`'s mean, biased variance and 1/√(var + ε) over `x` `[n, c, hw]`: two passes,
-    /// each plane summed in float32 lanes and the planes added in double, in order.
-    fn plane_stats(x: &[f32], n: usize, c: usize, hw: usize, ch: usize, eps: f64, out: &mut (f32, f32, f32)) {
-        let plane = |i: usize| &x[(i * c + ch) * hw..][..hw];
-        let count = (n * hw) as f64;
-        let sum: f64 = (0..n).map(|i| vecmath::sum_of(hw, |j| plane(i)[j]) as f64).sum();
-        let mean = (sum / count) as f32;
-        let sq: f64 = (0..n)
-            .map(|i| {
-                let p = plane(i);
-                vecmath::sum_of(hw, |j| (p[j] - mean) * (p[j] - mean)) as f64
-            })
-            .sum();
-        let var = sq / count;
-        *out = (mean, var as f32, (1.0 / (var + eps).sqrt()) as f32);
+/// The sum of `f(j)` for `j < n`: in float32 lanes for a plane of 16 values or more, in order
+/// below (the lanes' fold would cost more than the sum).
+#[inline(always)]
+fn plane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    if n >= 16 {
+        vecmath::sum_of(n, f)
+    } else {
+        (0..n).fold(0.0, |a, j| a + f(j))
     }
 }
 
-/// The per-channel statistics of `x` `[n, c, hw]`, channels split over rayon's pool.
-fn channel_stats(x: &[f32], (n, c, hw): (usize, usize, usize), eps: f64) -> Stats {
-    let per: Vec<(f32, f32, f32)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let mut out = (0.0, 0.0, 0.0);
-            plane_stats(x, n, c, hw, ch, eps, &mut out);
+vecmath::multiversion! {
+    /// Per channel, over the images of a chunk `[b, c, hw]`: Σ x (`mean` empty) or
+    /// Σ (x − mean)², each plane in float32, the planes added in double into `out` (`c`).
+    fn chunk_sums(x: &[f32], c: usize, hw: usize, mean: &[f32], out: &mut [f64]) {
+        for xi in x.chunks(c * hw) {
+            for ch in 0..c {
+                let p = &xi[ch * hw..][..hw];
+                out[ch] += if mean.is_empty() {
+                    plane_sum(hw, |j| p[j]) as f64
+                } else {
+                    let m = mean[ch];
+                    plane_sum(hw, |j| (p[j] - m) * (p[j] - m)) as f64
+                };
+            }
+        }
+    }
+}
+
+/// Per-channel sums of `x` `[n, c, hw]` ([`chunk_sums`]): a partial per fixed chunk of images,
+/// the partials added in chunk order, so the result does not depend on the threads.
+fn channel_sums(x: &[f32], c: usize, hw: usize, mean: &[f32]) -> Vec<f64> {
+    let chunk = c * hw * images_per_task(c * hw);
+    let partials: Vec<Vec<f64>> = x
+        .par_chunks(chunk)
+        .map(|xc| {
+            let mut out = vec![0f64; c];
+            chunk_sums(xc, c, hw, mean, &mut out);
             out
         })
         .collect();
+    add_in_order(partials, c)
+}
+
+/// The element-wise sum of `parts` (each `len` long), in their order.
+fn add_in_order(parts: Vec<Vec<f64>>, len: usize) -> Vec<f64> {
+    let mut total = vec![0f64; len];
+    for part in parts {
+        for (t, v) in total.iter_mut().zip(part) {
+            *t += v;
+        }
+    }
+    total
+}
+
+/// The per-channel statistics of `x` `[n, c, hw]`: two passes (the mean, then the squared
+/// deviations from it).
+fn channel_stats(x: &[f32], (n, c, hw): (usize, usize, usize), eps: f64) -> Stats {
+    let count = (n * hw) as f64;
+    let mean: Vec<f32> = channel_sums(x, c, hw, &[])
+        .iter()
+        .map(|s| (s / count) as f32)
+        .collect();
+    let var: Vec<f64> = channel_sums(x, c, hw, &mean)
+        .iter()
+        .map(|s| s / count)
+        .collect();
     Stats {
-        mean: per.iter().map(|p| p.0).collect(),
-        var: per.iter().map(|p| p.1).collect(),
-        invstd: per.iter().map(|p| p.2).collect(),
+        mean,
+        var: var.iter().map(|&v| v as f32).collect(),
+        invstd: var
+            .iter()
+            .map(|&v| (1.0 / (v + eps).sqrt()) as f32)
+            .collect(),
     }
 }
 
@@ -273,26 +314,29 @@ fn through_relu(g: f32, y: f32, relu: bool) -> f32 {
 }
 
 vecmath::multiversion! {
-    /// Channel `ch`'s Σ g and Σ g·(x − mean) over (N, H, W), g the gradient through the ReLU:
-    /// each plane in float32 lanes, the planes added in double, in order.
-    fn plane_grad_sums(
+    /// Per channel, over the images of a chunk `[b, c, hw]`: Σ g and Σ g·(x − mean), g the
+    /// gradient through the ReLU, each plane in float32, the planes added in double into `out`
+    /// (`2c`: the Σ g first).
+    fn chunk_grad_sums(
         xyg: (&[f32], &[f32], &[f32]),
-        dims: (usize, usize, usize),
-        ch: usize,
-        mean: f32,
+        c: usize,
+        hw: usize,
+        mean: &[f32],
         relu: bool,
-        out: &mut (f64, f64),
+        out: &mut [f64],
     ) {
         let (x, y, g) = xyg;
-        let (n, c, hw) = dims;
-        let (mut s, mut sx) = (0f64, 0f64);
-        for i in 0..n {
-            let o = (i * c + ch) * hw;
-            let (xp, yp, gp) = (&x[o..][..hw], &y[o..][..hw], &g[o..][..hw]);
-            s += vecmath::sum_of(hw, |j| through_relu(gp[j], yp[j], relu)) as f64;
-            sx += vecmath::sum_of(hw, |j| through_relu(gp[j], yp[j], relu) * (xp[j] - mean)) as f64;
+        let image = c * hw;
+        for ((xi, yi), gi) in x.chunks(image).zip(y.chunks(image)).zip(g.chunks(image)) {
+            for ch in 0..c {
+                let o = ch * hw;
+                let (xp, yp, gp) = (&xi[o..][..hw], &yi[o..][..hw], &gi[o..][..hw]);
+                let m = mean[ch];
+                out[ch] += plane_sum(hw, |j| through_relu(gp[j], yp[j], relu)) as f64;
+                out[c + ch] +=
+                    plane_sum(hw, |j| through_relu(gp[j], yp[j], relu) * (xp[j] - m)) as f64;
+            }
         }
-        *out = (s, sx);
     }
 }
 
@@ -331,14 +375,19 @@ fn backward(
     stats: &Stats,
     relu: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let sums: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let mut out = (0.0, 0.0);
-            plane_grad_sums((x, y, g), (n, c, hw), ch, stats.mean[ch], relu, &mut out);
+    let chunk = c * hw * images_per_task(c * hw);
+    let partials: Vec<Vec<f64>> = x
+        .par_chunks(chunk)
+        .zip(y.par_chunks(chunk))
+        .zip(g.par_chunks(chunk))
+        .map(|((xc, yc), gc)| {
+            let mut out = vec![0f64; 2 * c];
+            chunk_grad_sums((xc, yc, gc), c, hw, &stats.mean, relu, &mut out);
             out
         })
         .collect();
+    let both = add_in_order(partials, 2 * c);
+    let sums: Vec<(f64, f64)> = (0..c).map(|ch| (both[ch], both[c + ch])).collect();
     let count = (n * hw) as f64;
     let coef: Vec<(f32, f32, f32, f32)> = (0..c)
         .map(|ch| {
@@ -372,18 +421,9 @@ fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::fused::rel;
     use crate::nn::host::flat;
     use candle_core::{Device, Var};
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let (a, b) = (flat::<f32>(a).unwrap(), flat::<f32>(b).unwrap());
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
-    }
 
     /// Values, statistics and all three gradients of the fused op against candle's
     /// differentiation of the composition, with and without the ReLU, on shapes with one
@@ -418,12 +458,12 @@ mod tests {
             let fu = run(fused);
             let co = run(composed);
             let diffs = [
-                max_rel(&fu.0, &co.0),
-                max_rel(&fu.1, &co.1),
-                max_rel(&fu.2, &co.2),
-                max_rel(&fu.3, &co.3),
-                max_rel(&fu.4, &co.4),
-                max_rel(&fu.5, &co.5),
+                rel(&fu.0, &co.0).unwrap(),
+                rel(&fu.1, &co.1).unwrap(),
+                rel(&fu.2, &co.2).unwrap(),
+                rel(&fu.3, &co.3).unwrap(),
+                rel(&fu.4, &co.4).unwrap(),
+                rel(&fu.5, &co.5).unwrap(),
             ];
             for (what, d) in ["y", "mean", "var", "dx", "dw", "db"].iter().zip(diffs) {
                 assert!(

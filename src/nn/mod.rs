@@ -12,6 +12,7 @@ pub mod attention;
 mod backprop_patch;
 pub mod batch_norm;
 pub mod checkpoint;
+pub mod conv;
 pub mod device;
 mod few_rows;
 pub mod frozen;

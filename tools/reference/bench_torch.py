@@ -7,6 +7,10 @@ untimed iterations the median of `--iters`.
   forward + backward + AdamW (lr 1e-4, betas (0.9, 0.98), eps 1e-6, wd 0.1 on matrices).
 - siglip_train: the same towers with the sigmoid loss (Zhai et al. 2023; learned scale from ln 10
   and bias from -10, as vlalign's objectives/contrastive.rs).
+- clip_rn_train: open_clip's CLIP with a ModifiedResNet image tower as configs/clip-tiny-rn.toml
+  (images 64², layers [1, 1, 1, 1], width 16, 8 attention-pooling heads; text vocab 1000,
+  context 32, width 64, 2 layers, 2 heads, MLP 256; embed 128, QuickGELU), batch 64, InfoNCE,
+  train mode (BatchNorm on batch statistics), AdamW as above.
 - qformer_train: BLIP-2 stage 1 on qformer-tiny (bench_qformer_torch.py says how).
 - vit_b32_embed: CLIPVisionModel ViT-B/32, 224², batch 8, forward under inference_mode.
 
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
-ROWS = ["clip_tiny_train", "siglip_train", "qformer_train", "vit_b32_embed"]
+ROWS = ["clip_tiny_train", "siglip_train", "clip_rn_train", "qformer_train", "vit_b32_embed"]
 
 
 def clip_tiny():
@@ -54,6 +58,22 @@ def status_mb(key):
     return None
 
 
+def adamw(params):
+    """AdamW as vlalign's benchmark step: weight decay 0.1 on matrices but embeddings."""
+    decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                             lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+
+
+def random_batch():
+    """64 images of 64² in [-2, 2) and 64 texts of 32 tokens over a vocabulary of 1000 (EOS 999 last)."""
+    pixels = torch.rand(64, 3, 64, 64) * 4.0 - 2.0
+    ids = torch.randint(1, 999, (64, 32))
+    ids[:, -1] = 999
+    return pixels, ids
+
+
 def clip_step(siglip):
     model = CLIPModel(clip_tiny()).train()
     bias = None
@@ -61,14 +81,8 @@ def clip_step(siglip):
         with torch.no_grad():
             model.logit_scale.fill_(math.log(10.0))
         bias = torch.nn.Parameter(torch.tensor(-10.0))
-    params = list(model.named_parameters()) + ([("logit_bias", bias)] if siglip else [])
-    decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
-    rest = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
-    pixels = torch.rand(64, 3, 64, 64) * 4.0 - 2.0
-    ids = torch.randint(1, 999, (64, 32))
-    ids[:, -1] = 999
+    opt = adamw(list(model.named_parameters()) + ([("logit_bias", bias)] if siglip else []))
+    pixels, ids = random_batch()
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -79,6 +93,33 @@ def clip_step(siglip):
             loss = -F.logsigmoid(labels * logits).sum() / 64
         else:
             loss = model(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.605170185988092)
+
+    return step
+
+
+def clip_rn_step():
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    model = open_clip.CLIP(
+        embed_dim=128,
+        vision_cfg=CLIPVisionCfg(layers=(1, 1, 1, 1), width=16, head_width=64, image_size=64),
+        text_cfg=CLIPTextCfg(context_length=32, vocab_size=1000, width=64, heads=2, layers=2, mlp_ratio=4.0),
+        quick_gelu=True,
+    ).train()
+    opt = adamw(list(model.named_parameters()))
+    pixels, ids = random_batch()
+    labels = torch.arange(64)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        img, txt, scale = model(pixels, ids)
+        logits = scale * img @ txt.t()
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
         loss.backward()
         opt.step()
         with torch.no_grad():
@@ -102,6 +143,8 @@ def vit_b32_step():
 def setup(name):
     if name in ("clip_tiny_train", "siglip_train"):
         return clip_step(name == "siglip_train"), 64
+    if name == "clip_rn_train":
+        return clip_rn_step(), 64
     if name == "qformer_train":
         from bench_qformer_torch import BATCH, qformer_setup
         return qformer_setup(torch.get_num_threads()), BATCH

@@ -19,7 +19,7 @@ from bench_torch import setup  # noqa: E402
 def main():
     torch.set_num_threads(2)
     out = {"torch": torch.__version__}
-    for name in ("clip_tiny_train", "siglip_train", "vit_b32_embed", "qformer_train"):
+    for name in ("clip_tiny_train", "siglip_train", "clip_rn_train", "vit_b32_embed", "qformer_train"):
         torch.manual_seed(0)
         step, _ = setup(name)
         counter = FlopCounterMode(display=False)

@@ -87,6 +87,60 @@ pub fn clip_train_step(s: &ClipShape, batch: usize) -> f64 {
     3.0 * (b * per_pair + logits) + 2.0 * b * s.patch_embed()
 }
 
+/// A convolution's products: `k`×`k` over `cin` channels into `cout`, at `side`² output pixels.
+fn conv(cin: usize, cout: usize, k: usize, side: usize) -> f64 {
+    2.0 * (cin * cout * k * k * side * side) as f64
+}
+
+/// One image through CLIP's ModifiedResNet (open_clip modified_resnet.py) of `layers` blocks a
+/// stage and width `width` at `image_size`²: (the stem's first convolution, which reads the
+/// pixels; everything after it, attention pooling into `out` included).
+fn resnet_forward(image_size: usize, layers: [usize; 4], width: usize, out: usize) -> (f64, f64) {
+    let side = image_size.div_ceil(2);
+    let first = conv(3, width / 2, 3, side);
+    let mut rest = conv(width / 2, width / 2, 3, side) + conv(width / 2, width, 3, side);
+    let (mut side, mut inplanes) = (side / 2, width);
+    for (s, &blocks) in layers.iter().enumerate() {
+        let planes = width << s;
+        let stride = if s == 0 { 1 } else { 2 };
+        for b in 0..blocks {
+            let (cin, st) = if b == 0 {
+                (inplanes, stride)
+            } else {
+                (4 * planes, 1)
+            };
+            rest += conv(cin, planes, 1, side) + conv(planes, planes, 3, side);
+            side /= st;
+            rest += conv(planes, 4 * planes, 1, side);
+            if b == 0 && (stride > 1 || inplanes != 4 * planes) {
+                rest += conv(inplanes, 4 * planes, 1, side);
+            }
+        }
+        inplanes = 4 * planes;
+    }
+    // Attention pooling: the mean token's query, keys and values of all n tokens, its scores
+    // and weighted values, the output projection.
+    let (e, n) = ((32 * width) as f64, (side * side + 1) as f64);
+    rest += 2.0 * e * e + 2.0 * 2.0 * n * e * e + 2.0 * 2.0 * n * e + 2.0 * e * out as f64;
+    (first, rest)
+}
+
+/// One contrastive training step of `batch` pairs for a CLIP whose image tower is a
+/// ModifiedResNet (`layers`, `width`; `s` gives the image size and the text tower): forward,
+/// backward, no gradient for the pixels. Attention pooling is the image projection.
+pub fn resnet_clip_train_step(
+    s: &ClipShape,
+    layers: [usize; 4],
+    width: usize,
+    batch: usize,
+) -> f64 {
+    let b = batch as f64;
+    let p = s.projection_dim as f64;
+    let (first, rest) = resnet_forward(s.image_size, layers, width, s.projection_dim);
+    let per_pair = rest + s.text_forward() + 2.0 * s.text_width as f64 * p;
+    3.0 * (b * per_pair + 2.0 * b * b * p) + 2.0 * b * first
+}
+
 /// Embedding `batch` images with the vision tower (forward only, pooled output).
 pub fn image_embed(s: &ClipShape, batch: usize) -> f64 {
     batch as f64 * s.image_forward()
@@ -203,6 +257,22 @@ mod tests {
                 "{row}: {ours} vs {theirs}"
             );
         }
+        // open_clip 3.3's attention pooling projects every token's query and output where ours
+        // forms the mean token's only (its result), and attends with all 5 queries (counting 5
+        // products backward for the 2 forward): per image 3·(8·E² + 8·E·out) for the
+        // projections and 100·E + 250·E − 3·20·E for the attention more than ours, E = 512
+        // channels, out = 128, 5 tokens (a 2² map and the mean).
+        let rn = super::super::clip_tiny_rn_bench_spec();
+        let (e, out) = (512.0, 128.0);
+        let pool_extra = 64.0 * (24.0 * e * e + 24.0 * e * out + 290.0 * e);
+        let ours = resnet_clip_train_step(&super::super::clip_shape(&rn), [1, 1, 1, 1], 16, 64)
+            + pool_extra
+            + recompute(2, 32, 64);
+        let theirs = torch_count("clip_rn_train");
+        assert!(
+            (ours - theirs).abs() < 1e-6 * theirs,
+            "clip_rn_train: {ours} vs {theirs}"
+        );
         let b32 = super::super::clip_shape(&super::super::vit_b32_spec());
         assert_eq!(image_embed(&b32, 8), torch_count("vit_b32_embed"));
     }

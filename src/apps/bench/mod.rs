@@ -7,6 +7,9 @@
 //!   64×64, patch 8, width 256, 4 layers, 4 heads, MLP 1024; text vocab 1000, context 32, width
 //!   256, 4 layers, causal; projection 256; InfoNCE.
 //! - `siglip_train`: the same towers and batch with the sigmoid loss (SigLIP).
+//! - `clip_rn_train`: configs/clip-tiny-rn.toml's CLIP (ModifiedResNet image tower, layers
+//!   [1, 1, 1, 1], width 16, 8 pooling heads; text width 64, 2 layers) with vocab 1000, InfoNCE,
+//!   AdamW as `clip_tiny_train`, batch 64.
 //! - `qformer_train`: one BLIP-2 stage-1 step (ITC + ITM + ITG, AdamW) of configs/qformer-tiny.toml
 //!   on a batch of 32 over the frozen tower of a random clip-tiny (configs/clip-tiny.toml).
 //! - `vit_b32_embed`: ViT-B/32 image embedding, 224², batch 8, forward only.
@@ -127,6 +130,28 @@ fn clip_tiny_bench_spec() -> ModelSpec {
         text_mlp: 1024,
         context_length: 32,
         projection_dim: 256,
+        hidden_act: Activation::QuickGelu,
+        tokenizer: TokenizerSpec::Shapes,
+    }
+}
+
+/// configs/clip-tiny-rn.toml's architecture (a ModifiedResNet image tower), text vocabulary as
+/// [`clip_tiny_bench_spec`]'s.
+fn clip_tiny_rn_bench_spec() -> ModelSpec {
+    ModelSpec {
+        image_size: 64,
+        patch_size: 8,
+        vision_width: 16,
+        vision_layers: 0,
+        vision_heads: 8,
+        vision_mlp: 0,
+        resnet_layers: Some([1, 1, 1, 1]),
+        text_width: 64,
+        text_layers: 2,
+        text_heads: 2,
+        text_mlp: 256,
+        context_length: 32,
+        projection_dim: 128,
         hidden_act: Activation::QuickGelu,
         tokenizer: TokenizerSpec::Shapes,
     }
@@ -488,9 +513,10 @@ fn jpeg_manifest(dir: &Path, image: &Path) -> Result<PathBuf> {
 }
 
 /// The rows of the default suite, in order.
-pub const ROWS: [&str; 6] = [
+pub const ROWS: [&str; 7] = [
     "clip_tiny_train",
     "siglip_train",
+    "clip_rn_train",
     "qformer_train",
     "vit_b32_embed",
     "loader_shapes",
@@ -524,6 +550,26 @@ pub fn run_row(name: &str, settings: Settings, image: &Path, device: &Device) ->
             "clip-tiny train step, SigLIP, batch 64",
             ContrastiveLoss::SigLip,
         ),
+        "clip_rn_train" => {
+            let rn = clip_tiny_rn_bench_spec();
+            let layers = rn.resnet_layers.unwrap_or_default();
+            let gflop =
+                flops::resnet_clip_train_step(&clip_shape(&rn), layers, rn.vision_width, 64);
+            measure(
+                name,
+                "clip-tiny-rn train step (ModifiedResNet [1,1,1,1] width 16), InfoNCE, batch 64",
+                64,
+                Some(gflop),
+                s,
+                device,
+                || {
+                    let mode = StepMode::default();
+                    let loss = ContrastiveLoss::InfoNce;
+                    let mut step = ClipStep::new(&rn, 1000, loss, 64, mode, device)?;
+                    Ok(move |i| step.step(i, device).map(|_| ()))
+                },
+            )
+        }
         "qformer_train" => with_scratch(|scratch| {
             let vision = write_clip_tiny(scratch, device)?;
             let (task, opt, batch, gflop) = qformer_step(&vision, device)?;

@@ -107,7 +107,7 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+        crate::nn::conv::conv2d(x, &self.weight, self.padding, self.stride)
     }
 }
 
