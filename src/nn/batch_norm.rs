@@ -313,6 +313,36 @@ fn through_relu(g: f32, y: f32, relu: bool) -> f32 {
     }
 }
 
+/// One plane's Σ g and Σ g·(x − m), g the gradient through the ReLU, in one pass: 16 running
+/// lanes each (value j into lane j mod 16), folded as [`vecmath::fold_lanes`] does.
+#[inline(always)]
+fn plane_grad_sums((x, y, g): (&[f32], &[f32], &[f32]), m: f32, relu: bool) -> (f32, f32) {
+    let n = g.len();
+    let (x, y) = (&x[..n], &y[..n]);
+    let (mut s, mut sx) = ([0f32; 16], [0f32; 16]);
+    let whole = n / 16 * 16;
+    let mut base = 0;
+    while base < whole {
+        let (xs, ys, gs) = (
+            &x[base..base + 16],
+            &y[base..base + 16],
+            &g[base..base + 16],
+        );
+        for l in 0..16 {
+            let gj = through_relu(gs[l], ys[l], relu);
+            s[l] += gj;
+            sx[l] += gj * (xs[l] - m);
+        }
+        base += 16;
+    }
+    for (l, j) in (whole..n).enumerate() {
+        let gj = through_relu(g[j], y[j], relu);
+        s[l] += gj;
+        sx[l] += gj * (x[j] - m);
+    }
+    (vecmath::fold_lanes(s), vecmath::fold_lanes(sx))
+}
+
 vecmath::multiversion! {
     /// Per channel, over the images of a chunk `[b, c, hw]`: Σ g and Σ g·(x − mean), g the
     /// gradient through the ReLU, each plane in float32, the planes added in double into `out`
@@ -331,10 +361,9 @@ vecmath::multiversion! {
             for ch in 0..c {
                 let o = ch * hw;
                 let (xp, yp, gp) = (&xi[o..][..hw], &yi[o..][..hw], &gi[o..][..hw]);
-                let m = mean[ch];
-                out[ch] += plane_sum(hw, |j| through_relu(gp[j], yp[j], relu)) as f64;
-                out[c + ch] +=
-                    plane_sum(hw, |j| through_relu(gp[j], yp[j], relu) * (xp[j] - m)) as f64;
+                let (s, sx) = plane_grad_sums((xp, yp, gp), mean[ch], relu);
+                out[ch] += s as f64;
+                out[c + ch] += sx as f64;
             }
         }
     }
