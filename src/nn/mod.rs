@@ -31,6 +31,8 @@ pub mod linear;
 pub mod mask;
 pub mod ops;
 pub mod patch;
+pub mod pool;
+pub mod residual;
 pub mod vecmath;
 
 pub use activation::Activation;

@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::nn::ops::softmax_last;
+use crate::nn::pool::avg_pool2d as avg_pool;
 
 /// PyTorch's BatchNorm2d epsilon and momentum.
 const BN_EPS: f64 = 1e-5;
@@ -163,15 +164,6 @@ impl BatchNorm {
     }
 }
 
-/// `nn.AvgPool2d(k)` (stride k, no padding, floor), identity for k = 1.
-fn avg_pool(x: &Tensor, k: usize) -> Result<Tensor> {
-    if k == 1 {
-        Ok(x.clone())
-    } else {
-        x.avg_pool2d(k)
-    }
-}
-
 /// open_clip's `Bottleneck` (expansion 4): 1×1, 3×3, average pool by the stride, 1×1, each
 /// convolution followed by BatchNorm (ReLU but after the last); the shortcut average-pools,
 /// then a 1×1 convolution and BatchNorm, when the shape changes.
@@ -223,7 +215,7 @@ impl Bottleneck {
                 bn.forward(&conv.forward(&avg_pool(x, self.stride)?)?, mode, false)?
             }
         };
-        (h + identity)?.relu()
+        crate::nn::residual::add_relu(&h, &identity)
     }
 }
 
@@ -375,7 +367,7 @@ impl ModifiedResNet {
         for (conv, bn) in &self.stem {
             x = bn.forward(&conv.forward(&x)?, mode, true)?;
         }
-        x = x.avg_pool2d(2)?;
+        x = avg_pool(&x, 2)?;
         for stage in &self.stages {
             for block in stage {
                 x = block.forward(&x, mode)?;
