@@ -253,11 +253,14 @@ impl CustomOp3 for BatchNormOp {
         let stats = channel_stats(x, (n, c, hw), self.eps);
         let alpha: Vec<f32> = (0..c).map(|i| stats.invstd[i] * w[i]).collect();
         let beta: Vec<f32> = (0..c).map(|i| b[i] - stats.mean[i] * alpha[i]).collect();
-        let mut y = vec![0f32; x.len()];
         let chunk = c * hw * images_per_task(c * hw);
-        y.par_chunks_mut(chunk)
-            .zip(x.par_chunks(chunk))
-            .for_each(|(yc, xc)| normalise(xc, yc, hw, (&alpha, &beta), self.relu));
+        let fill = |y: &mut [f32]| {
+            y.par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk))
+                .for_each(|(yc, xc)| normalise(xc, yc, hw, (&alpha, &beta), self.relu))
+        };
+        // SAFETY: `normalise` writes every element of every image, reading none of y.
+        let y = unsafe { super::gemm::filled(x.len(), fill) };
         if self.stats.set(stats).is_err() {
             bail!("batch_norm: the op ran twice");
         }
@@ -434,16 +437,19 @@ fn backward(
         .map(|ch| (sums[ch].1 * stats.invstd[ch] as f64) as f32)
         .collect();
     let db = sums.iter().map(|s| s.0 as f32).collect();
-    let mut dx = vec![0f32; x.len()];
     let per = images_per_task(c * hw);
-    dx.par_chunks_mut(c * hw * per)
-        .enumerate()
-        .for_each(|(t, d)| {
-            let o = t * c * hw * per;
-            let len = d.len();
-            let part = (&x[o..o + len], &y[o..o + len], &g[o..o + len]);
-            dx_images(part, d, hw, &coef, relu);
-        });
+    let fill = |dx: &mut [f32]| {
+        dx.par_chunks_mut(c * hw * per)
+            .enumerate()
+            .for_each(|(t, d)| {
+                let o = t * c * hw * per;
+                let len = d.len();
+                let part = (&x[o..o + len], &y[o..o + len], &g[o..o + len]);
+                dx_images(part, d, hw, &coef, relu);
+            })
+    };
+    // SAFETY: `dx_images` writes every element of every image, reading none of dx.
+    let dx = unsafe { super::gemm::filled(x.len(), fill) };
     (dx, dw, db)
 }
 

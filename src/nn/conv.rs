@@ -213,35 +213,38 @@ impl CustomOp2 for Conv2dOp {
         }
         let (k, p, b) = (g.k(), g.p(), g.images_per_chunk());
         let threads = g.product_threads();
-        let mut y = vec![0f32; g.n * g.cout * p];
-        y.par_chunks_mut(b * g.cout * p)
-            .zip(x.par_chunks(b * g.cin * g.h * g.w))
-            .for_each(|(yc, xc)| {
-                let images = yc.len() / (g.cout * p);
-                let cols = unfold(&g, xc, images);
-                let mut out = Scratch::take(g.cout * images * p);
-                // SAFETY: out [Cout×BP], W [Cout×K] and cols [K×BP] are whole, row-major slices
-                // of those sizes; out is this task's own.
-                unsafe {
-                    gemm::product(
-                        (g.cout, images * p, k),
-                        out.as_mut_ptr(),
-                        (images * p, 1),
-                        w.as_ptr(),
-                        (k, 1),
-                        cols.as_ptr(),
-                        (images * p, 1),
-                        false,
-                        threads,
-                    )
-                }
-                // [Cout, B, P] → [B, Cout, P].
-                for (i, yi) in yc.chunks_mut(g.cout * p).enumerate() {
-                    for (co, dst) in yi.chunks_mut(p).enumerate() {
-                        dst.copy_from_slice(&out[(co * images + i) * p..][..p]);
+        let fill = |y: &mut [f32]| {
+            y.par_chunks_mut(b * g.cout * p)
+                .zip(x.par_chunks(b * g.cin * g.h * g.w))
+                .for_each(|(yc, xc)| {
+                    let images = yc.len() / (g.cout * p);
+                    let cols = unfold(&g, xc, images);
+                    let mut out = Scratch::take(g.cout * images * p);
+                    // SAFETY: out [Cout×BP], W [Cout×K] and cols [K×BP] are whole, row-major slices
+                    // of those sizes; out is this task's own.
+                    unsafe {
+                        gemm::product(
+                            (g.cout, images * p, k),
+                            out.as_mut_ptr(),
+                            (images * p, 1),
+                            w.as_ptr(),
+                            (k, 1),
+                            cols.as_ptr(),
+                            (images * p, 1),
+                            false,
+                            threads,
+                        )
                     }
-                }
-            });
+                    // [Cout, B, P] → [B, Cout, P].
+                    for (i, yi) in yc.chunks_mut(g.cout * p).enumerate() {
+                        for (co, dst) in yi.chunks_mut(p).enumerate() {
+                            dst.copy_from_slice(&out[(co * images + i) * p..][..p]);
+                        }
+                    }
+                })
+        };
+        // SAFETY: every chunk's scatter writes all of its part of y, reading none.
+        let y = unsafe { gemm::filled(g.n * g.cout * p, fill) };
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.cout, g.ho, g.wo))))
     }
 
@@ -397,33 +400,36 @@ fn input_grad(g: &Geometry, w: &[f32], dy: &[f32]) -> Vec<f32> {
     let (k, p, b) = (g.k(), g.p(), g.images_per_chunk());
     let threads = g.product_threads();
     let image = g.cin * g.h * g.w;
-    let mut dx = vec![0f32; g.n * image];
-    dx.par_chunks_mut(b * image)
-        .zip(dy.par_chunks(b * g.cout * p))
-        .for_each(|(dxc, dyc)| {
-            let images = dyc.len() / (g.cout * p);
-            let dym = gather_dy(g, dyc, images);
-            let mut dcols = Scratch::take(k * images * p);
-            // SAFETY: dcols [K×BP] is this task's own; Wᵀ reads W [Cout×K] with strides (1, K);
-            // dym [Cout×BP] row-major.
-            unsafe {
-                gemm::product(
-                    (k, images * p, g.cout),
-                    dcols.as_mut_ptr(),
-                    (images * p, 1),
-                    w.as_ptr(),
-                    (1, k),
-                    dym.as_ptr(),
-                    (images * p, 1),
-                    false,
-                    threads,
-                )
-            }
-            for (i, dxi) in dxc.chunks_mut(image).enumerate() {
-                g.col2im(&dcols[i * p..], images * p, dxi);
-            }
-        });
-    dx
+    let fill = |dx: &mut [f32]| {
+        dx.par_chunks_mut(b * image)
+            .zip(dy.par_chunks(b * g.cout * p))
+            .for_each(|(dxc, dyc)| {
+                let images = dyc.len() / (g.cout * p);
+                let dym = gather_dy(g, dyc, images);
+                let mut dcols = Scratch::take(k * images * p);
+                // SAFETY: dcols [K×BP] is this task's own; Wᵀ reads W [Cout×K] with strides (1, K);
+                // dym [Cout×BP] row-major.
+                unsafe {
+                    gemm::product(
+                        (k, images * p, g.cout),
+                        dcols.as_mut_ptr(),
+                        (images * p, 1),
+                        w.as_ptr(),
+                        (1, k),
+                        dym.as_ptr(),
+                        (images * p, 1),
+                        false,
+                        threads,
+                    )
+                }
+                for (i, dxi) in dxc.chunks_mut(image).enumerate() {
+                    g.col2im(&dcols[i * p..], images * p, dxi);
+                }
+            })
+    };
+    // SAFETY: col2im writes every element of each image's gradient before it reads any (a
+    // copy for a pointwise kernel, else zeros, then the sums).
+    unsafe { gemm::filled(g.n * image, fill) }
 }
 
 #[cfg(test)]

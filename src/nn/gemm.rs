@@ -61,3 +61,17 @@ pub(super) unsafe fn written(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32
     v.set_len(len);
     v
 }
+
+/// `len` floats written by `fill`, which gets them as a slice left as the allocator gave them
+/// (as candle's own `alloc_uninit` does for a CPU output): for a kernel that writes every
+/// element before anything reads it, without the zero fill of `vec![0.0; len]` (a memory pass
+/// per output: ~9% of a ResNet training step).
+///
+/// # Safety
+/// `fill` must write all `len` elements, and read none it has not written.
+pub(super) unsafe fn filled(len: usize, fill: impl FnOnce(&mut [f32])) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    fill(std::slice::from_raw_parts_mut(v.as_mut_ptr(), len));
+    v.set_len(len);
+    v
+}

@@ -48,27 +48,28 @@ impl CustomOp1 for AvgPool {
         let (ho, wo) = (h / k, w / k);
         let per = planes_per_task(h * w);
         let scale = 1.0 / (k * k) as f32;
-        let mut y = vec![0f32; n * c * ho * wo];
-        y.par_chunks_mut(ho * wo * per)
-            .zip(x.par_chunks(h * w * per))
-            .for_each(|(yc, xc)| {
-                for (yp, xp) in yc.chunks_mut(ho * wo).zip(xc.chunks(h * w)) {
-                    for oy in 0..ho {
-                        let row = &mut yp[oy * wo..][..wo];
-                        for ky in 0..k {
-                            let src = &xp[(oy * k + ky) * w..][..wo * k];
-                            for (ox, out) in row.iter_mut().enumerate() {
-                                for kx in 0..k {
-                                    *out += src[ox * k + kx];
+        let fill = |y: &mut [f32]| {
+            y.par_chunks_mut(ho * wo * per)
+                .zip(x.par_chunks(h * w * per))
+                .for_each(|(yc, xc)| {
+                    for (yp, xp) in yc.chunks_mut(ho * wo).zip(xc.chunks(h * w)) {
+                        for oy in 0..ho {
+                            let rows = &xp[oy * k * w..][..k * w];
+                            for (ox, out) in yp[oy * wo..][..wo].iter_mut().enumerate() {
+                                let mut sum = 0f32;
+                                for ky in 0..k {
+                                    for kx in 0..k {
+                                        sum += rows[ky * w + ox * k + kx];
+                                    }
                                 }
+                                *out = sum * scale;
                             }
                         }
-                        for out in row.iter_mut() {
-                            *out *= scale;
-                        }
                     }
-                }
-            });
+                })
+        };
+        // SAFETY: `fill` writes every output element once, reading none.
+        let y = unsafe { super::gemm::filled(n * c * ho * wo, fill) };
         Ok((CpuStorage::F32(y), Shape::from((n, c, ho, wo))))
     }
 

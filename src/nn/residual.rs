@@ -39,15 +39,18 @@ impl CustomOp2 for AddRelu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (f32s(s1, l1, "add_relu")?, f32s(s2, l2, "add_relu")?);
-        let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(yc, (ac, bc))| {
-                for ((y, a), b) in yc.iter_mut().zip(ac).zip(bc) {
-                    let v = a + b;
-                    *y = if v < 0.0 { 0.0 } else { v };
-                }
-            });
+        let fill = |y: &mut [f32]| {
+            y.par_chunks_mut(CHUNK)
+                .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+                .for_each(|(yc, (ac, bc))| {
+                    for ((y, a), b) in yc.iter_mut().zip(ac).zip(bc) {
+                        let v = a + b;
+                        *y = if v < 0.0 { 0.0 } else { v };
+                    }
+                })
+        };
+        // SAFETY: `fill`'s tasks write every element, reading none.
+        let y = unsafe { super::gemm::filled(a.len(), fill) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -60,14 +63,17 @@ impl CustomOp2 for AddRelu {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let g = with_f32s([y, &dy], "add_relu backward operand", |[y, g]| {
-            let mut out = vec![0f32; g.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                .for_each(|(oc, (yc, gc))| {
-                    for ((o, y), g) in oc.iter_mut().zip(yc).zip(gc) {
-                        *o = if *y > 0.0 { *g } else { 0.0 };
-                    }
-                });
+            let fill = |out: &mut [f32]| {
+                out.par_chunks_mut(CHUNK)
+                    .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                    .for_each(|(oc, (yc, gc))| {
+                        for ((o, y), g) in oc.iter_mut().zip(yc).zip(gc) {
+                            *o = if *y > 0.0 { *g } else { 0.0 };
+                        }
+                    })
+            };
+            // SAFETY: `fill`'s tasks write every element, reading none.
+            let out = unsafe { super::gemm::filled(g.len(), fill) };
             Ok(out)
         })?;
         let g = Tensor::from_vec(g, a.shape(), a.device())?;
