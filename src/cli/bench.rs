@@ -7,9 +7,9 @@ use super::device::DeviceOpt;
 /// Which workloads are timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Suite {
-    /// The table of tools/bench.sh: clip-tiny train step (InfoNCE and SigLIP, batch 64), Q-Former
-    /// stage-1 step (qformer-tiny, batch 32), ViT-B/32 image embedding (batch 8), the data
-    /// loader; ms, GFLOP/s against the measured matmul peak, peak memory. PyTorch twins:
+    /// The table of tools/bench.sh: clip-tiny train step (InfoNCE and SigLIP, batch 64),
+    /// clip-tiny-rn train step (a ResNet image tower, batch 64), Q-Former stage-1 step
+    /// (qformer-tiny, batch 32), ViT-B/32 image embedding (batch 8), the data loader; ms, GFLOP/s against the measured matmul peak, peak memory. PyTorch twins:
     /// tools/reference/bench_torch.py and bench_qformer_torch.py.
     Default,
     /// ViT-B/32 CLIP training (AdamW, text context 77) and image embedding at --batch: the GPU
