@@ -51,6 +51,9 @@ pub fn train(
             bias.dims()
         );
     }
+    if c == 0 {
+        bail!("batch_norm: an input {:?} without channels", x.dims());
+    }
     if n * h * w < 2 {
         bail!(
             "BatchNorm in training needs more than one value per channel (batch {n}, feature \
@@ -541,6 +544,15 @@ mod tests {
             assert_eq!(g(&w), if relu { [0.0] } else { [-1.0] });
             assert_eq!(g(&b), if relu { [0.0] } else { [1.0] });
         }
+    }
+
+    /// An input without channels is one error, not a panic.
+    #[test]
+    fn no_channels_is_an_error() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((4, 0, 2, 2), DType::F32, &dev).unwrap();
+        let e = Tensor::zeros(0, DType::F32, &dev).unwrap();
+        assert!(train(&x, &e, &e, 1e-5, true).is_err());
     }
 
     /// A NaN input gives NaN outputs, through the ReLU too (never a silent 0).

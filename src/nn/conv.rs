@@ -1,6 +1,7 @@
 //! 2-D convolution (NCHW, one group, no bias, dilation 1) as one CPU graph node each way, the
-//! way PyTorch's CPU `slow_conv2d` computes it: per image, the input's patches unfolded into a
-//! `[Cin·kh·kw, Ho·Wo]` matrix ("im2col") and one product with the `[Cout, Cin·kh·kw]` weight;
+//! way PyTorch's CPU `slow_conv2d` computes it: the input's patches unfolded into a
+//! `[Cin·kh·kw, Ho·Wo]` matrix per image ("im2col") and one product with the `[Cout, Cin·kh·kw]`
+//! weight per chunk of images;
 //! backward, `dW = Σ dy·colsᵀ` and `dx = col2im(Wᵀ·dy)`.
 //!
 //! candle 0.11 differentiates its conv2d through a second conv2d for the weight gradient — the
@@ -53,6 +54,9 @@ impl Geometry {
         let (&[n, cin, h, wd], &[cout, wcin, kh, kw]) = (x, w) else {
             bail!("conv2d: input {x:?} and weight {w:?} must both be 4-d");
         };
+        if [n, cin, h, wd, cout].contains(&0) {
+            bail!("conv2d: input {x:?} and weight {w:?} must have no empty dimension");
+        }
         if wcin != cin {
             bail!("conv2d: weight {w:?} for an input of {cin} channels");
         }
@@ -587,7 +591,12 @@ mod tests {
     fn bad_shapes_are_errors() {
         let dev = Device::Cpu;
         let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap();
-        for (w, pad) in [(&[2, 4, 3, 3][..], 1), (&[2, 3, 7, 7], 1), (&[2, 3, 3], 0)] {
+        for (w, pad) in [
+            (&[2, 4, 3, 3][..], 1),
+            (&[2, 3, 7, 7], 1),
+            (&[2, 3, 3], 0),
+            (&[0, 3, 3, 3], 1),
+        ] {
             let w = Tensor::zeros(w, DType::F32, &dev).unwrap();
             assert!(conv2d(&x, &w, pad, 1).is_err());
         }
