@@ -165,7 +165,7 @@ vecmath::multiversion! {
 /// Per-channel sums of `x` `[n, c, hw]` ([`chunk_sums`]): a partial per fixed chunk of images,
 /// the partials added in chunk order, so the result does not depend on the threads.
 fn channel_sums(x: &[f32], c: usize, hw: usize, mean: &[f32]) -> Vec<f64> {
-    let chunk = c * hw * images_per_task(c * hw);
+    let chunk = c * hw * vecmath::items_per_task(c * hw);
     let partials: Vec<Vec<f64>> = x
         .par_chunks(chunk)
         .map(|xc| {
@@ -174,18 +174,7 @@ fn channel_sums(x: &[f32], c: usize, hw: usize, mean: &[f32]) -> Vec<f64> {
             out
         })
         .collect();
-    add_in_order(partials, c)
-}
-
-/// The element-wise sum of `parts` (each `len` long), in their order.
-fn add_in_order(parts: Vec<Vec<f64>>, len: usize) -> Vec<f64> {
-    let mut total = vec![0f64; len];
-    for part in parts {
-        for (t, v) in total.iter_mut().zip(part) {
-            *t += v;
-        }
-    }
-    total
+    vecmath::add_in_order(partials, c)
 }
 
 /// The per-channel statistics of `x` `[n, c, hw]`: two passes (the mean, then the squared
@@ -256,7 +245,7 @@ impl CustomOp3 for BatchNormOp {
         let stats = channel_stats(x, (n, c, hw), self.eps);
         let alpha: Vec<f32> = (0..c).map(|i| stats.invstd[i] * w[i]).collect();
         let beta: Vec<f32> = (0..c).map(|i| b[i] - stats.mean[i] * alpha[i]).collect();
-        let chunk = c * hw * images_per_task(c * hw);
+        let chunk = c * hw * vecmath::items_per_task(c * hw);
         let fill = |y: &mut [f32]| {
             y.par_chunks_mut(chunk)
                 .zip(x.par_chunks(chunk))
@@ -302,11 +291,6 @@ impl CustomOp3 for BatchNormOp {
             Some(Tensor::from_vec(db, c, dev)?),
         ))
     }
-}
-
-/// Images per parallel task in the element-wise passes: about 64 Ki values a task.
-fn images_per_task(image: usize) -> usize {
-    (65_536 / image.max(1)).max(1)
 }
 
 /// dy through the ReLU: 0 where its output was not positive.
@@ -410,7 +394,7 @@ fn backward(
     stats: &Stats,
     relu: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let chunk = c * hw * images_per_task(c * hw);
+    let chunk = c * hw * vecmath::items_per_task(c * hw);
     let partials: Vec<Vec<f64>> = x
         .par_chunks(chunk)
         .zip(y.par_chunks(chunk))
@@ -421,7 +405,7 @@ fn backward(
             out
         })
         .collect();
-    let both = add_in_order(partials, 2 * c);
+    let both = vecmath::add_in_order(partials, 2 * c);
     let sums: Vec<(f64, f64)> = (0..c).map(|ch| (both[ch], both[c + ch])).collect();
     let count = (n * hw) as f64;
     let coef: Vec<(f32, f32, f32, f32)> = (0..c)
@@ -440,7 +424,7 @@ fn backward(
         .map(|ch| (sums[ch].1 * stats.invstd[ch] as f64) as f32)
         .collect();
     let db = sums.iter().map(|s| s.0 as f32).collect();
-    let per = images_per_task(c * hw);
+    let per = vecmath::items_per_task(c * hw);
     let fill = |dx: &mut [f32]| {
         dx.par_chunks_mut(c * hw * per)
             .enumerate()

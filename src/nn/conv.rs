@@ -390,13 +390,7 @@ fn weight_grad(g: &Geometry, x: &[f32], dy: &[f32]) -> Vec<f32> {
             dw
         })
         .collect();
-    let mut dw = vec![0f32; g.cout * k];
-    for part in partials {
-        for (d, v) in dw.iter_mut().zip(part) {
-            *d += v;
-        }
-    }
-    dw
+    super::vecmath::add_in_order(partials, g.cout * k)
 }
 
 /// `dx = col2im(Wᵀ [K, Cout] · dy_c [Cout, B·P])` per chunk of images.

@@ -699,11 +699,7 @@ pub(super) fn column_sum(x: &[f32], n: usize) -> Vec<f32> {
             acc
         })
         .collect();
-    let mut total = vec![0f32; n];
-    for p in partials {
-        total.iter_mut().zip(&p).for_each(|(x, y)| *x += y);
-    }
-    total
+    vecmath::add_in_order(partials, n)
 }
 
 /// Σ over rows of a `[.., n]` tensor → `[n]`.

@@ -31,11 +31,6 @@ struct AvgPool {
     k: usize,
 }
 
-/// Planes per parallel task: about 64 Ki input values a task.
-fn planes_per_task(plane: usize) -> usize {
-    (65_536 / plane.max(1)).max(1)
-}
-
 impl CustomOp1 for AvgPool {
     fn name(&self) -> &'static str {
         "vlalign-avg-pool2d"
@@ -46,7 +41,7 @@ impl CustomOp1 for AvgPool {
         let (n, c, h, w) = l.shape().dims4()?;
         let k = self.k;
         let (ho, wo) = (h / k, w / k);
-        let per = planes_per_task(h * w);
+        let per = super::vecmath::items_per_task(h * w);
         let scale = 1.0 / (k * k) as f32;
         let fill = |y: &mut [f32]| {
             y.par_chunks_mut(ho * wo * per)
@@ -86,7 +81,7 @@ impl CustomOp1 for AvgPool {
             );
         }
         let scale = 1.0 / (k * k) as f32;
-        let per = planes_per_task(h * w);
+        let per = super::vecmath::items_per_task(h * w);
         let dx = with_f32s([&dy], "avg_pool2d backward: gradient", |[g]| {
             let mut dx = vec![0f32; n * c * h * w];
             dx.par_chunks_mut(h * w * per)

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::fused::{f32s, with_f32s};
 
 /// Elements per parallel task.
-const CHUNK: usize = 65_536;
+const CHUNK: usize = super::vecmath::TASK_VALUES;
 
 /// `relu(a + b)` for `a` and `b` of one shape; differentiable in both. A NaN stays NaN.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {

@@ -135,6 +135,32 @@ pub fn sum_of(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     fold_lanes(lane_fold(n, 0.0, f, |a, b| a + b))
 }
 
+/// Values a parallel task of the element-wise CPU kernels covers: enough to amortise its
+/// scheduling.
+pub const TASK_VALUES: usize = 65_536;
+
+/// Whole items of `len` values per parallel task: about [`TASK_VALUES`] values, at least one
+/// item.
+pub fn items_per_task(len: usize) -> usize {
+    (TASK_VALUES / len.max(1)).max(1)
+}
+
+/// The element-wise sum of `parts` (each `len` long), added in their order: how the kernels'
+/// partial sums per fixed chunk are totalled, so that a result does not depend on the threads
+/// (rayon's `reduce` would associate them by work-stealing).
+pub fn add_in_order<T: Copy + Default + std::ops::AddAssign>(
+    parts: Vec<Vec<T>>,
+    len: usize,
+) -> Vec<T> {
+    let mut total = vec![T::default(); len];
+    for part in parts {
+        for (t, v) in total.iter_mut().zip(part) {
+            *t += v;
+        }
+    }
+    total
+}
+
 /// The sum of 16 lanes folded in halves (8 onto 8, 4 onto 4, 2, 1): a fixed association.
 #[inline(always)]
 pub fn fold_lanes(mut acc: [f32; 16]) -> f32 {

@@ -528,13 +528,14 @@ pub const ROWS: [&str; 7] = [
 pub fn run_row(name: &str, settings: Settings, image: &Path, device: &Device) -> Result<Row> {
     let s = settings;
     let tiny = clip_tiny_bench_spec();
-    let clip = |what: &str, loss: ContrastiveLoss| {
-        let gflop = flops::clip_train_step(&clip_shape(&tiny), 64);
+    // A CLIP train step of `spec` at batch 64, vocabulary 1000, doing `gflop` of products.
+    let clip = |what: &str, spec: &ModelSpec, gflop: f64, loss: ContrastiveLoss| {
         measure(name, what, 64, Some(gflop), s, device, || {
-            let mut step = ClipStep::new(&tiny, 1000, loss, 64, StepMode::default(), device)?;
+            let mut step = ClipStep::new(spec, 1000, loss, 64, StepMode::default(), device)?;
             Ok(move |i| step.step(i, device).map(|_| ()))
         })
     };
+    let tiny_gflop = flops::clip_train_step(&clip_shape(&tiny), 64);
     let loader_row = |what: &str, source: Source, size: usize, context: usize| {
         measure(name, what, 64, None, s, device, || {
             let mut l = loader(source, ImageProcessor::clip_default(size), context)?;
@@ -544,10 +545,14 @@ pub fn run_row(name: &str, settings: Settings, image: &Path, device: &Device) ->
     match name {
         "clip_tiny_train" => clip(
             "clip-tiny train step, InfoNCE, batch 64",
+            &tiny,
+            tiny_gflop,
             ContrastiveLoss::InfoNce,
         ),
         "siglip_train" => clip(
             "clip-tiny train step, SigLIP, batch 64",
+            &tiny,
+            tiny_gflop,
             ContrastiveLoss::SigLip,
         ),
         "clip_rn_train" => {
@@ -555,19 +560,11 @@ pub fn run_row(name: &str, settings: Settings, image: &Path, device: &Device) ->
             let layers = rn.resnet_layers.unwrap_or_default();
             let gflop =
                 flops::resnet_clip_train_step(&clip_shape(&rn), layers, rn.vision_width, 64);
-            measure(
-                name,
+            clip(
                 "clip-tiny-rn train step (ModifiedResNet [1,1,1,1] width 16), InfoNCE, batch 64",
-                64,
-                Some(gflop),
-                s,
-                device,
-                || {
-                    let mode = StepMode::default();
-                    let loss = ContrastiveLoss::InfoNce;
-                    let mut step = ClipStep::new(&rn, 1000, loss, 64, mode, device)?;
-                    Ok(move |i| step.step(i, device).map(|_| ()))
-                },
+                &rn,
+                gflop,
+                ContrastiveLoss::InfoNce,
             )
         }
         "qformer_train" => with_scratch(|scratch| {
